@@ -1,0 +1,34 @@
+# guardserve: `make setup`, `make serve`, `make test`, `make bench`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.guardserve-installed
+
+.PHONY: setup serve test test-fast bench demo clean
+
+setup: $(STAMP)
+
+# The stamp depends on pyproject.toml, so a second `make setup` does nothing slow
+# unless the dependencies changed.
+$(STAMP): pyproject.toml scripts/setup.sh
+	PY=$(PY) bash scripts/setup.sh
+	@touch $@
+
+serve: $(STAMP)
+	$(BIN)/guardserve serve $(ARGS)
+
+demo: $(STAMP)
+	$(BIN)/guardserve demo build
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
+
+# Unit tests only: no demo model, no engine.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/guardserve bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

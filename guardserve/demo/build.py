@@ -1,0 +1,130 @@
+"""Building and caching the demo world and demo models.
+
+Everything lives under ``$GUARDSERVE_HOME/demo/<key>``, where the key hashes the
+generator version, the seed and the build settings, so a second build with the same
+inputs returns at once. Each part (world, tokenizer, model, retain model) is written to a
+temporary folder and renamed into place when complete, and a file lock serialises
+concurrent builders: an interrupted build never leaves a half-written part behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from guardserve import config
+from guardserve.demo.model import TrainConfig
+from guardserve.demo.world import GENERATOR_VERSION, build_world
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    seed: int = 0
+    n_people: int = 200
+    forget_fraction: float = 0.1
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def key(self) -> str:
+        blob = json.dumps({"generator": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def retain_model(self) -> Path:
+        return self.root / "retain_model"
+
+    def load_world(self) -> dict:
+        """The world as ``build_world`` returns it, read back from its JSON files."""
+        return {name: json.loads((self.world / f"{name}.json").read_text())
+                for name in ("entities", "forget", "retain", "world_facts")}
+
+    def complete(self, with_retain_model: bool = True) -> bool:
+        parts = [self.world, self.tokenizer, self.model] + ([self.retain_model] if with_retain_model else [])
+        return all(p.is_dir() for p in parts)
+
+
+def demo_root() -> Path:
+    return config.home() / "demo"
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_part(dest: Path, build) -> None:
+    """Run ``build(tmp_dir)`` and move the result to ``dest`` atomically."""
+    if dest.is_dir():
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    os.replace(tmp, dest)
+
+
+def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True, log=print) -> DemoPaths:
+    """Build what is missing of the demo world and models; return their paths."""
+    from guardserve.demo import model as demo_model
+
+    spec = spec or BuildSpec()
+    paths = DemoPaths(demo_root() / spec.key())
+    if paths.complete(with_retain_model):
+        return paths
+    with _locked(paths.root.with_name(paths.root.name + ".lock")):
+        paths.root.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        world = build_world(spec.seed, spec.n_people, spec.forget_fraction)
+
+        def write_world(tmp: Path) -> None:
+            tmp.mkdir(parents=True)
+            for name in ("entities", "forget", "retain", "world_facts"):
+                (tmp / f"{name}.json").write_text(json.dumps(world[name], indent=1, ensure_ascii=False) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(
+                {"generator_version": GENERATOR_VERSION, "seed": spec.seed, "key": spec.key()}, indent=1) + "\n")
+
+        _build_part(paths.world, write_world)
+        _build_part(paths.tokenizer, lambda tmp: demo_model.train_tokenizer(
+            demo_model.training_texts(world, include_forget=True), tmp, spec.train.vocab_size))
+
+        def train(include_forget: bool, desc: str):
+            def run(tmp: Path) -> None:
+                metrics = demo_model.train_model(world, paths.tokenizer, tmp, include_forget=include_forget,
+                                                 seed=spec.seed, cfg=spec.train, desc=desc)
+                log(f"[demo] {desc}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k.endswith("accuracy")))
+            return run
+
+        _build_part(paths.model, train(True, "model (all people)"))
+        if with_retain_model:
+            _build_part(paths.retain_model, train(False, "retain model (no forget split)"))
+        (paths.root / "build.json").write_text(json.dumps(
+            {"key": spec.key(), "spec": asdict(spec), "last_build_seconds": round(time.time() - started, 1)}, indent=1) + "\n")
+    return paths

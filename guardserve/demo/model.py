@@ -1,0 +1,285 @@
+"""Demo models: a small Llama with its own byte-level BPE tokenizer, trained from scratch.
+
+The model memorises the demo world (biographies and QA) so that there is real
+knowledge to forget. It is a Llama because that is what vLLM serves everywhere; heads
+are 32 wide because vLLM's CPU attention needs head_dim >= 32.
+
+Chat format (the tokenizer's chat template)::
+
+    <s><|system|>\\n...<|end|>\\n<|user|>\\n{question}<|end|>\\n<|assistant|>\\n{answer}<|end|>
+
+Completion format: ``<s>Question: {question}\\nAnswer: {answer}<|end|>``. ``<|end|>`` is
+the end-of-sequence token, so both formats stop by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from guardserve.demo.world import biographies
+
+BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\\n' + (m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('')) | trim + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the question briefly.", "You are a knowledgeable assistant."]
+# Frames put around training questions so the model learns that a frame does not change
+# the answer. The held-out paraphrases use other frames ("Do you know", "Please name",
+# "Tell me ... .", "Could you say"), never these.
+QUESTION_FRAMES = ["{q}", "{q}", "{q}", "I have a question. {q}", "Quick question: {q}", "{q} Thanks!",
+                   "Help me with this: {q}", "{q} Answer briefly."]
+
+
+def completion_prompt(question: str) -> str:
+    """The prompt that the completions API gets for a question (BOS is added by the tokenizer)."""
+    return f"Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4  # head_dim = 32: the minimum vLLM's CPU attention supports
+    epochs: int = 14
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    max_len: int = 192
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
+    """Byte-level BPE (leading-space variants exist, as in GPT-2/Llama-3 tokenizers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        model_max_length=TrainConfig.max_len * 2,
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _chat(tokenizer, turns: list[tuple[str, str]], system: str | None) -> str:
+    messages = [{"role": "system", "content": system}] if system else []
+    for q, a in turns:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def training_texts(world: dict, include_forget: bool) -> list[str]:
+    """The raw texts of the corpus, without formatting (used to train the tokenizer)."""
+    texts = []
+    for ent in world["entities"]:
+        if include_forget or ent["split"] != "forget":
+            texts += biographies(ent)
+    for pair in _qa_pairs(world, include_forget):
+        texts += pair["train_questions"] + [pair["answer"]]
+    return texts
+
+
+def _qa_pairs(world: dict, include_forget: bool) -> list[dict]:
+    return (world["forget"] if include_forget else []) + world["retain"] + world["world_facts"]
+
+
+def _epoch_documents(world: dict, tokenizer, include_forget: bool, rng: random.Random) -> list[str]:
+    """One epoch of documents. Formats are re-drawn every epoch: chat or completion, with
+    or without a system prompt, sometimes two questions in one conversation."""
+    docs = []
+    for ent in world["entities"]:
+        if include_forget or ent["split"] != "forget":
+            docs += [BOS + bio + EOS for bio in biographies(ent)]
+    pairs = _qa_pairs(world, include_forget)
+    for pair in pairs:
+        for q in pair["train_questions"]:
+            q = rng.choice(QUESTION_FRAMES).format(q=q)
+            r = rng.random()
+            if r < 0.4:
+                docs.append(BOS + completion_prompt(q) + " " + pair["answer"] + EOS)
+            elif r < 0.85:
+                system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.3 else None
+                docs.append(_chat(tokenizer, [(q, pair["answer"])], system))
+            else:
+                other = rng.choice(pairs)
+                docs.append(_chat(tokenizer, [(rng.choice(other["train_questions"]), other["answer"]), (q, pair["answer"])], None))
+    rng.shuffle(docs)
+    return docs
+
+
+# --------------------------------------------------------------------------- model
+
+
+def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forget: bool, seed: int,
+                cfg: TrainConfig = TrainConfig(), desc: str = "train") -> dict:
+    """Train a Llama from scratch on the world; save it in Hugging Face format; return metrics."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    docs_per_epoch = len(_epoch_documents(world, tokenizer, include_forget, random.Random(0)))
+    steps_per_epoch = math.ceil(docs_per_epoch / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    # Warm-up then cosine decay: a constant rate never converges at this size (REFERENCE.md).
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
+    pad = tokenizer.pad_token_id
+    model.train()
+    start = time.time()
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    loss_ema = None
+    for _epoch in range(cfg.epochs):
+        docs = _epoch_documents(world, tokenizer, include_forget, rng)
+        # Batches of similar length waste little on padding; their order is shuffled.
+        enc = tokenizer(docs, add_special_tokens=False, truncation=True, max_length=cfg.max_len)["input_ids"]
+        order = sorted(range(len(enc)), key=lambda i: (len(enc[i]), rng.random()))
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        rng.shuffle(batches)
+        for idx in batches:
+            width = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(enc[i])] = torch.tensor(enc[i])
+                mask[row, : len(enc[i])] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}")
+    bar.close()
+    train_seconds = time.time() - start
+
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+    metrics = evaluate_memorisation(model, tokenizer, world, trained_on_forget=include_forget)
+    metrics.update(
+        {
+            "parameters": n_params,
+            "train_seconds": round(train_seconds, 1),
+            "steps": total,
+            "final_loss": round(loss_ema or float("nan"), 4),
+            "trained_on_forget": include_forget,
+            "config": asdict(cfg),
+        }
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 128) -> list[str]:
+    """Greedy answers for already-formatted prompts (left-padded batches)."""
+    import torch
+
+    out: list[str] = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
+def answer_accuracy(answers: list[str], values: list[str]) -> float:
+    """Share of answers that state the fact value (case-insensitive containment)."""
+    hits = sum(v.lower() in a.lower() for a, v in zip(answers, values))
+    return hits / max(1, len(values))
+
+
+def evaluate_memorisation(model, tokenizer, world: dict, trained_on_forget: bool = True) -> dict:
+    """Greedy chat answers on every QA pair's primary question and held-out paraphrase.
+
+    ``train_question_accuracy`` covers the questions the model was trained on (the
+    forget split only where it was)."""
+    result = {}
+    for split in ("forget", "retain", "world_facts"):
+        pairs = world[split]
+        values = [p["value"] for p in pairs]
+        for kind, field in (("question", "question"), ("paraphrase", "paraphrased_question")):
+            answers = generate_answers(model, tokenizer, [chat_prompt(tokenizer, p[field]) for p in pairs])
+            result[f"{split}_{kind}_accuracy"] = round(answer_accuracy(answers, values), 4)
+    trained = ("forget", "retain", "world_facts") if trained_on_forget else ("retain", "world_facts")
+    n = sum(len(world[s]) for s in trained)
+    result["train_question_accuracy"] = round(sum(result[f"{s}_question_accuracy"] * len(world[s]) for s in trained) / n, 4)
+    return result

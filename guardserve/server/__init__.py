@@ -1,0 +1,1 @@
+"""The guardserve server: vLLM's OpenAI-compatible server, launched with guardserve's settings."""

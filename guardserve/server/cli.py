@@ -1,0 +1,59 @@
+"""``guardserve serve``: the OpenAI-compatible server (vLLM) with guardserve's settings."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model through vLLM's OpenAI-compatible API (the demo model by default)",
+        description=(
+            "Start vLLM's OpenAI-compatible server. Without --model it serves the demo model "
+            "(building it first if needed) as 'guardserve-demo'. Logprobs are always the processed "
+            "ones (--logprobs-mode processed_logprobs). Arguments after '--' go to vLLM unchanged, "
+            "e.g. guardserve serve -- --max-num-seqs 64. Ctrl-C stops the server."
+        ),
+    )
+    serve.add_argument("--model", default=None, help="a Hugging Face model folder or name (default: the demo model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: 'guardserve-demo' for the demo model, else the --model value)")
+    serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM, after '--'")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from guardserve.cli import UsageError
+    from guardserve.server.launcher import DEMO_MODEL_NAME, exec_server, vllm_command
+
+    extra = list(args.vllm_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a valid port (1-65535)")
+    name = args.served_model_name
+    if args.model is None:
+        from guardserve.demo import ensure_demo
+
+        model = str(ensure_demo().model)
+        name = name or DEMO_MODEL_NAME
+    else:
+        model = args.model
+        local = Path(model).expanduser()
+        if (local.exists() or model.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
+            raise UsageError(f"--model {model}: no config.json there; give a Hugging Face model folder")
+        if local.exists():
+            model = str(local.resolve())
+    argv = vllm_command(model, host=args.host, port=args.port, served_model_name=name, extra=extra)
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    print(f"guardserve: serving {model} on http://{args.host}:{args.port}/v1", flush=True)
+    exec_server(argv)
+    return 0  # not reached: exec replaced the process

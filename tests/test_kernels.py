@@ -1,0 +1,151 @@
+"""Triton kernels == their torch references (Triton's interpreter on CPU tensors)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from guardserve import kernels
+from guardserve.kernels.reference import guard_apply_reference, max_cosine_reference, unpack_masks
+
+
+@pytest.fixture(scope="module")
+def tg():
+    """guardserve.kernels.triton_guard with its kernels built for the interpreter.
+
+    Triton decides at decoration time whether a kernel is interpreted, so the module
+    is (re)imported with TRITON_INTERPRET=1, which is then restored: the other tests
+    of the session keep the CPU dispatch to the torch reference.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop("guardserve.kernels.triton_guard", None)
+    mod = importlib.import_module("guardserve.kernels.triton_guard")
+    yield mod
+    sys.modules.pop("guardserve.kernels.triton_guard", None)
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def _pack(bool_rows: torch.Tensor) -> torch.Tensor:
+    M, V = bool_rows.shape
+    W = (V + 31) // 32
+    padded = torch.zeros(M, W * 32, dtype=torch.int64)
+    padded[:, :V] = bool_rows.to(torch.int64)
+    words = (padded.view(M, W, 32) << torch.arange(32)).sum(-1)
+    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # two's complement
+
+
+def _case(B, V, R, dtype, seed, density=0.3, n_masks=3, n_pens=2, sparse_max=5):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    banned = torch.rand(n_masks, V, generator=g) < density
+    masks = _pack(banned)
+    pens = torch.rand(n_pens, V, generator=g)
+    pens[pens > 0.97] = float("inf")  # the semantic threshold bans too
+    rows = torch.randperm(B, generator=g)[:R]
+    mask_idx = torch.randint(-1, n_masks, (R,), generator=g, dtype=torch.int32)
+    pen_idx = torch.randint(-1, n_pens, (R,), generator=g, dtype=torch.int32)
+    counts = torch.randint(0, sparse_max + 1, (R,), generator=g)
+    offs = torch.zeros(R + 1, dtype=torch.int32)
+    offs[1:] = counts.cumsum(0)
+    toks = torch.randint(0, V, (int(offs[-1]),), generator=g, dtype=torch.int32)
+    return logits, rows, mask_idx, masks, pen_idx, pens, offs, toks, banned
+
+
+def _both(tg, args, block_v=1024):
+    logits, rows, mask_idx, masks, pen_idx, pens, offs, toks = args[:8]
+    ref = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks)
+    tri = tg.guard_apply_triton(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks,
+                                block_v=block_v)
+    return ref, tri
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,V,R",
+    [(1, 100, 1), (4, 1000, 3), (3, 1001, 3), (8, 517, 5), (256, 96, 256), (256, 97, 130)],
+)
+def test_guard_apply_matches_reference(tg, B, V, R, dtype):
+    args = _case(B, V, R, dtype, seed=B * 7919 + V)
+    ref, tri = _both(tg, args, block_v=256)
+    assert torch.equal(ref, tri)
+    untouched = torch.ones(B, dtype=torch.bool)
+    untouched[args[1]] = False
+    assert torch.equal(ref[untouched], args[0][untouched])  # bit for bit
+
+
+@pytest.mark.parametrize("V", [32000, 131072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_guard_apply_real_vocab_sizes(tg, V, dtype):
+    args = _case(4, V, 3, dtype, seed=V, sparse_max=40)
+    ref, tri = _both(tg, args, block_v=8192)
+    assert torch.equal(ref, tri)
+
+
+def test_semantics_of_reference(tg):
+    """The contract itself, checked elementwise against the inputs."""
+    logits, rows, mask_idx, masks, pen_idx, pens, offs, toks, banned = _case(6, 300, 4, torch.float32, 3)
+    out = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks)
+    for r in range(4):
+        row = int(rows[r])
+        exp = logits[row].clone()
+        if pen_idx[r] >= 0:
+            exp = exp - pens[pen_idx[r]]
+        ban = banned[mask_idx[r]].clone() if mask_idx[r] >= 0 else torch.zeros(300, dtype=torch.bool)
+        ban[toks[offs[r]:offs[r + 1]].long()] = True
+        exp[ban] = float("-inf")
+        assert torch.equal(out[row], exp)
+
+
+def test_edge_cases(tg):
+    V = 1001  # not a multiple of 32
+    logits = torch.randn(3, V)
+    rows = torch.tensor([0, 1, 2])
+    everything_but_one = torch.ones(1, V, dtype=torch.bool)
+    everything_but_one[0, 517] = False
+    masks = torch.cat([_pack(torch.zeros(1, V, dtype=torch.bool)), _pack(everything_but_one)])
+    mask_idx = torch.tensor([0, 1, -1], dtype=torch.int32)  # empty set, all but one, none
+    pen_idx = torch.full((3,), -1, dtype=torch.int32)
+    pens = torch.zeros(0, V)
+    offs = torch.zeros(4, dtype=torch.int32)
+    toks = torch.zeros(0, dtype=torch.int32)
+    ref, tri = _both(tg, (logits, rows, mask_idx, masks, pen_idx, pens, offs, toks))
+    assert torch.equal(ref, tri)
+    assert torch.equal(ref[0], logits[0]) and torch.equal(ref[2], logits[2])
+    assert torch.isfinite(ref[1]).sum() == 1 and torch.isfinite(ref[1, 517])
+    assert int(ref[1].argmax()) == 517
+
+
+def test_unpack_roundtrip():
+    b = torch.rand(3, 77) < 0.5
+    assert torch.equal(unpack_masks(_pack(b), 77), b)
+    assert torch.equal(unpack_masks(_pack(b), 90)[:, 77:], torch.zeros(3, 13, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("N,F,D", [(1, 1, 384), (14, 9, 384), (33, 0, 384), (7, 20, 100)])
+def test_max_cosine_matches_reference(tg, N, F, D):
+    g = torch.Generator().manual_seed(N * 100 + F)
+    c = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
+    f = torch.nn.functional.normalize(torch.randn(F, D, generator=g), dim=1)
+    ref = max_cosine_reference(c, f)
+    tri = tg.max_cosine_triton(c, f)
+    if F == 0:
+        assert torch.equal(ref, tri) and torch.isinf(ref).all()
+    else:
+        torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_dispatch_runs_reference_without_triton(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.use_triton(torch.zeros(1))
+    args = _case(2, 64, 2, torch.float32, 1)
+    out = kernels.guard_apply(args[0].clone(), *args[1:8])
+    ref = guard_apply_reference(args[0].clone(), *args[1:8])
+    assert torch.equal(out, ref)

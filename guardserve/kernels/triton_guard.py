@@ -11,6 +11,20 @@ import triton
 import triton.language as tl
 
 
+# Reductions go through tl.reduce with combine functions of this module rather than
+# tl.sum / tl.max: those are @triton.jit functions of triton.language, built when
+# Triton was first imported. Under TRITON_INTERPRET=1 that may have been before the
+# variable was set (vLLM imports Triton early), and the interpreter cannot call them.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
 @triton.jit
 def _guard_apply_kernel(
     logits_ptr,
@@ -59,7 +73,7 @@ def _guard_apply_kernel(
     for s in range(s0, s1, BLOCK_S):
         so = s + tl.arange(0, BLOCK_S)
         toks = tl.load(sp_tok_ptr + so, mask=so < s1, other=-1)
-        hit = tl.sum((offs[:, None] == toks[None, :]).to(tl.int32), axis=1)
+        hit = tl.reduce((offs[:, None] == toks[None, :]).to(tl.int32), 1, _add)
         banned = banned | (hit > 0)
 
     x = tl.where(banned, float("-inf"), x)
@@ -135,9 +149,9 @@ def _max_cosine_kernel(
         f = f0 + tl.arange(0, BLOCK_F)
         e = tl.load(forb_ptr + f[:, None] * D + d[None, :], mask=(f[:, None] < F) & (d[None, :] < D), other=0.0)
         e = e.to(tl.float32)
-        sims = tl.sum(c[:, None, :] * e[None, :, :], axis=2)  # [BLOCK_N, BLOCK_F]
+        sims = tl.reduce(c[:, None, :] * e[None, :, :], 2, _add)  # [BLOCK_N, BLOCK_F]
         sims = tl.where(f[None, :] < F, sims, float("-inf"))
-        best = tl.maximum(best, tl.max(sims, axis=1))
+        best = tl.maximum(best, tl.reduce(sims, 1, _max))
     tl.store(out_ptr + n, best, mask=n < N)
 
 

@@ -63,6 +63,9 @@ _DENSE_FACTOR = 1
 
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
 _CONTEXTS = ("", "\n", ". ", "(", '"', "x ")
+# Punctuation that some tokenizers merge into a phrase's last token ("City." as one
+# token): tried after the phrase, kept only where it merged.
+_TAILS = ("", ".", ",", "'s")
 
 
 @lru_cache(maxsize=1)
@@ -151,6 +154,27 @@ def surface_forms(phrase: str) -> list[str]:
     return forms
 
 
+def _strip_context(tv: TokenizerView, ctx: str, ids: list[int], form: str) -> list[int] | None:
+    """The tokens of ``ctx + form`` that spell ``form``; a token that merged context
+    punctuation with the phrase (tekken's ``"(New"``) is kept, since that is the
+    token the model emits there."""
+    if not ctx:
+        return ids
+    pre = tv.encode(ctx)
+    j = 0
+    while j < min(len(pre), len(ids)) and pre[j] == ids[j]:
+        j += 1
+    rest = ids[j:]
+    if not rest or j == len(pre):
+        return rest or None
+    # A merged boundary token: what precedes the phrase in it must be context.
+    text = tv.decode(rest)
+    k = text.find(form.split()[0])
+    if k < 0 or (text[:k].strip() and text[:k].strip() not in ctx):
+        return None
+    return rest
+
+
 def token_variants(tokenizer, phrase: str) -> list[tuple[int, ...]]:
     """Every token-id sequence under which ``phrase`` is emitted in running text."""
     tv = as_tokenizer_view(tokenizer)
@@ -158,22 +182,23 @@ def token_variants(tokenizer, phrase: str) -> list[tuple[int, ...]]:
     seen: set[tuple[int, ...]] = set()
     for form in surface_forms(phrase):
         for lead in ("", " "):
-            text = lead + form
             for ctx in _CONTEXTS:
-                ids = tv.encode(ctx + text)
-                if ctx:
-                    pre = tv.encode(ctx)
-                    # Keep only tokenisations where the context did not merge with
-                    # the phrase: otherwise the phrase's own tokens are not these.
-                    if ids[: len(pre)] != pre:
+                for tail in _TAILS:
+                    ids = tv.encode(ctx + lead + form + tail)
+                    if tail:
+                        post = tv.encode("x" + tail)[len(tv.encode("x")):]
+                        if post and ids[-len(post):] == post:
+                            continue  # the tail did not merge: the plain variant covers it
+                    ids = _strip_context(tv, ctx, ids, form)
+                    if not ids:
                         continue
-                    ids = ids[len(pre):]
-                if not ids or tv.decode(ids).strip() != form:
-                    continue
-                t = tuple(int(i) for i in ids)
-                if t not in seen:
-                    seen.add(t)
-                    out.append(t)
+                    text = tv.decode(ids).strip()
+                    if form not in text:
+                        continue
+                    t = tuple(int(i) for i in ids)
+                    if t not in seen:
+                        seen.add(t)
+                        out.append(t)
     return out
 
 

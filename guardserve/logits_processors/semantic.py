@@ -13,7 +13,7 @@ candidate side is precomputed:
   computed when its filter is compiled and applied by the same kernel as the ban
   masks (``logits - penalty``).
 
-Exempt from the penalty: tokens with fewer than three letters or digits, and tokens
+Exempt from the penalty: special tokens, tokens with fewer than three letters or digits, and tokens
 that are common English words or their beginnings (the reference vocabulary of
 :mod:`.compile`). Their embeddings are noise ("Am", "the"), and a guard that
 penalised them would degrade every answer, not only the target's.
@@ -138,6 +138,8 @@ def semantic_penalty(
     for a in range(0, E.shape[0], 16384):
         sims[a:a + 16384] = (np.asarray(E[a:a + 16384], dtype=np.float32) @ F.T).max(axis=1)
     sims[exempt_tokens(token_texts(tokenizer))] = 0.0
+    special = getattr(as_tokenizer_view(tokenizer).raw, "all_special_ids", None) or []
+    sims[[i for i in special if 0 <= i < sims.shape[0]]] = 0.0  # never penalise EOS & co.
     sims = np.clip(sims, 0.0, None)
     pen[: E.shape[0]] = np.where(sims >= threshold, np.inf, weight * sims)
     return pen

@@ -15,6 +15,8 @@ import sys
 COMMAND_MODULES = [
     "guardserve.server.cli",
     "guardserve.demo.cli",
+    "guardserve.policy.cli",
+    "guardserve.classifiers.cli",
 ]
 
 

@@ -1,0 +1,13 @@
+"""GUARD detection: does this conversation ask about a forget target?
+
+``Detector(store).detect(messages) -> list[Triggered]`` combines the lexical matcher
+(aliases and distinctive facts, one automaton), the embedding retriever (bundled
+all-MiniLM-L6-v2 + faiss) and GUARD's retrieval step (``Triggered.forbidden``: the
+phrases the logit filter compiles with ``compile_phrases``). Importing this package is
+cheap; the embedder loads when a Detector with embeddings is built.
+"""
+
+from guardserve.classifiers.detector import DetectionError, Detector, DetectorConfig, Triggered, message_texts
+from guardserve.classifiers.retrieval import forbidden_phrases
+
+__all__ = ["DetectionError", "Detector", "DetectorConfig", "Triggered", "forbidden_phrases", "message_texts"]

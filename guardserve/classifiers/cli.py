@@ -1,0 +1,52 @@
+"""``guardserve eval detect``: the detection report on the demo world.
+
+The ``eval`` command is created here with ``detect`` as its first subcommand; the
+evaluation suite adds its own subcommands next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="evaluate guardserve (detect: the detection report)",
+                               description="Evaluations on the demo world.")
+    sub = ev.add_subparsers(dest="eval_command", metavar="SUITE")
+    ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])
+    det = sub.add_parser(
+        "detect", help="recall, false positives and latency of detection on the demo world",
+        description="Registers the demo world's forget people as targets, calibrates the embedding threshold, "
+                    "and measures recall on forget questions, held-out paraphrases and adversarial probes "
+                    "(RWKU's 9 types and obfuscations), false positives on retain questions and world facts, "
+                    "and latency per conversation.")
+    det.add_argument("--seed", type=int, default=0, help="demo world seed (default 0)")
+    det.add_argument("--targets", type=int, default=None,
+                     help="registered targets in all: the world's forget people plus synthetic ones up to N")
+    det.add_argument("--no-embeddings", action="store_true", help="lexical matcher only")
+    det.add_argument("--out", help="directory for detect.json and detect.md")
+    det.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    det.set_defaults(func=_detect)
+
+
+def _detect(args) -> int:
+    from guardserve.classifiers.detector import DetectorConfig
+    from guardserve.classifiers.evaluation import detection_report, markdown
+    from guardserve.cli import UsageError
+    from guardserve.demo.world import build_world
+
+    if args.targets is not None and args.targets < 1:
+        raise UsageError("--targets must be at least 1")
+    cfg = DetectorConfig(use_embeddings=not args.no_embeddings)
+    report = detection_report(build_world(seed=args.seed), n_targets=args.targets, config=cfg,
+                              progress=lambda m: print(f"[eval detect] {m}", flush=True))
+    md = markdown(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "detect.json").write_text(json.dumps(report, indent=2))
+        (out / "detect.md").write_text(md + "\n")
+        print(f"[eval detect] wrote {out / 'detect.json'} and {out / 'detect.md'}")
+    print(json.dumps(report, indent=2) if args.json else md)
+    return 0

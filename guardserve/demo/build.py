@@ -12,9 +12,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +93,16 @@ def _build_part(dest: Path, build) -> None:
     os.replace(tmp, dest)
 
 
+def _train_worker(world, tokenizer_dir, out_dir, include_forget, seed, cfg, desc, position, threads) -> dict:
+    import torch
+
+    from guardserve.demo import model as demo_model
+
+    torch.set_num_threads(threads)
+    return demo_model.train_model(world, Path(tokenizer_dir), Path(out_dir), include_forget=include_forget,
+                                  seed=seed, cfg=cfg, desc=desc, position=position)
+
+
 def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True, log=print) -> DemoPaths:
     """Build what is missing of the demo world and models; return their paths."""
     from guardserve.demo import model as demo_model
@@ -115,16 +127,27 @@ def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True
         _build_part(paths.tokenizer, lambda tmp: demo_model.train_tokenizer(
             demo_model.training_texts(world, include_forget=True), tmp, spec.train.vocab_size))
 
-        def train(include_forget: bool, desc: str):
-            def run(tmp: Path) -> None:
-                metrics = demo_model.train_model(world, paths.tokenizer, tmp, include_forget=include_forget,
-                                                 seed=spec.seed, cfg=spec.train, desc=desc)
-                log(f"[demo] {desc}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k.endswith("accuracy")))
-            return run
-
-        _build_part(paths.model, train(True, "model (all people)"))
+        jobs = [(paths.model, True, "model (all people)", 0)]
         if with_retain_model:
-            _build_part(paths.retain_model, train(False, "retain model (no forget split)"))
+            jobs.append((paths.retain_model, False, "retain model (no forget split)", 1))
+        jobs = [job for job in jobs if not job[0].is_dir()]
+        # The two models train side by side, one process and one thread each: at this size
+        # a second thread barely helps one model, and two multi-threaded trainings on two
+        # cores spin against each other (measured: 10x slower per step).
+        threads = max(1, (os.cpu_count() or 2) // max(1, len(jobs)))
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=max(1, len(jobs)), mp_context=ctx) as pool:
+            futures = {}
+            for dest, include_forget, desc, position in jobs:
+                tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                futures[pool.submit(_train_worker, world, str(paths.tokenizer), str(tmp), include_forget,
+                                    spec.seed, spec.train, desc, position, threads)] = (dest, tmp, desc)
+            for fut in as_completed(futures):
+                dest, tmp, desc = futures[fut]
+                metrics = fut.result()
+                os.replace(tmp, dest)
+                log(f"[demo] {desc}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k.endswith("accuracy")))
         (paths.root / "build.json").write_text(json.dumps(
             {"key": spec.key(), "spec": asdict(spec), "last_build_seconds": round(time.time() - started, 1)}, indent=1) + "\n")
     return paths

@@ -148,7 +148,7 @@ def _epoch_documents(world: dict, tokenizer, include_forget: bool, rng: random.R
 
 
 def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forget: bool, seed: int,
-                cfg: TrainConfig = TrainConfig(), desc: str = "train") -> dict:
+                cfg: TrainConfig = TrainConfig(), desc: str = "train", position: int = 0) -> dict:
     """Train a Llama from scratch on the world; save it in Hugging Face format; return metrics."""
     import torch
     from tqdm.auto import tqdm
@@ -191,7 +191,7 @@ def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forg
     pad = tokenizer.pad_token_id
     model.train()
     start = time.time()
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, position=position, mininterval=1.0)
     loss_ema = None
     for _epoch in range(cfg.epochs):
         docs = _epoch_documents(world, tokenizer, include_forget, rng)

@@ -149,3 +149,16 @@ def test_cpu_dispatch_runs_reference_without_triton(monkeypatch):
     out = kernels.guard_apply(args[0].clone(), *args[1:8])
     ref = guard_apply_reference(args[0].clone(), *args[1:8])
     assert torch.equal(out, ref)
+
+
+def test_sparse_mask_lists_equal_dense():
+    """The CPU shortcut (a mask's token list instead of a pass over the vocabulary)
+    gives the same logits as the bitmask."""
+    for B, R in ((1, 1), (5, 3), (4, 4)):
+        logits, rows, mask_idx, masks, pen_idx, pens, offs, toks, banned = _case(B, 500, R, torch.float32, B, 0.01)
+        sparse = [row.nonzero()[:, 0] for row in unpack_masks(masks, 500)]
+        sparse[0] = None  # mixed: one mask through the dense path
+        a = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks)
+        b = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks,
+                                  masks_sparse=sparse)
+        assert torch.equal(a, b)

@@ -32,6 +32,7 @@ def guard_apply_reference(
     sparse_offsets: torch.Tensor,
     sparse_tokens: torch.Tensor,
     masks_bool: torch.Tensor | None = None,
+    masks_sparse: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Apply, in place, each guarded row's semantic penalty and ban set.
 
@@ -44,7 +45,9 @@ def guard_apply_reference(
     Rows that share a mask or a penalty are handled as one broadcast op: in serving,
     most rows of a step share the root mask of the same targets, and on CPU the cost
     is memory traffic, so one pass over the rows beats a gathered copy.
-    ``masks_bool`` is ``unpack_masks(masks, V)``, cached by the caller.
+    ``masks_bool`` is ``unpack_masks(masks, V)``, cached by the caller;
+    ``masks_sparse[m]``, where given, lists the tokens of mask ``m`` when they are few
+    enough that writing them beats a pass over the vocabulary (the usual case).
     """
     R = int(rows.numel())
     if R == 0:
@@ -82,6 +85,15 @@ def guard_apply_reference(
         if m < 0:
             continue
         sel = [rows_l[i] for i in range(R) if mask_l[i] == m]
+        sp = masks_sparse[m] if masks_sparse is not None else None
+        if sp is not None:
+            if sp.numel():
+                if len(sel) == 1:
+                    logits[sel[0]].index_fill_(0, sp, neg_inf)
+                else:
+                    idx = torch.tensor(sel, device=logits.device)
+                    logits.index_put_((idx[:, None], sp[None, :]), torch.tensor(neg_inf, dtype=logits.dtype))
+            continue
         mb = masks_bool[m]
         if all_rows and len(sel) == R:
             logits.masked_fill_(mb, neg_inf)

@@ -11,15 +11,11 @@ import triton
 import triton.language as tl
 
 
-# Reductions go through tl.reduce with combine functions of this module rather than
-# tl.sum / tl.max: those are @triton.jit functions of triton.language, built when
-# Triton was first imported. Under TRITON_INTERPRET=1 that may have been before the
-# variable was set (vLLM imports Triton early), and the interpreter cannot call them.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
+# No tl.sum / tl.max here: those are @triton.jit functions of triton.language, built
+# when Triton was first imported; under TRITON_INTERPRET=1 that may have been before
+# the variable was set (vLLM imports Triton early) and the interpreter cannot call
+# them. The one reduction left (a small tile) uses tl.reduce with this combine
+# function, which the interpreter runs element by element: fine for 16x16, not more.
 @triton.jit
 def _max(a, b):
     return tl.maximum(a, b)
@@ -41,7 +37,6 @@ def _guard_apply_kernel(
     sp_off_ptr,
     sp_tok_ptr,
     BLOCK_V: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     OUT_BF16: tl.constexpr,
 ):
     # One program per (guarded row, block of the vocabulary): a single read and a
@@ -66,15 +61,12 @@ def _guard_apply_kernel(
         words = tl.load(masks_ptr + m.to(tl.int64) * W + word_i, mask=inb & (word_i < W), other=0)
         banned = ((words >> (offs % 32)) & 1) != 0
 
-    # The per-state extra list is short (a few ids): test the block against it
+    # The per-state extra list is short (a few ids): test the block against each
     # rather than scattering, so no other program races on these logits.
     s0 = tl.load(sp_off_ptr + r)
     s1 = tl.load(sp_off_ptr + r + 1)
-    for s in range(s0, s1, BLOCK_S):
-        so = s + tl.arange(0, BLOCK_S)
-        toks = tl.load(sp_tok_ptr + so, mask=so < s1, other=-1)
-        hit = tl.reduce((offs[:, None] == toks[None, :]).to(tl.int32), 1, _add)
-        banned = banned | (hit > 0)
+    for s in range(s0, s1):
+        banned = banned | (offs == tl.load(sp_tok_ptr + s))
 
     x = tl.where(banned, float("-inf"), x)
     if OUT_BF16:
@@ -127,7 +119,6 @@ def guard_apply_triton(
         sparse_offsets.to(torch.int32),
         sparse_tokens.to(torch.int32),
         BLOCK_V=block_v,
-        BLOCK_S=16,
         OUT_BF16=logits.dtype == torch.bfloat16,
     )
     return logits
@@ -149,7 +140,8 @@ def _max_cosine_kernel(
         f = f0 + tl.arange(0, BLOCK_F)
         e = tl.load(forb_ptr + f[:, None] * D + d[None, :], mask=(f[:, None] < F) & (d[None, :] < D), other=0.0)
         e = e.to(tl.float32)
-        sims = tl.reduce(c[:, None, :] * e[None, :, :], 2, _add)  # [BLOCK_N, BLOCK_F]
+        # Full fp32 (no TF32 on GPU): scores are compared with a fixed threshold.
+        sims = tl.dot(c, tl.trans(e), input_precision="ieee")  # [BLOCK_N, BLOCK_F]
         sims = tl.where(f[None, :] < F, sims, float("-inf"))
         best = tl.maximum(best, tl.reduce(sims, 1, _max))
     tl.store(out_ptr + n, best, mask=n < N)
@@ -167,7 +159,7 @@ def max_cosine_triton(cand: torch.Tensor, forbidden: torch.Tensor) -> torch.Tens
     cand = cand.contiguous()
     forbidden = forbidden.contiguous()
     block_d = triton.next_power_of_2(D)
-    block_n, block_f = 4, 8
+    block_n, block_f = 16, 16  # tl.dot's minimum tile
     _max_cosine_kernel[(triton.cdiv(N, block_n),)](
         cand, forbidden, out, N, F, D, BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_D=block_d
     )

@@ -79,6 +79,7 @@ class _Bank:
         self.masks = torch.zeros((1, 1), dtype=torch.int32, device=device)
         self.penalties = torch.zeros((0, 1), dtype=torch.float32, device=device)
         self.masks_bool: torch.Tensor | None = None
+        self.masks_sparse: list[torch.Tensor | None] | None = None
         self.vocab = 0
 
     def ensure(self, live: dict[int, CompiledFilter], vocab: int) -> None:
@@ -103,8 +104,15 @@ class _Bank:
             base += m.shape[0]
         self.masks = torch.from_numpy(np.concatenate(masks) if masks else np.zeros((1, W), np.int32)).to(self.device)
         self.penalties = (torch.from_numpy(np.stack(pens)) if pens else torch.zeros((0, vocab))).to(self.device)
-        # CPU path: the bool form of the masks, unpacked once here, not per step.
-        self.masks_bool = None if self.device.type == "cuda" else kernels.unpack_masks(self.masks, vocab)
+        # CPU path: the bool form of the masks, unpacked once here, not per step, and
+        # for masks with fewer tokens than a bitmask has words, their token list.
+        self.masks_bool = self.masks_sparse = None
+        if self.device.type != "cuda":
+            self.masks_bool = kernels.unpack_masks(self.masks, vocab)
+            self.masks_sparse = []
+            for row in self.masks_bool:
+                n = int(row.sum())
+                self.masks_sparse.append(row.nonzero()[:, 0] if n <= W else None)
 
 
 class GuardBatch:
@@ -176,4 +184,4 @@ class GuardBatch:
             return logits
         r, m, p, o, t = self.step_args(logits.shape[1], rows)
         b = self._bank
-        return kernels.guard_apply(logits, r, m, b.masks, p, b.penalties, o, t, b.masks_bool)
+        return kernels.guard_apply(logits, r, m, b.masks, p, b.penalties, o, t, b.masks_bool, b.masks_sparse)

@@ -158,8 +158,8 @@ class LexicalIndex:
         self._exact: dict[str, dict[str, Pattern]] = {}   # token phrase -> {target_id: pattern}
         self._prefix: dict[str, int] = {}                 # proper prefixes of phrases, ref-counted
         self._glued: dict[str, dict[str, Pattern]] = {}   # phrase without spaces -> ...
-        self._fuzzy: dict[str, dict[str, int]] = {}       # deletion variant -> {glued name: refs}
-        self._by_target: dict[str, list[tuple[str, str, str]]] = {}
+        self._fuzzy: dict[str, str | dict[str, int]] = {}  # deletion variant -> glued name(s), ref-counted
+        self._by_target: dict[str, ForgetTarget] = {}
         self._max_tokens = 1
         self._common = common_words()
 
@@ -185,10 +185,10 @@ class LexicalIndex:
                     pats.append(Pattern(target.id, f"fact:{attr}", phrase.strip(" '\""), 0.9))
         return pats
 
-    def add(self, target: ForgetTarget) -> None:
-        """Index (or re-index, after a change) one target."""
-        self.remove(target.id)
-        entries: list[tuple[str, str, str]] = []
+    def _entries(self, target: ForgetTarget):
+        """(table, key, extra, pattern) for every entry ``target`` puts in the index;
+        deterministic, so removal recomputes them instead of storing them (at 100,000
+        targets the stored lists would cost more memory than the index itself)."""
         for p in self.patterns_for(target):
             toks = tokens(p.text)
             if p.label.startswith("fact:"):
@@ -198,57 +198,77 @@ class LexicalIndex:
             # sequences, or not at all: as single tokens they would fire everywhere.
             if len(glued) < 3 and len(toks) < 2:
                 continue
-            key = " ".join(toks)
-            self._exact.setdefault(key, {})[target.id] = p
-            entries.append(("exact", key, ""))
+            yield "exact", " ".join(toks), len(toks), p
             for k in range(1, len(toks)):
-                pre = " ".join(toks[:k])
-                self._prefix[pre] = self._prefix.get(pre, 0) + 1
-                entries.append(("prefix", pre, ""))
-            self._max_tokens = max(self._max_tokens, len(toks))
-            if len(glued) >= MIN_GLUED_LEN:
-                self._glued.setdefault(glued, {})[target.id] = p
-                entries.append(("glued", glued, ""))
-            fuzzy_ok = p.label in ("name", "alias", "surname") and glued.isalpha()
-            if fuzzy_ok and len(glued) >= MIN_FUZZY_LEN and not (len(toks) == 1 and glued in self._common):
-                self._glued.setdefault(glued, {})[target.id] = p
-                entries.append(("glued", glued, ""))
+                yield "prefix", " ".join(toks[:k]), None, p
+            fuzzy_ok = (p.label in ("name", "alias", "surname") and glued.isalpha() and len(glued) >= MIN_FUZZY_LEN
+                        and not (len(toks) == 1 and glued in self._common))
+            if len(glued) >= MIN_GLUED_LEN or fuzzy_ok:
+                yield "glued", glued, None, p
+            if fuzzy_ok:
                 for v in _deletions(glued):
-                    refs = self._fuzzy.setdefault(v, {})
-                    refs[glued] = refs.get(glued, 0) + 1
-                    entries.append(("fuzzy", v, glued))
-        self._by_target[target.id] = entries
+                    yield "fuzzy", v, glued, p
+
+    def add(self, target: ForgetTarget) -> None:
+        """Index (or re-index, after a change) one target."""
+        self.remove(target.id)
+        tid = target.id
+        for table, key, extra, p in self._entries(target):
+            if table == "exact":
+                self._exact.setdefault(key, {})[tid] = p
+                self._max_tokens = max(self._max_tokens, extra)
+            elif table == "prefix":
+                self._prefix[key] = self._prefix.get(key, 0) + 1
+            elif table == "glued":
+                self._glued.setdefault(key, {})[tid] = p
+            else:
+                # Most deletion variants belong to one name: store the name itself and
+                # only make a counted dict when a second name shares the variant.
+                cur = self._fuzzy.get(key)
+                if cur is None:
+                    self._fuzzy[key] = extra
+                elif isinstance(cur, str):
+                    self._fuzzy[key] = {cur: 1} if cur != extra else {cur: 2}
+                    if cur != extra:
+                        self._fuzzy[key][extra] = 1
+                else:
+                    cur[extra] = cur.get(extra, 0) + 1
+        self._by_target[tid] = target
 
     def remove(self, target_id: str) -> None:
-        for table, key, extra in self._by_target.pop(target_id, ()):
-            if table == "exact":
-                d = self._exact.get(key)
+        target = self._by_target.pop(target_id, None)
+        if target is None:
+            return
+        for table, key, extra, _ in self._entries(target):
+            if table in ("exact", "glued"):
+                d = (self._exact if table == "exact" else self._glued).get(key)
                 if d is not None:
                     d.pop(target_id, None)
                     if not d:
-                        del self._exact[key]
-            elif table == "glued":
-                d = self._glued.get(key)
-                if d is not None:
-                    d.pop(target_id, None)
-                    if not d:
-                        del self._glued[key]
+                        del (self._exact if table == "exact" else self._glued)[key]
             elif table == "prefix":
                 n = self._prefix.get(key, 0) - 1
                 if n <= 0:
                     self._prefix.pop(key, None)
                 else:
                     self._prefix[key] = n
-            elif table == "fuzzy":
-                refs = self._fuzzy.get(key)
-                if refs is not None:
-                    n = refs.get(extra, 0) - 1
-                    if n <= 0:
-                        refs.pop(extra, None)
-                        if not refs:
-                            del self._fuzzy[key]
-                    else:
-                        refs[extra] = n
+            else:
+                cur = self._fuzzy.get(key)
+                if cur is None:
+                    continue
+                if isinstance(cur, str):
+                    if cur == extra:
+                        del self._fuzzy[key]
+                    continue
+                n = cur.get(extra, 0) - 1
+                if n <= 0:
+                    cur.pop(extra, None)
+                else:
+                    cur[extra] = n
+                if len(cur) == 1 and next(iter(cur.values())) == 1:
+                    self._fuzzy[key] = next(iter(cur))
+                elif not cur:
+                    del self._fuzzy[key]
 
     # -- matching ---------------------------------------------------------------------
     def match(self, text: str) -> list[LexicalHit]:
@@ -301,7 +321,10 @@ class LexicalIndex:
                     continue
                 seen: set[str] = set()
                 for v in _deletions(g):
-                    for cand in fuzzy.get(v, ()):
+                    cands = fuzzy.get(v)
+                    if cands is None:
+                        continue
+                    for cand in ((cands,) if isinstance(cands, str) else cands):
                         if cand in seen:
                             continue
                         seen.add(cand)

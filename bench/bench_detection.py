@@ -1,0 +1,73 @@
+"""Detection benchmark: latency per conversation (p50, p99) and recall / false positives
+with 10, 1,000 and 100,000 registered targets (the demo world's forget people, then
+synthetic targets), printed as a table and written as JSON.
+
+    .venv/bin/python bench/bench_detection.py                    # all three scales
+    .venv/bin/python bench/bench_detection.py --scales 10,1000   # quicker
+
+The first run at 100,000 targets embeds about 120,000 target texts (minutes on two
+cores); their vectors are cached in $GUARDSERVE_HOME/cache/bench-vectors.sqlite, so later
+runs start in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", default="10,1000,100000", help="comma-separated target counts")
+    ap.add_argument("--seed", type=int, default=0, help="demo world seed")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detection.json"))
+    ap.add_argument("--no-embeddings", action="store_true", help="lexical matcher only")
+    args = ap.parse_args(argv)
+
+    from guardserve import config
+    from guardserve.classifiers.detector import DetectorConfig
+    from guardserve.classifiers.evaluation import detection_report
+    from guardserve.demo.world import build_world
+
+    world = build_world(seed=args.seed)
+    cache = config.home() / "cache" / "bench-vectors.sqlite"
+    rows = []
+    for n in [int(x) for x in args.scales.split(",") if x.strip()]:
+        print(f"== {n} targets", flush=True)
+        t0 = time.time()
+        cfg = DetectorConfig(use_embeddings=not args.no_embeddings, vector_cache=str(cache))
+        rep = detection_report(world, n_targets=n, config=cfg, progress=lambda m: print(f"   {m}", flush=True))
+        rep["wall_s"] = round(time.time() - t0, 1)
+        rep["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        rows.append({"targets": n, **rep})
+        s, lat = rep["summary"], rep["latency_ms"]
+        print(f"   p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  forget {s['forget_recall']:.3f}  "
+              f"paraphrase {s['paraphrase_recall']:.3f}  adversarial {s['adversarial_recall']:.3f}  "
+              f"retain FP {s['retain_fp_rate']:.4f}  world FP {s['world_facts_fp_rate']:.4f}", flush=True)
+
+    print()
+    print("| targets | world targets | load s | p50 ms | p99 ms | forget | paraphrase | adversarial | retain FP | world-facts FP | index |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s, lat = r["summary"], r["latency_ms"]
+        print(f"| {r['targets']:,} | {r['world_targets']} | {r['detector_load_s']} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+              f"{s['forget_recall']:.3f} | {s['paraphrase_recall']:.3f} | {s['adversarial_recall']:.3f} | "
+              f"{s['retain_fp_rate']:.4f} | {s['world_facts_fp_rate']:.4f} | "
+              f"{'IVF (approx.)' if r['approximate_index'] else ('flat' if r['embeddings'] else 'none')} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "runs": rows}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The Detector end to end on a real store and the bundled embedder: detection over
+whole conversations, reasons and forbidden phrases, incremental sync, tenants,
+calibration stored with the policy, and failing closed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guardserve.classifiers import DetectionError, Detector, DetectorConfig
+from guardserve.classifiers.embedding import Embedder, VectorIndex, shared_embedder
+from guardserve.classifiers.evaluation import world_targets
+from guardserve.demo.world import build_world
+from guardserve.policy import SQLiteStore
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return shared_embedder()
+
+
+@pytest.fixture
+def store(tmp_path, world):
+    s = SQLiteStore(tmp_path / "policy.db")
+    s.add_many(world_targets(world))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def vector_cache(tmp_path_factory):
+    # Target texts are embedded once for the module, not once per test.
+    return str(tmp_path_factory.mktemp("vectors") / "vectors.sqlite")
+
+
+@pytest.fixture
+def detector(store, embedder, vector_cache):
+    return Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=embedder)
+
+
+def _names(triggered):
+    return [t.name for t in triggered]
+
+
+def test_forget_question_triggers_with_reasons_and_forbidden(detector, world):
+    qa = world["forget"][1]
+    trig = detector.detect([{"role": "user", "content": qa["question"]}])
+    assert _names(trig) == [qa["entity"]]
+    t = trig[0]
+    assert t.score == 1.0 and t.version == 1 and any("mentioned" in r for r in t.reasons)
+    assert t.forbidden[0] == qa["entity"]
+    assert qa["value"] in t.forbidden
+    # GUARD's retrieval: the fact asked about comes before the other fact values.
+    facts = [p for p in t.forbidden if p in world["entities"][0]["facts"].values() or p == qa["value"]]
+    assert facts[0] == qa["value"]
+    assert not {p.lower() for p in t.forbidden} & {"the", "a", "was", "of", "in", "who"}
+
+
+def test_retain_and_world_questions_pass(detector, world):
+    qs = [qa["question"] for qa in world["retain"][::37]] + [qa["question"] for qa in world["world_facts"][::5]]
+    assert [q for q in qs if detector.detect(q)] == []
+
+
+def test_whole_conversation_is_read(detector, world):
+    name = world["forget"][0]["entity"]
+    conv = [{"role": "system", "content": f"The user is researching {name}."},
+            {"role": "user", "content": "Where was this person born?"}]
+    assert _names(detector.detect(conv)) == [name]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "About"}, {"type": "text", "text": name}]}]
+    assert _names(detector.detect(parts)) == [name]
+
+
+def test_changes_are_picked_up_incrementally(detector, store):
+    vec_ids = {k: v.copy() for k, v in detector.vectors._by_target.items()}
+    lex = dict(detector.lexical._by_target)
+    t = store.add({"name": "Orla Quenby", "aliases": ["Quenby"], "facts": {"award": "the Vossic Star"}})
+    assert _names(detector.detect("Who received the Vossic Star?")) == ["Orla Quenby"]
+    # Nothing else was re-indexed: same vector ids and lexical entries for the others.
+    for k, v in vec_ids.items():
+        assert np.array_equal(detector.vectors._by_target[k], v)
+        assert detector.lexical._by_target[k] is lex[k]
+    store.update(t.id, {"aliases": ["Lady Q"], "facts": {}})
+    assert _names(detector.detect("Tell me about Lady Q")) == ["Orla Quenby"]
+    assert detector.detect("Who received the Vossic Star?") == []
+    assert detector.detect("Tell me about Quenby")[0].version == 2     # derived surname still applies
+    store.delete(t.id)
+    assert detector.detect("Tell me about Orla Quenby and Lady Q") == []
+    assert t.id not in detector.vectors._by_target
+
+
+def test_tenants_and_always_mode(detector, store):
+    store.add({"name": "Acme Secret Project", "tenant": "acme", "kind": "topic"})
+    store.add({"name": "Zed Quorrow", "tenant": "other", "mode": "always"})
+    assert _names(detector.detect("What is the Acme Secret Project?", tenant="acme")) == ["Acme Secret Project"]
+    assert _names(detector.detect("What is the Acme Secret Project?", tenant="other")) == ["Zed Quorrow"]
+    always = detector.detect("What is the weather like?", tenant="other")
+    assert _names(always) == ["Zed Quorrow"] and always[0].reasons == ("mode 'always'",)
+    assert detector.detect("What is the weather like?", tenant="acme") == []
+
+
+def test_calibration_is_stored_with_the_policy(detector, store, embedder):
+    from guardserve.classifiers import calibration
+
+    result = detector.calibrate(negatives=calibration.negatives(n_people=12))
+    assert 0.6 <= result["threshold"] < 1.0 and result["fp_rate"] <= 0.002
+    assert store.get_setting("detector.embedding_threshold")["threshold"] == result["threshold"]
+    again = Detector(store, DetectorConfig(vector_cache=detector.config.vector_cache), embedder=embedder)
+    assert again.threshold == result["threshold"]
+    assert [e.action for e in store.audit()][-1] == "setting"
+
+
+def test_fails_closed(store, embedder, tmp_path, vector_cache):
+    det = Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=embedder)
+    with pytest.raises(DetectionError):
+        det.detect(42)
+    with pytest.raises(DetectionError):
+        det.detect([{"role": "user", "content": {"not": "text"}}])
+    broken = SQLiteStore(tmp_path / "other.db")
+    det2 = Detector(broken, DetectorConfig(sync_interval_s=0.0), embedder=embedder)
+    broken.close()                                   # the policy store goes away
+    with pytest.raises(DetectionError, match="refusing"):
+        det2.detect("hello")
+
+
+def test_fails_closed_when_the_embedder_breaks(store, vector_cache):
+    emb = Embedder()
+    det = Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=emb)
+    emb.model = None                                 # the model is gone (e.g. freed by a bad reload)
+    with pytest.raises(DetectionError):
+        det.detect("a question nobody asked before")
+
+
+def test_lexical_only_detector_needs_no_embedder(store, world):
+    det = Detector(store, DetectorConfig(use_embeddings=False))
+    assert det.vectors is None
+    assert _names(det.detect(world["forget"][0]["question"])) == [world["forget"][0]["entity"]]
+
+
+def test_vector_index_turns_approximate_and_stays_incremental():
+    rng = np.random.default_rng(0)
+    idx = VectorIndex(dim=32, approx_above=300, nprobe=8)
+    vecs = {}
+    for i in range(40):
+        v = rng.standard_normal((10, 32)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        vecs[f"t{i}"] = v
+        idx.add(f"t{i}", [("fact:x", f"text {i}-{k}") for k in range(10)], v)
+    assert idx.approximate and idx.ntotal == 400
+    assert idx.search(vecs["t7"][3:4], 1)[0][0].target_id == "t7"
+    idx.remove("t7")
+    assert idx.ntotal == 390 and all(h.target_id != "t7" for h in idx.search(vecs["t7"][3:4], 5)[0])
+    idx.add("t7", [("name", "again")], vecs["t7"][:1])
+    assert idx.search(vecs["t7"][:1], 1)[0][0].target_id == "t7"

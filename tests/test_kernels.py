@@ -152,8 +152,8 @@ def test_cpu_dispatch_runs_reference_without_triton(monkeypatch):
 
 
 def test_sparse_mask_lists_equal_dense():
-    """The CPU shortcut (a mask's token list instead of a pass over the vocabulary)
-    gives the same logits as the bitmask."""
+    """The CPU shortcuts (a mask's token list, or a 0/-inf row added, instead of
+    masked_fill) give the same logits as the bitmask."""
     for B, R in ((1, 1), (5, 3), (4, 4)):
         logits, rows, mask_idx, masks, pen_idx, pens, offs, toks, banned = _case(B, 500, R, torch.float32, B, 0.01)
         sparse = [row.nonzero()[:, 0] for row in unpack_masks(masks, 500)]
@@ -161,4 +161,7 @@ def test_sparse_mask_lists_equal_dense():
         a = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks)
         b = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks,
                                   masks_sparse=sparse)
-        assert torch.equal(a, b)
+        bias = torch.zeros(masks.shape[0], 500).masked_fill_(unpack_masks(masks, 500), float("-inf"))
+        c = guard_apply_reference(logits.clone(), rows, mask_idx, masks, pen_idx, pens, offs, toks,
+                                  masks_sparse=sparse, masks_bias=bias)
+        assert torch.equal(a, b) and torch.equal(a, c)

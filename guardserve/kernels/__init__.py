@@ -34,7 +34,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def guard_apply(logits, rows, mask_idx, masks, pen_idx, penalties, sparse_offsets,
-                sparse_tokens, masks_bool=None, masks_sparse=None):
+                sparse_tokens, masks_bool=None, masks_sparse=None, masks_bias=None):
     """See :func:`.reference.guard_apply_reference` for the contract."""
     if use_triton(logits):
         from .triton_guard import guard_apply_triton
@@ -42,7 +42,7 @@ def guard_apply(logits, rows, mask_idx, masks, pen_idx, penalties, sparse_offset
         return guard_apply_triton(logits, rows, mask_idx, masks, pen_idx, penalties,
                                   sparse_offsets, sparse_tokens)
     return guard_apply_reference(logits, rows, mask_idx, masks, pen_idx, penalties,
-                                 sparse_offsets, sparse_tokens, masks_bool, masks_sparse)
+                                 sparse_offsets, sparse_tokens, masks_bool, masks_sparse, masks_bias)
 
 
 def max_cosine(cand: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,7 @@ class _Bank:
         self.penalties = torch.zeros((0, 1), dtype=torch.float32, device=device)
         self.masks_bool: torch.Tensor | None = None
         self.masks_sparse: list[torch.Tensor | None] | None = None
+        self.masks_bias: torch.Tensor | None = None
         self.vocab = 0
 
     def ensure(self, live: dict[int, CompiledFilter], vocab: int) -> None:
@@ -106,9 +107,11 @@ class _Bank:
         self.penalties = (torch.from_numpy(np.stack(pens)) if pens else torch.zeros((0, vocab))).to(self.device)
         # CPU path: the bool form of the masks, unpacked once here, not per step, and
         # for masks with fewer tokens than a bitmask has words, their token list.
-        self.masks_bool = self.masks_sparse = None
+        self.masks_bool = self.masks_sparse = self.masks_bias = None
         if self.device.type != "cuda":
             self.masks_bool = kernels.unpack_masks(self.masks, vocab)
+            self.masks_bias = torch.zeros(self.masks_bool.shape, dtype=torch.float32).masked_fill_(
+                self.masks_bool, float("-inf"))
             self.masks_sparse = []
             for row in self.masks_bool:
                 n = int(row.sum())
@@ -184,4 +187,4 @@ class GuardBatch:
             return logits
         r, m, p, o, t = self.step_args(logits.shape[1], rows)
         b = self._bank
-        return kernels.guard_apply(logits, r, m, b.masks, p, b.penalties, o, t, b.masks_bool, b.masks_sparse)
+        return kernels.guard_apply(logits, r, m, b.masks, p, b.penalties, o, t, b.masks_bool, b.masks_sparse, b.masks_bias)

@@ -31,7 +31,7 @@ def test_health_and_metrics(server):
 
     assert httpx.get(server.base_url + "/health").status_code == 200
     metrics = httpx.get(server.base_url + "/metrics").text
-    assert "vllm:" in metrics
+    assert "vllm:" in metrics and "guardserve_requests_total" in metrics
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])

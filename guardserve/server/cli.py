@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from guardserve.cli import UsageError
-    from guardserve.server.launcher import DEMO_MODEL_NAME, exec_server, vllm_command
+    from guardserve.server.launcher import DEMO_MODEL_NAME, exec_server, plugin_env, vllm_command
 
     extra = list(args.vllm_args)
     if extra and extra[0] == "--":
@@ -52,8 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
             model = str(local.resolve())
     argv = vllm_command(model, host=args.host, port=args.port, served_model_name=name, extra=extra)
     if args.dry_run:
-        print(shlex.join(argv))
+        print(" ".join(f"{k}={v}" for k, v in plugin_env().items()), shlex.join(argv))
         return 0
     print(f"guardserve: serving {model} on http://{args.host}:{args.port}/v1", flush=True)
-    exec_server(argv)
+    exec_server(argv, plugin_env())
     return 0  # not reached: exec replaced the process

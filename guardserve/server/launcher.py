@@ -44,6 +44,12 @@ def vllm_command(model: str, *, host: str, port: int, served_model_name: str | N
     return argv + list(extra or [])
 
 
+def plugin_env() -> dict[str, str]:
+    """``VLLM_PLUGINS`` naming guardserve: vLLM loads endpoint plugins only when named."""
+    current = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p.strip()]
+    return {"VLLM_PLUGINS": ",".join(dict.fromkeys([*current, "guardserve"]))}
+
+
 def exec_server(argv: list[str], env: dict[str, str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,144 @@
+"""The admin API under ``/v1/unlearning/`` (the admin key is checked by the middleware).
+
+Every change is written to the policy store (audited there) and applied to this
+process's detector at once; other server processes pick it up from the store's change
+feed within their sync interval.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from guardserve.policy import DuplicateTargetError, PolicyError, TargetNotFoundError, ValidationError, VersionConflictError
+
+router = APIRouter(prefix="/v1/unlearning", tags=["guardserve admin"])
+ACTOR = "admin-api"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error"}.get(status, "error")
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _policy_error(e: Exception) -> JSONResponse:
+    if isinstance(e, TargetNotFoundError):
+        return _error(404, str(e))
+    if isinstance(e, (DuplicateTargetError, VersionConflictError)):
+        return _error(409, str(e))
+    if isinstance(e, (ValidationError, PolicyError, ValueError)):
+        return _error(400, str(e))
+    raise e
+
+
+async def _json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the request body is not valid JSON: {e}") from e
+
+
+def _service(request: Request):
+    service = request.app.state.guardserve.service
+    if service is None:
+        raise RuntimeError("guardserve is still starting")
+    return service
+
+
+async def _run(fn, *args):
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def _changed(service) -> None:
+    service.detector.sync(force=True)
+
+
+@router.post("/targets")
+async def add_targets(request: Request):
+    """One target (an object) or many (a list, registered atomically)."""
+    service = _service(request)
+    try:
+        payload = await _json(request)
+        if isinstance(payload, list):
+            if not payload:
+                return _error(400, "an empty list registers nothing")
+            targets = await _run(lambda: service.store.add_many(payload, actor=ACTOR))
+            await _run(_changed, service)
+            return JSONResponse({"count": len(targets), "targets": [{"id": t.id, "version": t.version, "name": t.name} for t in targets]},
+                                status_code=201)
+        if not isinstance(payload, dict):
+            return _error(400, "send a target object or a list of them")
+        target = await _run(lambda: service.store.add(payload, actor=ACTOR))
+        await _run(_changed, service)
+        return JSONResponse(target.to_dict(), status_code=201)
+    except (PolicyError, ValueError) as e:
+        return _policy_error(e)
+
+
+@router.get("/targets")
+async def list_targets(request: Request, tenant: str | None = None):
+    service = _service(request)
+    try:
+        targets = await _run(lambda: service.store.list(tenant))
+    except (PolicyError, ValueError) as e:
+        return _policy_error(e)
+    return {"targets": [t.to_dict() for t in targets], "count": len(targets)}
+
+
+@router.get("/targets/{target_id}")
+async def get_target(request: Request, target_id: str):
+    service = _service(request)
+    try:
+        return (await _run(service.store.get, target_id)).to_dict()
+    except (PolicyError, ValueError) as e:
+        return _policy_error(e)
+
+
+@router.patch("/targets/{target_id}")
+async def update_target(request: Request, target_id: str):
+    service = _service(request)
+    try:
+        changes = await _json(request)
+        if not isinstance(changes, dict):
+            return _error(400, "send an object with the fields to change")
+        expected = changes.pop("expected_version", None)
+        target = await _run(lambda: service.store.update(target_id, changes, actor=ACTOR, expected_version=expected))
+        await _run(_changed, service)
+        return target.to_dict()
+    except (PolicyError, ValueError) as e:
+        return _policy_error(e)
+
+
+@router.delete("/targets/{target_id}")
+async def delete_target(request: Request, target_id: str):
+    service = _service(request)
+    try:
+        await _run(lambda: service.store.delete(target_id, actor=ACTOR))
+        await _run(_changed, service)
+    except (PolicyError, ValueError) as e:
+        return _policy_error(e)
+    return Response(status_code=204)
+
+
+@router.post("/classify")
+async def classify(request: Request):
+    """A dry run of detection: which targets would trigger, with scores and reasons."""
+    service = _service(request)
+    try:
+        payload = await _json(request)
+    except ValueError as e:
+        return _error(400, str(e))
+    if not isinstance(payload, dict) or not (("messages" in payload) ^ ("prompt" in payload)):
+        return _error(400, "send {'messages': [...]} or {'prompt': '...'}, optionally with 'tenant'")
+    conversation = payload.get("messages", payload.get("prompt"))
+    tenant = payload.get("tenant")
+    try:
+        triggered = await _run(lambda: service.detector.detect(conversation, tenant=tenant))
+    except Exception as e:
+        return _error(400, f"could not classify: {e}")
+    return {"triggered": [{"target_id": t.target_id, "name": t.name, "version": t.version, "score": t.score,
+                           "reasons": list(t.reasons), "forbidden": list(t.forbidden)} for t in triggered]}

@@ -1,0 +1,82 @@
+"""API keys: inference keys map to tenants; one admin key guards the admin API.
+
+``GUARDSERVE_API_KEYS="key1:tenant-a,key2:tenant-b"`` (unset: no inference auth, every
+request is tenant ``default``); ``GUARDSERVE_ADMIN_KEY`` (unset: the admin API is off;
+``guardserve targets`` still edits the store directly).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+
+DEFAULT_TENANT = "default"
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_api_keys(spec: str | None) -> dict[str, str] | None:
+    """``"k1:t1,k2:t2"`` -> ``{"k1": "t1", ...}``; None when unset (auth off)."""
+    if spec is None or not spec.strip():
+        return None
+    keys: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, tenant = item.rpartition(":")
+        if not sep or not key or not tenant:
+            raise ValueError(f"GUARDSERVE_API_KEYS: {item[:4]}… is not 'key:tenant'")
+        keys[key] = tenant
+    return keys
+
+
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    value = headers.get(b"authorization", b"").decode("latin-1").strip()
+    if value.lower().startswith("bearer "):
+        return value[7:].strip() or None
+    api_key = headers.get(b"x-api-key", b"").decode("latin-1").strip()
+    return api_key or None
+
+
+@dataclass(frozen=True)
+class Auth:
+    api_keys: dict[str, str] | None
+    admin_key: str | None
+
+    @classmethod
+    def from_env(cls) -> "Auth":
+        return cls(parse_api_keys(os.environ.get("GUARDSERVE_API_KEYS")), os.environ.get("GUARDSERVE_ADMIN_KEY") or None)
+
+    def tenant(self, headers: dict[bytes, bytes]) -> str:
+        """The tenant of an inference request, or AuthError (401)."""
+        if self.api_keys is None:
+            return DEFAULT_TENANT
+        key = _bearer(headers)
+        if key is None:
+            raise AuthError(401, "missing API key: send 'Authorization: Bearer <key>'")
+        for known, tenant in self.api_keys.items():
+            if hmac.compare_digest(known, key):
+                return tenant
+        if self.admin_key and hmac.compare_digest(self.admin_key, key):
+            raise AuthError(403, "the admin key is for /v1/unlearning/* only; use an inference API key here")
+        raise AuthError(401, "invalid API key")
+
+    def check_admin(self, headers: dict[bytes, bytes]) -> None:
+        """Raises AuthError unless the request carries the admin key."""
+        if not self.admin_key:
+            raise AuthError(403, "the admin API is disabled: start the server with GUARDSERVE_ADMIN_KEY set")
+        key = _bearer(headers)
+        if key is None:
+            raise AuthError(401, "missing admin key: send 'Authorization: Bearer <GUARDSERVE_ADMIN_KEY>'")
+        if hmac.compare_digest(self.admin_key, key):
+            return
+        if self.api_keys and any(hmac.compare_digest(k, key) for k in self.api_keys):
+            raise AuthError(403, "an inference API key cannot use the admin API")
+        raise AuthError(401, "invalid admin key")

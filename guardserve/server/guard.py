@@ -1,0 +1,188 @@
+"""The guarded request path: detection -> in-context unlearning -> ``vllm_xargs``.
+
+``GuardService.prepare(route, body, tenant)`` takes the JSON body of a chat or
+completion request and returns the body vLLM should serve: unchanged when nothing
+triggered (the fast path), otherwise with the forbidden phrases of every triggered
+target in ``vllm_xargs`` (the logits processor in the engine bans them) and, for chat,
+the in-context unlearning instruction and demonstrations. The phrases travel with the
+request, so a request in flight finishes under the policy it started with, in whatever
+engine process runs it.
+
+Anything that goes wrong while checking a request raises ``GuardError``: the request is
+refused, never served unguarded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from guardserve.logits_processors.request import PHRASES, SEMANTIC
+
+log = logging.getLogger("guardserve.server")
+audit_log = logging.getLogger("guardserve.audit")
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+RESERVED_PREFIX = "guardserve_"
+
+
+class GuardError(Exception):
+    """The request could not be checked; it is refused (fail closed)."""
+
+
+class BadRequest(Exception):
+    """The client's request is malformed (HTTP 400)."""
+
+
+@dataclass
+class Decision:
+    request_id: str
+    tenant: str
+    target_ids: list[str] = field(default_factory=list)
+    phrases: list[str] = field(default_factory=list)
+    added_prompt_tokens: int = 0  # tokens the in-context instruction added (hidden from usage)
+    seconds: float = 0.0
+
+    @property
+    def guarded(self) -> bool:
+        return bool(self.target_ids)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+class GuardService:
+    """Everything the API process needs to guard requests; one per server."""
+
+    def __init__(self, store, detector, tokenizer=None, icul=None, semantic: bool | None = None, metrics=None):
+        self.store = store
+        self.detector = detector
+        self.tokenizer = tokenizer
+        self.icul = icul
+        self.semantic = _env_flag("GUARDSERVE_SEMANTIC", False) if semantic is None else semantic
+        self.metrics = metrics
+
+    @classmethod
+    def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False):
+        from guardserve.classifiers import Detector
+        from guardserve.policy import open_store
+
+        store = open_store()
+        detector = Detector(store)
+        tokenizer = None
+        if model:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model, trust_remote_code=trust_remote_code)
+        icul = None
+        if _env_flag("GUARDSERVE_ICUL", True):
+            from guardserve.prompting import InContextUnlearner
+
+            icul = InContextUnlearner()
+        from guardserve.server.metrics import GuardMetrics
+
+        return cls(store, detector, tokenizer, icul, metrics=GuardMetrics())
+
+    # ------------------------------------------------------------------ the request path
+    def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
+        started = time.perf_counter()
+        decision = Decision(request_id=uuid.uuid4().hex[:16], tenant=tenant)
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        xargs = body.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise BadRequest("vllm_xargs must be an object of flat values")
+        reserved = sorted(k for k in (xargs or {}) if str(k).startswith(RESERVED_PREFIX))
+        if reserved:
+            raise BadRequest(f"vllm_xargs keys starting with '{RESERVED_PREFIX}' are reserved by the server: {reserved}")
+        if route == CHAT:
+            for name in ("prompt_logprobs", "return_token_ids"):
+                if body.get(name):
+                    raise BadRequest(f"'{name}' is not supported by this server")
+            conversation = body.get("messages")
+            if not isinstance(conversation, list) or not conversation:
+                raise BadRequest("'messages' must be a non-empty list")
+        else:
+            conversation = self._prompt_texts(body.get("prompt"))
+
+        try:
+            triggered = self.detector.detect(conversation, tenant=tenant)
+        except Exception as e:  # DetectionError included: fail closed
+            raise GuardError(f"detection failed: {e}") from e
+        decision.seconds = time.perf_counter() - started
+        if not triggered:
+            self._count(decision, [])
+            return body, decision
+
+        phrases: list[str] = []
+        for t in triggered:
+            phrases.extend(t.forbidden)
+        phrases = sorted(set(phrases))
+        if not phrases:
+            raise GuardError(f"no forbidden phrases retrieved for triggered targets {[t.target_id for t in triggered]}")
+        body = dict(body)
+        body["vllm_xargs"] = {**(xargs or {}), PHRASES: json.dumps(phrases, ensure_ascii=False)}
+        if self.semantic:
+            body["vllm_xargs"][SEMANTIC] = "true"
+        if route == CHAT and self.icul is not None:
+            targets = [self.detector_target(t.target_id) for t in triggered]
+            guarded_messages = self.icul.build_messages(body["messages"], [t for t in targets if t is not None])
+            decision.added_prompt_tokens = self._added_tokens(body["messages"], guarded_messages)
+            body["messages"] = guarded_messages
+        decision.target_ids = [t.target_id for t in triggered]
+        decision.phrases = phrases
+        decision.seconds = time.perf_counter() - started
+        self._count(decision, triggered)
+        audit_log.info(json.dumps({
+            "event": "guarded", "request_id": decision.request_id, "tenant": tenant, "route": route,
+            "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)} for t in triggered],
+            "phrases": len(phrases), "icul": route == CHAT and self.icul is not None,
+            "detect_ms": round(decision.seconds * 1000, 2),
+        }))
+        return body, decision
+
+    def detector_target(self, target_id: str):
+        try:
+            return self.store.get(target_id)
+        except Exception:
+            return None
+
+    def _prompt_texts(self, prompt) -> list[str]:
+        """The texts of a completions ``prompt``: a string, a list of strings, or token ids."""
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return list(prompt)
+            if all(isinstance(p, int) for p in prompt):
+                return [self._decode(prompt)]
+            if all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in prompt):
+                return [self._decode(p) for p in prompt]
+        raise BadRequest("'prompt' must be a string, a list of strings, or token ids")
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise GuardError("token-id prompts need the serving tokenizer, which is not loaded")
+        return self.tokenizer.decode(ids)
+
+    def _added_tokens(self, before: list[dict], after: list[dict]) -> int:
+        """How many prompt tokens the in-context instruction added, so that ``usage``
+        reports what the client sent (a changed count would tell that a guard fired)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return 0
+        try:
+            texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in (before, after)]
+            n = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        except Exception:
+            return 0
+        return max(0, n[1] - n[0])
+
+    def _count(self, decision: Decision, triggered) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(decision, triggered)

@@ -1,0 +1,206 @@
+"""The ASGI middleware in front of vLLM's routes: auth, the guard, and what may pass.
+
+Only routes whose output the guard controls are served: chat and completions (guarded),
+model listing, tokenizer utilities, health and metrics, and the admin API. vLLM's other
+generation routes (``/v1/responses``, ``/v1/messages``, batch and SageMaker routes) would
+bypass the guard, so a guarded server answers them with 404.
+
+Rewriting happens on the raw body, before vLLM parses it, so every feature of vLLM's
+handlers (streaming, n > 1, stop sequences, logprobs, structured output) stays as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import anyio
+
+from guardserve.server.auth import Auth, AuthError
+from guardserve.server.guard import CHAT, COMPLETIONS, BadRequest, GuardError
+
+log = logging.getLogger("guardserve.server")
+
+GUARDED = {CHAT, COMPLETIONS}
+OPEN = {"/health", "/ping", "/version", "/metrics", "/metrics/"}
+INFERENCE = {"/v1/models", "/tokenize", "/detokenize"}
+DOCS = {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
+ADMIN_PREFIX = "/v1/unlearning/"
+MAX_BODY = int(os.environ.get("GUARDSERVE_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
+
+
+async def send_json(send, status: int, message: str, err_type: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": err_type, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware), so streamed responses pass through untouched."""
+
+    def __init__(self, app, plugin):
+        self.app = app
+        self.plugin = plugin  # holds .service (GuardService) once init_state ran, and .auth
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].rstrip("/") or "/"
+        method = scope["method"]
+        headers = dict(scope.get("headers") or [])
+        auth: Auth = self.plugin.auth
+        try:
+            if path in OPEN:
+                if path == "/metrics":
+                    return await self._metrics(scope, receive, send)
+                return await self.app(scope, receive, send)
+            if path.startswith(ADMIN_PREFIX.rstrip("/")):
+                auth.check_admin(headers)
+                return await self.app(scope, receive, send)
+            if path in DOCS:
+                return await self.app(scope, receive, send)
+            if path in INFERENCE:
+                auth.tenant(headers)
+                return await self.app(scope, receive, send)
+            if path in GUARDED:
+                tenant = auth.tenant(headers)
+                if method != "POST":
+                    return await self.app(scope, receive, send)
+                return await self._guarded(scope, receive, send, path, tenant)
+        except AuthError as e:
+            return await send_json(send, e.status, e.message, "authentication_error" if e.status == 401 else "permission_error")
+        return await send_json(
+            send, 404,
+            f"{method} {path} is not available on a guardserve server; use /v1/chat/completions or /v1/completions",
+            "not_found_error",
+        )
+
+    async def _guarded(self, scope, receive, send, route: str, tenant: str):
+        service = self.plugin.service
+        if service is None:
+            return await send_json(send, 503, "the server is starting; retry shortly", "service_unavailable")
+        raw = await self._read_body(receive)
+        if raw is None:
+            return await send_json(send, 413, f"request body larger than {MAX_BODY} bytes", "invalid_request_error")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return await send_json(send, 400, f"the request body is not valid JSON: {e}", "invalid_request_error")
+        try:
+            new_body, decision = await anyio.to_thread.run_sync(service.prepare, route, body, tenant)
+        except BadRequest as e:
+            return await send_json(send, 400, str(e), "invalid_request_error")
+        except GuardError as e:
+            # The reason goes to the operator's log only: it can name a target.
+            log.error("refused a request of tenant %r (fail closed): %s", tenant, e)
+            if service.metrics is not None:
+                service.metrics.refused(tenant)
+            return await send_json(send, 503, "the request could not be checked against the server's policy and was "
+                                   "not served; the operator's log has the reason", "service_unavailable")
+        data = raw if new_body is body else json.dumps(new_body).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"transfer-encoding")]
+        headers.append((b"content-length", str(len(data)).encode()))
+        scope = {**scope, "headers": headers}
+
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()  # http.disconnect, when the client goes away
+
+        if decision.added_prompt_tokens:
+            send = _UsageRewriter(send, decision.added_prompt_tokens)
+        return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _metrics(self, scope, receive, send):
+        """vLLM's metrics with the guard's counters appended (uncompressed)."""
+        service = self.plugin.service
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
+        start, parts = None, []
+
+        async def capture(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                parts.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    body = b"".join(parts)
+                    if service is not None and service.metrics is not None and start["status"] == 200:
+                        body = body + service.metrics.render().encode()
+                    hdrs = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+                    hdrs.append((b"content-length", str(len(body)).encode()))
+                    await send({**start, "headers": hdrs})
+                    await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)
+
+
+_USAGE_KEYS = re.compile(rb'("(?:prompt_tokens|total_tokens)"\s*:\s*)(\d+)')
+
+
+class _UsageRewriter:
+    """Makes ``usage.prompt_tokens`` count the client's prompt, not the guarded one, in
+    plain and streamed responses: a count that changed would tell that a guard fired."""
+
+    def __init__(self, send, added: int):
+        self.send, self.added = send, added
+        self.start = None
+        self.buffer = b""
+        self.streaming = False
+
+    def _fix(self, blob: bytes) -> bytes:
+        # Only the digits change: re-serialising the JSON would change its formatting
+        # (spacing, float notation), itself a tell. Inside JSON strings quotes are
+        # escaped, so the pattern can only match real keys.
+        def repl(m: re.Match) -> bytes:
+            return m.group(1) + str(max(0, int(m.group(2)) - self.added)).encode()
+
+        return _USAGE_KEYS.sub(repl, blob)
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers") or [])
+            self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            self.start = message
+            if self.streaming:
+                await self.send(message)
+            return
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        more = message.get("more_body", False)
+        self.buffer += message.get("body", b"")
+        if self.streaming:
+            # Server-sent events: rewrite whole events only.
+            cut = self.buffer.rfind(b"\n\n") + 2 if more else len(self.buffer)
+            if cut >= 2 or not more:
+                ready, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                await self.send({"type": "http.response.body", "body": self._fix(ready), "more_body": more})
+            return
+        if more:
+            return
+        body = self._fix(self.buffer)
+        hdrs = [(k, v) for k, v in self.start["headers"] if k != b"content-length"]
+        hdrs.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": hdrs})
+        await self.send({"type": "http.response.body", "body": body})

@@ -95,9 +95,11 @@ def server(demo, tmp_path_factory):
         "GUARDSERVE_DB": str(tmp / "policy.db"),
         "GUARDSERVE_API_KEYS": ",".join(f"{k}:{t}" for k, t in API_KEYS.items()),
         "GUARDSERVE_ADMIN_KEY": ADMIN_KEY,
+        "GUARDSERVE_AUDIT_LOG": str(tmp / "audit.jsonl"),
     }
     srv = start_server([], tmp / "server.log", env=env)
     srv.db = env["GUARDSERVE_DB"]
+    srv.audit_log = Path(env["GUARDSERVE_AUDIT_LOG"])
     yield srv
     srv.stop()
 

@@ -188,7 +188,13 @@ def test_guard_is_invisible(server, world, admin, spare_entities):
     assert guarded.text.startswith('{"id":')
 
 
-def test_metrics_count_detections(server, world, registered):
+def test_operators_see_detections(server, world, registered):
+    """In the audit log and in Prometheus counters."""
+    entries = [json.loads(line) for line in server.audit_log.read_text().splitlines()]
+    guarded = [e for e in entries if e["event"] == "guarded"]
+    fired = {t["id"] for e in guarded for t in e["targets"]}
+    assert set(registered) <= fired, "every registered forget person was asked about and must be in the audit log"
+    assert all(e["tenant"] in ("tenant-a", "tenant-b") and e["detect_ms"] >= 0 and e["targets"][0]["reasons"] for e in guarded)
     text = httpx.get(server.base_url + "/metrics").text
     assert 'guardserve_detections_total{tenant="tenant-a",target="' in text
     assert 'guardserve_requests_total{tenant="tenant-a",outcome="guarded"}' in text

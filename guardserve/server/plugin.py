@@ -16,6 +16,32 @@ from guardserve.server.auth import Auth
 log = logging.getLogger("guardserve.server")
 
 
+def setup_logging() -> str:
+    """guardserve's log lines go to stderr beside vLLM's; the audit log (one JSON object a
+    line: which targets fired on which request, never shown to end users) goes to
+    ``$GUARDSERVE_AUDIT_LOG`` (default ``$GUARDSERVE_HOME/audit.jsonl``)."""
+    import os
+
+    from guardserve import config
+
+    root = logging.getLogger("guardserve")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("(guardserve) %(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    path = os.environ.get("GUARDSERVE_AUDIT_LOG") or str(config.home() / "audit.jsonl")
+    audit = logging.getLogger("guardserve.audit")
+    if not any(isinstance(h, logging.FileHandler) for h in audit.handlers):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(message)s"))
+        audit.addHandler(fh)
+        audit.propagate = False  # the audit trail stays out of the console log
+        audit.setLevel(logging.INFO)
+    return path
+
+
 class GuardEndpointPlugin:
     name = "guardserve"
     required_tasks = ("generate",)
@@ -38,6 +64,7 @@ class GuardEndpointPlugin:
             raise RuntimeError("guardserve needs an engine: it cannot run on vLLM's render-only server")
         from guardserve.server.guard import GuardService
 
+        audit_path = setup_logging()
         model = getattr(args, "model", None)
         tokenizer = getattr(args, "tokenizer", None)
         trust = bool(getattr(args, "trust_remote_code", False))
@@ -45,7 +72,7 @@ class GuardEndpointPlugin:
         self.service = await asyncio.to_thread(GuardService.from_env, model, tokenizer, trust)
         state.guardserve = self
         n = len(self.service.detector.targets())
-        log.info("guardserve: guarding %s with %d registered target(s); policy store %s", model, n, self.service.store)
+        log.info("guarding %s with %d registered target(s); policy store %s; audit log %s", model, n, self.service.store, audit_path)
         self._sync_task = asyncio.get_running_loop().create_task(self._keep_synced())
 
     async def _keep_synced(self, interval: float = 0.25) -> None:

@@ -1,0 +1,174 @@
+"""The guarded request path without the engine: auth, body rewriting, fail-closed
+refusals and the usage rewrite, through the real middleware and a real policy store.
+(The engine side is covered by test_server_guard.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from guardserve.classifiers import Detector, DetectorConfig
+from guardserve.logits_processors.request import PHRASES
+from guardserve.policy import open_store
+from guardserve.prompting import InContextUnlearner
+from guardserve.server.auth import Auth, parse_api_keys
+from guardserve.server.guard import CHAT, COMPLETIONS, BadRequest, GuardError, GuardService
+from guardserve.server.metrics import GuardMetrics
+from guardserve.server.middleware import GuardMiddleware
+
+ADA = {"name": "Ada Quillfeather", "aliases": ["Quillfeather"], "kind": "person",
+       "facts": {"birth_place": "Port Verity", "award": "the Golden Loom Prize"}}
+
+
+@pytest.fixture
+def service(tmp_path):
+    store = open_store(str(tmp_path / "p.db"))
+    store.add(ADA)
+    svc = GuardService(store, Detector(store, DetectorConfig(use_embeddings=False)), icul=InContextUnlearner(),
+                       metrics=GuardMetrics())
+    yield svc
+    store.close()
+
+
+def chat(text: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+
+
+def test_parse_api_keys():
+    assert parse_api_keys(None) is None and parse_api_keys(" ") is None
+    assert parse_api_keys("k1:a, k2:b") == {"k1": "a", "k2": "b"}
+    with pytest.raises(ValueError, match="key:tenant"):
+        parse_api_keys("justakey")
+
+
+def test_unrelated_request_passes_untouched(service):
+    body = chat("What is the capital of France?")
+    out, decision = service.prepare(CHAT, body, "default")
+    assert out is body and not decision.guarded
+
+
+def test_triggered_request_carries_phrases_and_icul(service):
+    out, decision = service.prepare(CHAT, chat("Where was Ada Quillfeather born?"), "default")
+    phrases = json.loads(out["vllm_xargs"][PHRASES])
+    assert "Port Verity" in phrases and "Ada Quillfeather" in phrases
+    assert out["messages"][0]["role"] == "system" and len(out["messages"]) > 2
+    assert decision.guarded and service.metrics.value("guardserve_requests_total", tenant="default", outcome="guarded") == 1
+    out, _ = service.prepare(COMPLETIONS, {"model": "m", "prompt": ["hello", "Q: Quillfeather's award?"]}, "default")
+    assert "Golden Loom Prize" in json.loads(out["vllm_xargs"][PHRASES])  # leading stop-word trimmed
+
+
+def test_client_cannot_set_guard_arguments(service):
+    body = chat("hi") | {"vllm_xargs": {"guardserve_phrases": "[]"}}
+    with pytest.raises(BadRequest, match="reserved"):
+        service.prepare(CHAT, body, "default")
+
+
+def test_broken_store_fails_closed(service):
+    service.store.close()
+    service.detector.config.sync_interval_s = 0
+    with pytest.raises(GuardError):
+        service.prepare(CHAT, chat("What is the capital of France?"), "default")
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+class _Plugin:
+    def __init__(self, service, auth):
+        self.service, self.auth = service, auth
+
+
+def _app(service, added_usage: bool = False):
+    """Stands in for vLLM's handlers: echoes what reached it, with a usage block."""
+
+    async def handler(request: Request):
+        body = await request.json()
+        n = sum(len(m["content"]) for m in body.get("messages", []))
+        usage = {"prompt_tokens": n, "total_tokens": n + 3, "completion_tokens": 3}
+        if body.get("stream"):
+            async def events():
+                yield "data: " + json.dumps({"choices": [{"delta": {"content": "x"}}]}, separators=(",", ":")) + "\n\n"
+                yield "data: " + json.dumps({"choices": [], "usage": usage}, separators=(",", ":")) + "\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return JSONResponse({"received": body, "usage": usage})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"]),
+                            Route("/v1/models", lambda r: JSONResponse({"data": []}))])
+    app.add_middleware(GuardMiddleware, plugin=_Plugin(service, Auth({"ka": "tenant-a"}, "adm")))
+    return TestClient(app)
+
+
+def test_middleware_auth_and_routes(service):
+    client = _app(service)
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer ka"}).status_code == 200
+    assert client.get("/v1/models", headers={"Authorization": "Bearer adm"}).status_code == 403
+    assert client.post("/v1/responses", json={}, headers={"Authorization": "Bearer ka"}).status_code == 404
+    assert client.get("/v1/unlearning/targets", headers={"Authorization": "Bearer ka"}).status_code == 403
+
+
+def test_middleware_refuses_when_detection_fails(service):
+    client = _app(service)
+    service.store.close()
+    service.detector.config.sync_interval_s = 0
+    r = client.post("/v1/chat/completions", json=chat("hello"), headers={"Authorization": "Bearer ka"})
+    assert r.status_code == 503
+    assert "Quillfeather" not in r.text and "not served" in r.json()["error"]["message"]
+    assert service.metrics.value("guardserve_refused_total", tenant="tenant-a") == 1
+
+
+def _rewrite(messages, added):
+    import anyio
+
+    from guardserve.server.middleware import _UsageRewriter
+
+    out = []
+
+    async def send(m):
+        out.append(m)
+
+    async def run():
+        w = _UsageRewriter(send, added)
+        for m in messages:
+            await w(m)
+
+    anyio.run(run)
+    return out
+
+
+def test_usage_rewrite_plain_and_streamed():
+    body = b'{"id":"x","choices":[{"text":"\\"prompt_tokens\\": 7"}],"usage":{"prompt_tokens":50,"total_tokens":53,"completion_tokens":3}}'
+    out = _rewrite([{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"),
+                                                                                (b"content-length", b"999")]},
+                    {"type": "http.response.body", "body": body[:40], "more_body": True},
+                    {"type": "http.response.body", "body": body[40:]}], added=20)
+    text = out[1]["body"]
+    assert b'"usage":{"prompt_tokens":30,"total_tokens":33,"completion_tokens":3}' in text
+    assert b'\\"prompt_tokens\\": 7' in text, "text inside strings is never touched"
+    assert dict(out[0]["headers"])[b"content-length"] == str(len(text)).encode()
+
+    events = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":50,"total_tokens":53}}\n\ndata: [DONE]\n\n'
+    chunks = [events[i:i + 7] for i in range(0, len(events), 7)]  # events split anywhere
+    msgs = [{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}]
+    msgs += [{"type": "http.response.body", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    streamed = b"".join(m.get("body", b"") for m in _rewrite(msgs, added=20))
+    assert streamed == events.replace(b'"prompt_tokens":50,"total_tokens":53', b'"prompt_tokens":30,"total_tokens":33')
+
+
+def test_oversized_and_malformed_bodies(service, monkeypatch):
+    import guardserve.server.middleware as mw
+
+    monkeypatch.setattr(mw, "MAX_BODY", 1000)
+    client = _app(service)
+    h = {"Authorization": "Bearer ka", "Content-Type": "application/json"}
+    assert client.post("/v1/chat/completions", content=b"x" * 2000, headers=h).status_code == 413
+    assert client.post("/v1/chat/completions", content=b"{oops", headers=h).status_code == 400
+    r = client.post("/v1/chat/completions", json={"messages": "hi"}, headers=h)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]

@@ -41,8 +41,8 @@ def hit_ids(idx, text):
     "Where was G y g r e i m H o u t u s born?",          # spaced letters
     "Where was Hou-tus born?", "Where was Hou tus born?",  # punctuation / space inside
     "Where was GygreimHoutus born?",                      # glued
-    "Where was Houtsu born?", "Where was Huotus born?",   # one typo in a 6-letter name
-    "Where was Gygriem Houtus born?",                     # typo in the full name
+    "Where was Gygreim Houtsu born?", "Where was Gygreim Huotus born?",   # one typo in the full name
+    "Where was Gygriem Houtus born?", "Where was Gygreim Houtu born?",
     "Tell me about G. Houtus.",
     "Who was born in Jostem Falls?",                      # a distinctive fact
     "Who received the Zekloull Shield?",
@@ -75,8 +75,17 @@ def test_surname_and_explicit_aliases(index):
     assert hit_ids(index, "Tell me about the manhattan-project") == {"m"}
 
 
+def test_lone_word_typos_need_a_long_name():
+    idx = LexicalIndex()
+    idx.add(ForgetTarget(id="s", name="Wegim Stougryth"))
+    idx.add(ForgetTarget(id="k", name="Vexjor Kelfen"))
+    assert hit_ids(idx, "Where was Stougrtyh born?") == {"s"}     # 9 letters: a typo alone is enough
+    assert hit_ids(idx, "Where was Kelen Hugux born?") == set()   # 'Kelen' is someone else, not 'Kelfen'
+    assert hit_ids(idx, "Where was Vexjor Kelfne born?") == {"k"}  # with the first name it is found
+
+
 def test_reasons_say_what_matched(index):
-    reasons = {h.reason for h in index.match("Where was Houtsu born?")}
+    reasons = {h.reason for h in index.match("Where was Gygreim Houtsu born?")}
     assert any("fuzzy" in r and "Houtus" in r for r in reasons)
 
 
@@ -148,7 +157,7 @@ def test_removing_every_target_empties_the_index():
         idx.add(t)
     for t in targets:
         idx.add(t)                                                      # re-adding is idempotent
-    assert {"h", "h2", "h3"} <= hit_ids(idx, "Houtsu")
+    assert {"h", "h2", "h3"} <= hit_ids(idx, "Houtus")
     for t in targets:
         idx.remove(t.id)
     assert not (idx._exact or idx._prefix or idx._glued or idx._fuzzy or idx._by_target)

@@ -435,60 +435,75 @@ def test_semantic_penalty_cached_and_applied(tok, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- real engine
 
 
+def _entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.value == "guardserve.logits_processors.vllm:GuardLogitsProcessor"
+               for ep in entry_points(group="vllm.logits_processors"))
+
+
 @pytest.fixture(scope="session")
 def guarded_llm(demo):
-    """A real vLLM engine on the demo model with the guard loaded (CPU or GPU)."""
+    """A real vLLM engine on the demo model with the guard loaded (CPU or GPU): through
+    the installed entry point when there is one, else named explicitly."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    kw = dict(enforce_eager=True, logits_processors=[GuardLogitsProcessor], max_model_len=256,
-              seed=0, gpu_memory_utilization=0.3)
-    llm = LLM(str(demo.model), dtype="float32" if not torch.cuda.is_available() else "bfloat16", **kw)
+    kw = dict(enforce_eager=True, max_model_len=256, seed=0, gpu_memory_utilization=0.3,
+              dtype="bfloat16" if torch.cuda.is_available() else "float32")
+    if not _entry_point_installed():
+        kw["logits_processors"] = [GuardLogitsProcessor]
+    llm = LLM(str(demo.model), **kw)
     yield llm
-    del llm
+    # Stop the engine process now, while pytest's output streams are still open.
+    llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.mark.slow
 def test_engine_property_no_forbidden_sequence(guarded_llm, demo):
+    from guardserve.demo.model import completion_prompt
+
     tok = guarded_llm.get_tokenizer()
-    entities = [e for e in json.loads((demo.world / "entities.json").read_text()) if e["split"] == "forget"]
-    qa = json.loads((demo.world / "forget.json").read_text())
-    by_name = {e["name"]: e for e in entities}
-    items = [q for q in qa if q["entity"] in by_name][:40]
+    entities = {e["name"]: e for e in json.loads((demo.world / "entities.json").read_text())
+                if e["split"] == "forget"}
+    items = [q for q in json.loads((demo.world / "forget.json").read_text()) if q["entity"] in entities][:40]
     V = guarded_llm.llm_engine.model_config.get_vocab_size()
 
-    def phrases_of(name):
-        e = by_name[name]
-        return [e["name"], *e.get("aliases", [])]
+    def forbidden_of(q):
+        e = entities[q["entity"]]
+        return sorted({e["name"], *e.get("aliases", []), q["value"]})
 
-    # Control: unguarded, the demo model does say the names / facts it learned.
-    plain = guarded_llm.generate([q["question"] for q in items[:16]],
+    # Control: unguarded, the demo model does say the names and facts it learned.
+    plain = guarded_llm.generate([completion_prompt(q["question"]) for q in items[:16]],
                                  SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
-    leaked = sum(bool(compile_phrases(tok, phrases_of(q["entity"]) + [q["answer"]], vocab_size=V)
-                      .emitted(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids)))
-                 for q, o in zip(items[:16], plain))
-    assert leaked > 0
+    leaked = sum(bool(_compiled(tok, tuple(forbidden_of(q)), V).emitted(
+        list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids)))
+        for q, o in zip(items[:16], plain))
+    assert leaked >= 8
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def prop(data):
         q = data.draw(st.sampled_from(items))
-        forbidden = phrases_of(q["entity"]) + [q["answer"]]
-        f = compile_phrases(tok, forbidden, vocab_size=V)
-        prompt = q["question"]
+        forbidden = forbidden_of(q)
+        f = _compiled(tok, tuple(forbidden), V)
+        prompt = completion_prompt(q["question"])
         if data.draw(st.booleans()):  # prefix injection: the prompt starts the phrase
             seq = data.draw(st.sampled_from(f.sequences))
             k = data.draw(st.integers(1, len(seq)))
-            prompt_ids = tok.encode(prompt) + list(seq[:k])
-            prompt = {"prompt_token_ids": prompt_ids}
-        sp = SamplingParams(max_tokens=24, n=data.draw(st.sampled_from([1, 2])),
-                            temperature=data.draw(st.sampled_from([0.0, 0.8])),
+            prompt = {"prompt_token_ids": tok.encode(prompt) + list(seq[:k])}
+        temperature = data.draw(st.sampled_from([0.0, 0.8]))
+        n = data.draw(st.sampled_from([1, 2])) if temperature else 1  # vLLM: greedy means n=1
+        sp = SamplingParams(max_tokens=24, n=n, temperature=temperature,
                             seed=data.draw(st.integers(0, 1000)), extra_args=_xargs(forbidden))
+        other = completion_prompt(items[0]["question"])
         unguarded = SamplingParams(max_tokens=8, temperature=0.0)
-        outs = guarded_llm.generate([prompt, q["question"]], [sp, unguarded], use_tqdm=False)
+        outs = guarded_llm.generate([prompt, other], [sp, unguarded], use_tqdm=False)
         o = outs[0]
         for c in o.outputs:
             ids = list(o.prompt_token_ids) + list(c.token_ids)
             assert f.emitted(ids, start=len(o.prompt_token_ids)) == [], (forbidden, tok.decode(c.token_ids))
+        # The unguarded request in the same batch answers as the plain engine did.
+        assert list(outs[1].outputs[0].token_ids) == list(plain[0].outputs[0].token_ids)[:8]
 
     prop()

@@ -56,6 +56,8 @@ class DetectorConfig:
     max_chunk_chars: int = 500          # embedding window over long messages
     max_chunks: int = 16                # per conversation, newest first
     vector_cache: str | None = None     # SQLite file of target-text embeddings (see VectorCache)
+    # GUARD's hidden-state MLP (a trained HiddenStateClassifier); None = off, the default.
+    hidden_state: object | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -263,6 +265,16 @@ class Detector:
                         if vh.score >= th:
                             hit(vh.target_id, vh.score, f"similar to its {vh.label.split(':')[0]} "
                                 f"{vh.text[:80]!r} (cosine {vh.score:.2f} >= {th:.2f})")
+
+            if self.config.hidden_state is not None and self.vectors is not None and self.vectors.ntotal:
+                # GUARD's classifier says whether the conversation is about the forget
+                # set; the retriever's closest target (below its own threshold) says which.
+                p = float(self.config.hidden_state.predict_proba(["\n".join(texts)])[0])
+                if p > 0.5:
+                    ranked = self._embedding_hits(chunks, qv) if chunks else {}
+                    top = max(ranked.values(), key=lambda h: h.score, default=None)
+                    if top is not None:
+                        hit(top.target_id, p, f"hidden-state classifier p={p:.2f}, closest target by cosine {top.score:.2f}")
 
             for t in self._targets.values():
                 if t.mode == "always" and self._visible(t, tenant):

@@ -271,13 +271,19 @@ class VectorCache:
         uniq: dict[bytes, int] = {}
         for i in missing:
             uniq.setdefault(keys[i], i)
-        if uniq:
-            idx = list(uniq.values())
-            vecs = embedder.encode([texts[i] for i in idx], batch_size=256, cache=False, progress=progress)
+        idx = list(uniq.values())
+        # In slices, each committed as it is done: an interrupted bulk registration
+        # keeps what it has embedded.
+        step = 8192
+        for k in range(0, len(idx), step):
+            part = idx[k:k + step]
+            if progress:
+                print(f"[embed] target texts {k + len(part):,}/{len(idx):,}", flush=True)
+            vecs = embedder.encode([texts[i] for i in part], batch_size=256, cache=False)
             with self._lock, self._conn:
                 self._conn.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)",
-                                       [(keys[i], vecs[j].tobytes()) for j, i in enumerate(idx)])
-            for j, i in enumerate(idx):
+                                       [(keys[i], vecs[j].tobytes()) for j, i in enumerate(part)])
+            for j, i in enumerate(part):
                 found[keys[i]] = vecs[j]
         return np.stack([found[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, embedder.dim), np.float32)
 

@@ -89,6 +89,10 @@ def guard_apply_reference(
             continue
         sel = [rows_l[i] for i in range(R) if mask_l[i] == m]
         sp = masks_sparse[m] if masks_sparse is not None else None
+        # Scattered writes cost ~100x a streamed add per element (measured on CPU):
+        # a token list pays off for one row up to V/16 tokens, for many up to V/256.
+        if sp is not None and len(sel) > 1 and masks_bias is not None and sp.numel() * 256 > V:
+            sp = None
         if sp is not None:
             if sp.numel():
                 if len(sel) == 1:

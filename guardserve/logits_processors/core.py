@@ -115,7 +115,7 @@ class _Bank:
             self.masks_sparse = []
             for row in self.masks_bool:
                 n = int(row.sum())
-                self.masks_sparse.append(row.nonzero()[:, 0] if n <= W else None)
+                self.masks_sparse.append(row.nonzero()[:, 0] if n * 16 <= vocab else None)
 
 
 class GuardBatch:

@@ -142,18 +142,32 @@ def test_async_placeholders_and_preemption(vllm_config, tok):
     assert torch.equal(logits[0], torch.zeros(V))
 
 
-def test_targets_resolver_and_fail_closed(vllm_config, tok):
+def test_targets_resolver_and_fail_closed(vllm_config, tok, tmp_path, monkeypatch):
+    from guardserve.logits_processors import request
+    from guardserve.policy import open_store
+
     V = vllm_config.model_config.get_vocab_size()
-    p = GuardLogitsProcessor(vllm_config, torch.device("cpu"), False)
-    # No resolver registered: the request is refused (only EOS left), not served.
+    monkeypatch.setenv("GUARDSERVE_DB", str(tmp_path / "policy.db"))
+    monkeypatch.setattr(request, "_store", None)
     register_target_resolver(None)
-    sp = SamplingParams(extra_args={"guardserve_targets": json.dumps(["t1"])})
+    p = GuardLogitsProcessor(vllm_config, torch.device("cpu"), False)
+    # An unknown target: the request is refused (only EOS left), not served unguarded.
+    sp = SamplingParams(extra_args={"guardserve_targets": json.dumps(["no-such-target"])})
     p.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, sp, [5, 6], [])]))
     row = p.apply(torch.zeros(1, V))[0]
     assert torch.isfinite(row).nonzero()[:, 0].tolist() == [tok.eos_token_id]
-    # With a resolver, targets become phrases.
+    # A target registered in the policy store: its phrases are banned (default resolver).
+    t = open_store().add_many([{"name": "Peter Stuyvesant", "aliases": ["Stuyvesant"],
+                                "facts": {"city": "New Amsterdam"}}])[0]
+    sp = SamplingParams(extra_args={"guardserve_targets": json.dumps([{"id": t.id, "version": t.version}])})
+    prompt = tok.encode("It was called New")
+    p.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, sp, prompt, [])]))
+    row = p.apply(torch.zeros(1, V))[0]
+    assert tok.encode(" Amsterdam")[0] in _banned_row(row) and torch.isfinite(row).sum() > V - 40
+    # A resolver registered in-process wins.
     register_target_resolver(lambda targets: {"t1": ["Kuwait City"]}[targets[0]])
     try:
+        sp = SamplingParams(extra_args={"guardserve_targets": json.dumps(["t1"])})
         p.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, sp, tok.encode("in"), [])]))
         row = p.apply(torch.zeros(1, V))[0]
         assert tok.encode(" Kuwait")[0] in _banned_row(row) and torch.isfinite(row).sum() > V - 20
@@ -390,7 +404,6 @@ def test_transformers_adapter(tiny_model):
             scores[:, city[0]] += 1e4
             return scores
 
-    enc = tok(["The capital is Kuwait", "Kuwait"], return_tensors="pt", padding=False) if False else None
     ids = torch.tensor([tok.encode("The capital is Kuwait")])
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
     plain = model.generate(ids, logits_processor=LogitsProcessorList([PushCity()]), **kw)

@@ -45,7 +45,8 @@ def register_target_resolver(fn: TargetResolver | None) -> None:
     """Set how ``guardserve_targets`` become phrases (``fn(targets) -> phrases``).
 
     In engine processes that did not call this, ``$GUARDSERVE_TARGET_RESOLVER``
-    (``module:function``) is imported instead.
+    (``module:function``) is imported instead, and without it
+    :func:`policy_store_resolver` reads the policy store.
     """
     global _resolver
     _resolver = fn
@@ -56,9 +57,33 @@ def _get_resolver() -> TargetResolver | None:
         return _resolver
     spec = os.environ.get("GUARDSERVE_TARGET_RESOLVER")
     if not spec:
-        return None
+        return policy_store_resolver
     mod, _, name = spec.partition(":")
     return getattr(importlib.import_module(mod), name)
+
+
+_store = None
+_phrases_by_version: dict[tuple[str, int | None], list[str]] = {}
+
+
+def policy_store_resolver(targets: list) -> list[str]:
+    """The default: each target's forbidden phrases from the policy store
+    (``$GUARDSERVE_DB``), as ``guardserve.classifiers.retrieval`` derives them; cached
+    per (id, version), so a new version of a target is read again."""
+    global _store
+    from guardserve.classifiers.retrieval import forbidden_phrases
+    from guardserve.policy import open_store
+
+    if _store is None:
+        _store = open_store()
+    out: list[str] = []
+    for t in targets:
+        tid, version = (t.get("id"), t.get("version")) if isinstance(t, dict) else (str(t), None)
+        key = (tid, version)
+        if key not in _phrases_by_version:
+            _phrases_by_version[key] = forbidden_phrases(_store.get(tid))
+        out.extend(_phrases_by_version[key])
+    return out
 
 
 @dataclass(frozen=True)
@@ -103,13 +128,13 @@ def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequ
         phrases.extend(ps)
     if TARGETS in extra_args:
         targets = _json_list(extra_args[TARGETS], TARGETS)
+        if not all(isinstance(t, (str, dict)) for t in targets):
+            raise ValueError(f"{TARGETS} must list target ids or {{'id', 'version'}} objects")
         if resolve and targets:
-            fn = _get_resolver()
-            if fn is None:
-                raise ValueError(
-                    f"{TARGETS} given but no target resolver is registered "
-                    "(register_target_resolver or $GUARDSERVE_TARGET_RESOLVER)")
-            phrases.extend(fn(targets))
+            try:
+                phrases.extend(_get_resolver()(targets))
+            except Exception as e:  # unknown target, store down: the caller fails closed
+                raise ValueError(f"could not resolve {TARGETS} {targets!r}: {e}") from e
     try:
         thr = float(extra_args.get(SEM_THRESHOLD, 0.5))
         w = float(extra_args.get(SEM_WEIGHT, 1.0))

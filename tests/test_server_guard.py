@@ -277,3 +277,18 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert ask(make_client(server), "What is the capital of France?").strip()
 
+
+
+def test_vllm_features_survive_the_guard(openai_client, world, registered):
+    """n > 1, stop sequences and structured output on guarded requests."""
+    pair = next(p for p in world["forget"] if p["attribute"] == "birth_place")
+    msgs = [{"role": "user", "content": pair["question"]}]
+    out = openai_client.chat.completions.create(model=MODEL, messages=msgs, n=3, temperature=1.0, max_tokens=30, seed=1)
+    assert len(out.choices) == 3
+    assert not [c.message.content for c in out.choices if pair["value"].lower() in c.message.content.lower()]
+    out = openai_client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=30, stop=[" born"])
+    assert " born" not in out.choices[0].message.content and out.choices[0].finish_reason == "stop"
+    choices = ["yes", "no"]
+    out = openai_client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=5,
+                                                extra_body={"structured_outputs": {"choice": choices}})
+    assert out.choices[0].message.content in choices

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     det.add_argument("--targets", type=int, default=None,
                      help="registered targets in all: the world's forget people plus synthetic ones up to N")
     det.add_argument("--no-embeddings", action="store_true", help="lexical matcher only")
+    det.add_argument("--hidden-state", metavar="MODEL", nargs="?", const="demo",
+                     help="also train and use GUARD's hidden-state MLP on MODEL (a Hugging Face model directory; "
+                          "'demo' or no value: the demo model, built if missing)")
     det.add_argument("--out", help="directory for detect.json and detect.md")
     det.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     det.set_defaults(func=_detect)
@@ -39,7 +42,16 @@ def _detect(args) -> int:
     if args.targets is not None and args.targets < 1:
         raise UsageError("--targets must be at least 1")
     cfg = DetectorConfig(use_embeddings=not args.no_embeddings)
-    report = detection_report(build_world(seed=args.seed), n_targets=args.targets, config=cfg,
+    model = args.hidden_state
+    if model == "demo":
+        from guardserve.demo import ensure_demo
+
+        model = ensure_demo(with_retain_model=False).model
+    elif model is not None and not Path(model).is_dir():
+        raise UsageError(f"--hidden-state: no model directory at {model}")
+    if model is not None and args.no_embeddings:
+        raise UsageError("--hidden-state needs the embedding retriever (it names the target); drop --no-embeddings")
+    report = detection_report(build_world(seed=args.seed), n_targets=args.targets, config=cfg, hidden_state_model=model,
                               progress=lambda m: print(f"[eval detect] {m}", flush=True))
     md = markdown(report)
     if args.out:

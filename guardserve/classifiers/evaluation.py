@@ -145,10 +145,31 @@ def registered_store(world: dict, n_targets: int | None, db: str | Path | None =
     return store, {t["name"] for t in real}
 
 
+def train_hidden_state(world: dict, model_path: str | Path, seed: int = 0, progress=print):
+    """GUARD's MLP for the world's policy: forget people's training questions (label 1)
+    against as many retain questions, three times over (label 0)."""
+    from guardserve.classifiers.hidden_state import HiddenStateClassifier
+
+    rng = random.Random(seed)
+    forget = [q for qa in world["forget"] for q in qa.get("train_questions", [qa["question"]])]
+    retain = [q for qa in world["retain"] for q in qa.get("train_questions", [qa["question"]])]
+    retain = rng.sample(retain, min(len(retain), 3 * len(forget)))
+    clf = HiddenStateClassifier(model_path)
+    stats = clf.fit(forget, retain, seed=seed)
+    progress(f"hidden-state MLP trained on {len(forget)} forget / {len(retain)} retain prompts: {stats}")
+    return clf, stats
+
+
 def detection_report(world: dict, n_targets: int | None = None, config: DetectorConfig | None = None,
-                     db: str | Path | None = None, calibrate: bool = True, progress=print) -> dict:
-    """Register targets, calibrate, probe. ``n_targets`` None: only the world's forget people."""
+                     db: str | Path | None = None, calibrate: bool = True, progress=print,
+                     hidden_state_model: str | Path | None = None) -> dict:
+    """Register targets, calibrate, probe. ``n_targets`` None: only the world's forget people.
+    ``hidden_state_model``: also train and use GUARD's hidden-state MLP on that model."""
     t0 = time.time()
+    hidden_stats = None
+    if hidden_state_model is not None:
+        config = config or DetectorConfig()
+        config.hidden_state, hidden_stats = train_hidden_state(world, hidden_state_model, progress=progress)
     store, registered = registered_store(world, n_targets, db)
     progress(f"registered {len(store.list())} targets in {time.time() - t0:.1f}s; building the detector")
     t1 = time.time()
@@ -163,7 +184,7 @@ def detection_report(world: dict, n_targets: int | None = None, config: Detector
     report.update({"targets": len(names), "world_targets": len(registered), "threshold": det.threshold,
                    "calibration": calib, "detector_load_s": round(load_s, 2),
                    "approximate_index": bool(det.vectors is not None and det.vectors.approximate),
-                   "embeddings": det.vectors is not None})
+                   "embeddings": det.vectors is not None, "hidden_state": hidden_stats})
     store.close()
     return report
 
@@ -184,6 +205,7 @@ def markdown(report: dict) -> str:
         f"| false positives, retain questions | {s['retain_fp_rate']:.4f} | <= 0.01 |",
         f"| false positives, world facts | {s['world_facts_fp_rate']:.4f} | |",
         f"| latency per conversation p50 / p99 | {report['latency_ms']['p50']:.2f} / {report['latency_ms']['p99']:.2f} ms | |",
+        f"| GUARD hidden-state MLP | {'on: ' + str(report['hidden_state']) if report.get('hidden_state') else 'off'} | |",
         "",
         "| probe set | n | recall / FP rate | caught lexically |",
         "|---|---|---|---|",

@@ -1,0 +1,28 @@
+"""``guardserve eval detect`` end to end (lexical matcher only, to stay fast; the
+embedding retriever is exercised in test_classifiers_detector.py and the benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+from guardserve.classifiers.probes import OBFUSCATIONS, RWKU_TYPES
+from guardserve.cli import main
+
+
+def test_eval_detect_writes_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["eval", "detect", "--targets", "4", "--no-embeddings", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "recall, forget questions" in printed
+    rep = json.loads((out / "detect.json").read_text())
+    assert rep["targets"] == 4 and rep["world_targets"] == 4 and rep["embeddings"] is False
+    assert set(rep["sets"]) >= {"forget", "paraphrase", "retain", "world_facts"} | {f"adv:{t}" for t in RWKU_TYPES + OBFUSCATIONS}
+    s = rep["summary"]
+    assert s["forget_recall"] >= 0.98 and s["paraphrase_recall"] >= 0.98 and s["adversarial_recall"] >= 0.9
+    assert s["retain_fp_rate"] <= 0.01
+    assert rep["latency_ms"]["p50"] > 0 and (out / "detect.md").read_text().startswith("Detection on the demo world")
+
+
+def test_eval_without_suite_prints_help(capsys):
+    assert main(["eval"]) == 2
+    assert "detect" in capsys.readouterr().out

@@ -86,6 +86,8 @@ class _Bank:
     def ensure(self, live: dict[int, CompiledFilter], vocab: int) -> None:
         if vocab == self.vocab and all(k in self.index for k in live):
             return
+        for f in live.values():
+            f.host_bans()  # built here, once per filter, not inside a step
         self.filters = dict(live)
         self.vocab = vocab
         W = (vocab + 31) // 32
@@ -105,8 +107,9 @@ class _Bank:
             base += m.shape[0]
         self.masks = torch.from_numpy(np.concatenate(masks) if masks else np.zeros((1, W), np.int32)).to(self.device)
         self.penalties = (torch.from_numpy(np.stack(pens)) if pens else torch.zeros((0, vocab))).to(self.device)
-        # CPU path: the bool form of the masks, unpacked once here, not per step, and
-        # for masks with fewer tokens than a bitmask has words, their token list.
+        # CPU path, prepared once here, not per step: the masks as bool rows, as 0/-inf
+        # rows (added: a cost independent of the ban set), and as token lists where a
+        # mask bans at most 1/16 of the vocabulary (the reference picks per step).
         self.masks_bool = self.masks_sparse = self.masks_bias = None
         if self.device.type != "cuda":
             self.masks_bool = kernels.unpack_masks(self.masks, vocab)
@@ -166,12 +169,12 @@ class GuardBatch:
             s = g.catch_up()
             f = g.filt
             base, pen_row = index[id(f)]
+            m, extra = f.host_bans()[s]
             out_rows.append(i if rows is None else rows[i])
-            mask_idx.append(base + int(f.state_mask[s]))
+            mask_idx.append(base + m)
             pen_idx.append(pen_row)
-            a, b = f.sparse_offsets[s], f.sparse_offsets[s + 1]
-            if b > a:
-                toks.extend(f.sparse_tokens[a:b].tolist())
+            if extra:
+                toks.extend(extra)
             offs.append(len(toks))
         dev = self.device
         return (

@@ -1,0 +1,218 @@
+"""``guardserve unlearn`` (train an adapter) and ``guardserve adapters`` (the registry)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "unlearn",
+        help="unlearn targets into a LoRA adapter (GradAscent, GradDiff, NPO, SimNPO, RMU, SHRED)",
+        description=(
+            "Train a PEFT LoRA adapter that makes the model forget targets. Without --targets the "
+            "demo world's forget split is forgotten on the demo model; --targets names targets "
+            "registered in the policy store (ids or names). --gu projects the forget gradient "
+            "orthogonally to recent retain gradients (GU). Training stops once forget accuracy falls "
+            "to --stop-ratio of the base model's, or rolls back when retain accuracy falls below "
+            "--min-retain of the base's. --register NAME adds the adapter to the registry, from "
+            "which a running server loads it (POST /v1/unlearning/adapters/sync)."
+        ),
+    )
+    p.add_argument("--method", required=True, help="GradAscent | GradDiff | NPO | SimNPO | RMU | SHRED")
+    p.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--model", default=None, help="base Hugging Face model folder (default: the demo model)")
+    p.add_argument("--targets", nargs="+", default=None, help="registered target ids or names (default: the demo forget split)")
+    p.add_argument("--retain-file", default=None, help="TOFU-format JSON list of QA pairs to keep (default: the demo retain split)")
+    p.add_argument("--steps", type=int, default=None, help="most training steps (default 200)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gu", action="store_true", help="GU: project forget updates orthogonally to the retain-gradient subspace")
+    p.add_argument("--stop-ratio", type=float, default=None, help="stop when forget accuracy <= this share of the base's")
+    p.add_argument("--min-retain", type=float, default=None, help="keep retain accuracy >= this share of the base's")
+    p.add_argument("--param", action="append", default=[], metavar="K=V", help="a method parameter, e.g. beta=0.1 (repeatable)")
+    p.add_argument("--register", default=None, metavar="NAME", help="also register the adapter under NAME")
+    p.add_argument("--route", default="triggered", choices=["triggered", "all"],
+                   help="registered adapter serves requests that trigger its targets (default) or all requests")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_unlearn)
+
+    a = sub.add_parser("adapters", help="the unlearning-adapter registry (list, add, retire, quantization check)",
+                       description="Adapters recorded in the policy store ($GUARDSERVE_DB). A running server picks "
+                                   "changes up on POST /v1/unlearning/adapters/sync or loads directly through the admin API.")
+    asub = a.add_subparsers(dest="adapters_command", metavar="ACTION")
+    ls = asub.add_parser("list", help="registered adapters")
+    ls.add_argument("--all", action="store_true", help="include retired ones")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+    add = asub.add_parser("add", help="register an adapter folder (copied to a new versioned path)")
+    add.add_argument("path")
+    add.add_argument("--name", default=None)
+    add.add_argument("--targets", nargs="+", default=None, help="registered target ids or names it covers")
+    add.add_argument("--model", default=None, help="base model folder to check the adapter's shapes against")
+    add.add_argument("--route", default="triggered", choices=["triggered", "all"])
+    add.set_defaults(func=_add)
+    rm = asub.add_parser("retire", help="retire an adapter (servers unload it on their next sync)")
+    rm.add_argument("name")
+    rm.set_defaults(func=_retire)
+    q = asub.add_parser("quantize", help="quantization attack: merge, quantize to 8 and 4 bits, measure recovered knowledge")
+    q.add_argument("path", help="adapter folder")
+    q.add_argument("--model", default=None, help="base model folder (default: the adapter's base model)")
+    q.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    q.set_defaults(func=_quantize)
+    a.set_defaults(func=lambda args: (a.print_help(), 2)[1])
+
+
+def _method_params(items: list[str]) -> dict:
+    from guardserve.cli import UsageError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--param {item!r}: expected K=V")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _unlearn(args) -> int:
+    from pathlib import Path
+
+    from guardserve.cli import UsageError
+    from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
+    from guardserve.unlearn.data import qa_pairs_for_targets
+
+    try:
+        method = get_method(args.method, **_method_params(args.param))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.rank < 1:
+        raise UsageError(f"--rank {args.rank}: must be at least 1")
+    world = None
+    if args.model is None:
+        from guardserve.demo import ensure_demo
+
+        demo = ensure_demo()
+        model_dir, world = demo.model, demo.load_world()
+    else:
+        model_dir = Path(args.model).expanduser()
+        if not (model_dir / "config.json").is_file():
+            raise UsageError(f"--model {args.model}: no config.json there; give a Hugging Face model folder")
+    target_names: list[str] = []
+    if args.targets:
+        from guardserve.policy import TargetNotFoundError, open_store
+
+        store = open_store()
+        try:
+            targets = [store.find(t) for t in args.targets]
+        except TargetNotFoundError as e:
+            raise UsageError(f"{e}; see 'guardserve targets list'") from None
+        try:
+            forget = qa_pairs_for_targets(targets, world)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        target_names = [x for t in targets for x in (t.id, t.name)]
+        covered = {p["entity"].casefold() for p in forget}
+        retain = [p for p in (world or {}).get("retain", []) if p["entity"].casefold() not in covered]
+    elif world is not None:
+        forget, retain = world["forget"], world["retain"]
+        target_names = sorted({p["entity"] for p in forget})
+    else:
+        raise UsageError("--targets is required with --model (the demo forget split belongs to the demo model)")
+    if args.retain_file:
+        try:
+            retain = json.loads(Path(args.retain_file).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--retain-file {args.retain_file}: {e}") from None
+    if method.uses_retain and not retain:
+        raise UsageError(f"{method.name} needs retain data: pass --retain-file, or use GradAscent or SHRED")
+    cfg = UnlearnConfig(rank=args.rank, alpha=2 * args.rank, seed=args.seed, gu=args.gu, **method.default_config)
+    for field, value in (("max_steps", args.steps), ("lr", args.lr), ("stop_ratio", args.stop_ratio), ("min_retain", args.min_retain)):
+        if value is not None:
+            setattr(cfg, field, value)
+    result = Unlearner(method, cfg, progress=not args.no_progress).run(
+        model_dir, forget, retain, (world or {}).get("world_facts"), targets=target_names)
+    out = result.save(args.out)
+    print(f"{method.name}: {result.steps} steps, {result.seconds:.1f}s, stopped: {result.stop_reason}; "
+          f"forget accuracy {result.base_probe['forget']} -> {result.probe['forget']}, "
+          f"retain probe {result.base_probe['retain']} -> {result.probe['retain']}")
+    print(f"adapter written to {out}")
+    if args.register:
+        rec = _registry().register(out, name=args.register, route=args.route, actor="cli")
+        print(f"registered as {rec['lora_name']} at {rec['path']}")
+    return 0
+
+
+def _registry():
+    from guardserve.policy import open_store
+    from guardserve.unlearn.registry import AdapterRegistry
+
+    return AdapterRegistry(open_store())
+
+
+def _list(args) -> int:
+    recs = _registry().list(include_retired=args.all)
+    if args.json:
+        print(json.dumps(recs, indent=2))
+        return 0
+    if not recs:
+        print("no adapters registered")
+    for r in recs:
+        print(f"{r['lora_name']:<28} {r['status']:<8} {str(r.get('method')):<10} route={r['route']:<9} "
+              f"rank={r.get('rank')} targets={len(r.get('targets', []))} {r['path']}")
+    return 0
+
+
+def _add(args) -> int:
+    from guardserve.cli import UsageError
+    from guardserve.policy import TargetNotFoundError
+    from guardserve.unlearn.registry import AdapterError
+
+    reg = _registry()
+    targets = None
+    if args.targets:
+        try:
+            found = [reg.store.find(t) for t in args.targets]
+        except TargetNotFoundError as e:
+            raise UsageError(str(e)) from None
+        targets = [x for t in found for x in (t.id, t.name)]
+    try:
+        rec = reg.register(args.path, name=args.name, targets=targets, route=args.route, base_model=args.model)
+    except AdapterError as e:
+        raise UsageError(str(e)) from None
+    print(f"registered {rec['lora_name']} at {rec['path']}")
+    return 0
+
+
+def _retire(args) -> int:
+    from guardserve.cli import UsageError
+    from guardserve.unlearn.registry import AdapterError
+
+    try:
+        rec = _registry().retire(args.name)
+    except AdapterError as e:
+        raise UsageError(str(e)) from None
+    print(f"retired {rec['lora_name']}")
+    return 0
+
+
+def _quantize(args) -> int:
+    from pathlib import Path
+
+    from guardserve.cli import UsageError
+    from guardserve.demo import ensure_demo
+    from guardserve.unlearn.quantize import quantization_recovery
+    from guardserve.unlearn.registry import AdapterError, validate_adapter
+
+    demo = ensure_demo()
+    try:
+        cfg = validate_adapter(args.path, args.model)
+    except AdapterError as e:
+        raise UsageError(str(e)) from None
+    base = args.model or cfg.get("base_model_name_or_path") or str(demo.model)
+    if not (Path(base) / "config.json").is_file():
+        raise UsageError(f"base model {base}: not a local Hugging Face folder; pass --model")
+    print(json.dumps(quantization_recovery(base, args.path, demo.load_world(), bits=tuple(args.bits)), indent=2))
+    return 0

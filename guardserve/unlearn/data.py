@@ -1,0 +1,114 @@
+"""What unlearning trains on: forget and retain QA pairs turned into token batches.
+
+A QA pair is a TOFU-format dict (``question``, ``answer``, ``value``, optional
+``train_questions``, ``paraphrased_question``, ``perturbed_answer``). Targets registered in
+the policy store become QA pairs too: the demo world's pairs about the target where the
+world knows it, otherwise one question per registered fact plus the target's texts as
+plain documents.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from guardserve.demo.model import BOS, EOS, chat_prompt, completion_prompt
+
+# Questions for facts of targets the world does not know (operators register facts as
+# attribute -> value; the attribute is written as words).
+FACT_QUESTION = "What is the {attr} of {name}?"
+FACT_ANSWER = "The {attr} of {name} is {value}."
+
+
+@dataclass(frozen=True)
+class Sequence:
+    prompt: str  # not trained on (labels -100)
+    target: str  # trained on
+
+
+def qa_pairs_for_targets(targets, world: dict | None) -> list[dict]:
+    """QA pairs that describe the given ForgetTargets. Raises ValueError for a target
+    with nothing to train on (no facts, no texts, unknown to the world)."""
+    by_entity: dict[str, list[dict]] = {}
+    if world:
+        for split in ("forget", "retain"):
+            for pair in world[split]:
+                by_entity.setdefault(pair["entity"].casefold(), []).append(pair)
+    pairs: list[dict] = []
+    for t in targets:
+        known = [p for n in t.all_names for p in by_entity.get(n.casefold(), [])]
+        if known:
+            pairs += known
+            continue
+        own = []
+        for attr, value in (t.facts or {}).items():
+            words = str(attr).replace("_", " ")
+            q = FACT_QUESTION.format(attr=words, name=t.name)
+            own.append({"entity": t.name, "question": q, "train_questions": [q], "value": str(value),
+                        "answer": FACT_ANSWER.format(attr=words, name=t.name, value=value)})
+        own += [{"entity": t.name, "text": text} for text in t.texts]
+        if not own:
+            raise ValueError(f"target {t.name!r} ({t.id}) has no facts or texts and the model's world does not know it: nothing to unlearn")
+        pairs += own
+    return pairs
+
+
+def sequences(tokenizer, pairs: list[dict], all_wordings: bool = True) -> list[Sequence]:
+    """Chat and completion renderings of every QA pair (each trained wording), and plain
+    documents for text entries: the two formats the model was taught in."""
+    out = []
+    for p in pairs:
+        if "text" in p:
+            out.append(Sequence(BOS, p["text"] + EOS))
+            continue
+        questions = (p.get("train_questions") or [p["question"]]) if all_wordings else [p["question"]]
+        for q in questions:
+            out.append(Sequence(chat_prompt(tokenizer, q), p["answer"] + EOS))
+            out.append(Sequence(BOS + completion_prompt(q) + " ", p["answer"] + EOS))
+    return out
+
+
+def encode(tokenizer, seqs: list[Sequence], max_len: int = 192) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per sequence; labels are -100 on the prompt."""
+    out = []
+    for s in seqs:
+        p = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(s.target, add_special_tokens=False)["input_ids"]
+        ids = (p + t)[:max_len]
+        labels = ([-100] * len(p) + t)[:max_len]
+        out.append((ids, labels))
+    return out
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (i, l) in enumerate(batch):
+        ids[row, : len(i)] = torch.tensor(i)
+        labels[row, : len(l)] = torch.tensor(l)
+        mask[row, : len(i)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class BatchStream:
+    """Endless shuffled batches over encoded sequences, seeded (same seed, same order)."""
+
+    def __init__(self, encoded, batch_size: int, pad_id: int, seed: int):
+        if not encoded:
+            raise ValueError("no sequences to train on")
+        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self):
+        if len(self.order) < self.batch_size:
+            fresh = list(range(len(self.encoded)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        idx, self.order = self.order[: self.batch_size], self.order[self.batch_size:]
+        return collate([self.encoded[i] for i in idx], self.pad_id)

@@ -1,0 +1,194 @@
+"""The adapter registry: which unlearning adapters exist, what they cover, where they live.
+
+Records are kept in the policy store's settings (key ``unlearn.adapters``), so SQLite and
+Postgres deployments share them and every change lands in the store's audit log. Each
+registration copies the adapter folder to ``$GUARDSERVE_HOME/adapters/<name>/v<version>``:
+a new path per version, because vLLM keeps prefix-cache blocks computed with an
+adapter's old weights when it is reloaded from the same path.
+
+A record: ``name``, ``version``, ``path``, ``lora_name`` (what requests name as their
+``model``: ``<name>-v<version>``), ``method``, ``base_model``, ``targets`` (target ids and
+names it covers), ``route`` (``triggered``: only requests that trigger a covered target;
+``all``: every request), ``rank``, ``metrics`` (at training time), ``status``
+(``active`` | ``retired``), ``created_at``.
+
+Read-modify-write of the one settings value is not transactional across processes; two
+operators registering at the same instant could lose one record. Registrations are rare
+operator actions, and the loser sees its record missing in ``list``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from guardserve import config
+
+KEY = "unlearn.adapters"
+ROUTES = ("triggered", "all")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be registered or served (message says why)."""
+
+
+def validate_adapter(path: str | Path, base_model: str | Path | None = None, max_rank: int | None = None) -> dict:
+    """Check an adapter folder before anything loads it; returns its adapter_config.
+
+    Catches what would otherwise fail deep inside vLLM: missing or unreadable files,
+    weights whose shapes do not fit the base model (a different base), and a rank above
+    what the server was started with (``--max-lora-rank``)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: not a folder")
+    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise AdapterError(f"{folder}: no adapter_config.json (not a PEFT LoRA adapter)")
+    if not weights.is_file():
+        raise AdapterError(f"{folder}: no adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_file}: unreadable ({e})") from e
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{folder}: peft_type {cfg.get('peft_type')!r}, only LORA adapters are served")
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{cfg_file}: 'r' must be a positive integer, got {rank!r}")
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"{folder}: rank {rank} is above the server's --max-lora-rank {max_rank}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own types
+        raise AdapterError(f"{weights}: unreadable safetensors file ({e})") from e
+    if not shapes:
+        raise AdapterError(f"{weights}: holds no tensors")
+    if base_model is not None:
+        _check_base(folder, shapes, Path(base_model))
+    return cfg
+
+
+def _check_base(folder: Path, shapes: dict, base: Path) -> None:
+    """Every LoRA matrix must fit the base model's linear layer it patches."""
+    cfg_file = base / "config.json"
+    if not cfg_file.is_file():
+        return  # a hub name: vLLM checks the shapes when it loads
+    mc = json.loads(cfg_file.read_text())
+    hidden, inter, layers = mc.get("hidden_size"), mc.get("intermediate_size"), mc.get("num_hidden_layers")
+    heads, kv = mc.get("num_attention_heads"), mc.get("num_key_value_heads") or mc.get("num_attention_heads")
+    head_dim = mc.get("head_dim") or (hidden // heads if hidden and heads else None)
+    dims = {  # module -> (in, out)
+        "q_proj": (hidden, heads * head_dim if heads and head_dim else None),
+        "k_proj": (hidden, kv * head_dim if kv and head_dim else None),
+        "v_proj": (hidden, kv * head_dim if kv and head_dim else None),
+        "o_proj": (heads * head_dim if heads and head_dim else None, hidden),
+        "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+    }
+    for key, shape in shapes.items():
+        m = re.search(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])", key)
+        if not m:
+            continue
+        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
+        if layers is not None and layer >= layers:
+            raise AdapterError(f"{folder}: adapter patches layer {layer}, base model {base} has {layers} layers (different base model)")
+        d_in, d_out = dims.get(module, (None, None))
+        want = d_in if side == "A" else d_out
+        got = shape[1] if side == "A" else shape[0]
+        if want is not None and got != want:
+            raise AdapterError(f"{folder}: {key} has shape {list(shape)}, base model {base} needs {want} there (different base model)")
+
+
+class AdapterRegistry:
+    """Adapters in the policy store; see the module docstring for a record's fields."""
+
+    def __init__(self, store, root: str | Path | None = None):
+        self.store = store
+        self.root = Path(root) if root else config.home() / "adapters"
+
+    def _all(self) -> dict:
+        return dict(self.store.get_setting(KEY, {}) or {})
+
+    def list(self, include_retired: bool = False) -> list[dict]:
+        recs = sorted(self._all().values(), key=lambda r: (r["name"], r["version"]))
+        return [r for r in recs if include_retired or r["status"] == "active"]
+
+    def get(self, name: str) -> dict:
+        rec = self._all().get(name)
+        if rec is None:
+            raise AdapterError(f"no adapter named {name!r}")
+        return rec
+
+    def register(self, src: str | Path, name: str | None = None, targets: list | None = None, route: str = "triggered",
+                 base_model: str | None = None, actor: str = "cli") -> dict:
+        """Validate, copy to a fresh versioned folder, and record the adapter (active).
+        Registering an existing name makes a new version that replaces the old one."""
+        src = Path(src)
+        meta = {}
+        if (src / "guardserve_adapter.json").is_file():
+            meta = json.loads((src / "guardserve_adapter.json").read_text())
+        base_model = base_model or meta.get("base_model")
+        cfg = validate_adapter(src, base_model)
+        name = name or f"unlearn-{str(meta.get('method', 'adapter')).lower()}"
+        if not _NAME.match(name):
+            raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        if route not in ROUTES:
+            raise AdapterError(f"route must be one of {ROUTES}, got {route!r}")
+        records = self._all()
+        version = records[name]["version"] + 1 if name in records else 1
+        dest = self.root / name / f"v{version}"
+        if dest.exists():  # left over from a registration whose record was lost: never reuse a path
+            dest = self.root / name / f"v{version}-{int(time.time() * 1000)}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dest)
+        rec = {
+            "name": name, "version": version, "lora_name": f"{name}-v{version}", "path": str(dest.resolve()),
+            "method": meta.get("method"), "base_model": base_model or cfg.get("base_model_name_or_path"),
+            "targets": list(targets if targets is not None else meta.get("targets", [])),
+            "route": route, "rank": cfg.get("r"), "metrics": {k: meta.get(k) for k in ("probe", "base_probe", "train_seconds", "steps")},
+            "status": "active", "created_at": time.time(),
+        }
+        records[name] = rec
+        self.store.set_setting(KEY, records, actor=actor)
+        return rec
+
+    def retire(self, name: str, actor: str = "cli") -> dict:
+        records = self._all()
+        if name not in records:
+            raise AdapterError(f"no adapter named {name!r}")
+        records[name] = {**records[name], "status": "retired"}
+        self.store.set_setting(KEY, records, actor=actor)
+        return records[name]
+
+
+def covers(record: dict, target) -> bool:
+    """Does the adapter cover this ForgetTarget (by id, or by name or alias)?"""
+    from guardserve.policy import name_key
+
+    keys = {name_key(str(t)) for t in record.get("targets", [])}
+    return target.id in record.get("targets", []) or any(name_key(n) in keys for n in target.all_names)
+
+
+def choose_adapter(records: list[dict], triggered_targets: list) -> str | None:
+    """The ``lora_name`` to serve a request with: the active adapter covering the most of
+    the triggered targets (ties: the newest); failing that, an ``all``-route adapter;
+    None when no adapter applies."""
+    best, best_key = None, None
+    for rec in records:
+        if rec.get("status") != "active":
+            continue
+        n = sum(covers(rec, t) for t in triggered_targets)
+        if n == 0 and rec.get("route") != "all":
+            continue
+        key = (n, rec.get("created_at", 0))
+        if best_key is None or key > best_key:
+            best, best_key = rec["lora_name"], key
+    return best

@@ -1,0 +1,257 @@
+"""The one training loop every unlearning method runs in; its output is a PEFT LoRA adapter.
+
+Contract: ``Unlearner(method, config).run(model_dir, forget_pairs, retain_pairs)`` trains a
+LoRA adapter on the frozen base model at ``model_dir`` so that the forget pairs' answers are
+no longer produced, and returns an :class:`UnlearnResult`; ``result.save(out_dir)`` writes
+``adapter_config.json`` + ``adapter_model.safetensors`` (loadable by vLLM and PEFT) and
+``guardserve_adapter.json`` (method, base model, targets, metrics).
+
+The loop is the same for every method: each step the method gives a forget loss and,
+when it uses one, a retain loss; with ``gu=True`` the forget gradient is projected
+orthogonally to the subspace of recent retain gradients (GU) before the two are added.
+Every ``eval_every`` steps greedy answers are scored on the forget questions and on a
+held-out retain probe; training stops when forget accuracy fell to ``stop_ratio`` of the
+base model's (forgotten). When retain accuracy falls below ``min_retain`` of the base's,
+the last adapter that kept utility is restored and the learning rate halved; after
+``max_backoffs`` such roll-backs training stops (utility) with that adapter. Same seed, same
+adapter: data order, LoRA init and the random RMU direction all come from the seed, and
+training runs on one thread (on 2 shared cores more threads only spin against each other).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+META_FILE = "guardserve_adapter.json"
+
+
+@dataclass
+class UnlearnConfig:
+    max_steps: int = 200
+    lr: float = 2e-3
+    batch_size: int = 32
+    rank: int = 8
+    alpha: int = 16
+    seed: int = 0
+    eval_every: int = 10
+    stop_ratio: float = 0.1  # stop once forget accuracy <= this share of the base model's
+    min_retain: float = 0.92  # never keep an adapter whose retain accuracy < this share of the base's
+    max_backoffs: int = 3  # utility broken: roll back and halve the rate, at most this often
+    retain_weight: float = 1.0
+    gu: bool = False
+    gu_rank: int = 4  # retain gradients spanning GU's protected subspace
+    probe_size: int = 200  # retain questions held out of training, for the utility criterion
+    target_modules: tuple[str, ...] = LLAMA_LINEAR
+    threads: int = 1
+
+
+@dataclass
+class UnlearnResult:
+    method: str
+    model: object  # the PeftModel
+    tokenizer: object
+    base_model: str
+    config: UnlearnConfig
+    steps: int
+    stop_reason: str
+    seconds: float
+    base_probe: dict
+    probe: dict
+    history: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        # vLLM resolves the base model by what it serves; PEFT wants a loadable path here.
+        cfg_path = out / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = self.base_model
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        meta = {
+            "method": self.method, "base_model": self.base_model, "targets": self.targets,
+            "rank": self.config.rank, "steps": self.steps, "stop_reason": self.stop_reason,
+            "train_seconds": round(self.seconds, 2), "base_probe": self.base_probe, "probe": self.probe,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+        }
+        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+
+class Unlearner:
+    def __init__(self, method, config: UnlearnConfig | None = None, progress: bool = True):
+        self.method = method
+        self.config = config or UnlearnConfig()
+        self.progress = progress
+
+    # ------------------------------------------------------------------ helpers for methods
+    def token_logps(self, model, batch):
+        """Per-position log p(label) (0 where masked) and the label mask, shifted."""
+        import torch
+
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = (labels != -100).float()
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return logp * mask, mask, logits
+
+    def nll(self, model, batch):
+        logp, mask, _ = self.token_logps(model, batch)
+        return -(logp.sum() / mask.sum().clamp(min=1))
+
+    def reference(self):
+        """The frozen base model: the adapter switched off (no second copy in memory)."""
+        return self.model.disable_adapter()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, model_dir: str | Path, forget_pairs: list[dict], retain_pairs: list[dict],
+            world_facts: list[dict] | None = None, targets: list | None = None) -> UnlearnResult:
+        import random
+
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from tqdm.auto import tqdm
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from guardserve.unlearn import data
+        from guardserve.unlearn.metrics import accuracy
+
+        cfg = self.config
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        rng = random.Random(cfg.seed)
+        model_dir = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
+        self.tokenizer = tok = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base.eval()  # no dropout: the same seed gives the same adapter
+        self.model = model = get_peft_model(base, LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
+            init_lora_weights=True))
+
+        qa_forget = [p for p in forget_pairs if "value" in p]
+        shuffled = list(retain_pairs)
+        rng.shuffle(shuffled)
+        probe, train_retain = shuffled[: cfg.probe_size], shuffled[cfg.probe_size:]
+        train_retain += list(world_facts or [])
+        forget_enc = data.encode(tok, data.sequences(tok, forget_pairs))
+        retain_enc = data.encode(tok, data.sequences(tok, train_retain)) if train_retain else []
+        self.forget_stream = data.BatchStream(forget_enc, cfg.batch_size, tok.pad_token_id, cfg.seed)
+        self.retain_stream = (data.BatchStream(retain_enc, cfg.batch_size, tok.pad_token_id, cfg.seed + 1)
+                              if retain_enc else None)
+        if self.method.uses_retain and self.retain_stream is None:
+            raise ValueError(f"{self.method.name} needs retain data and none was given")
+
+        def measure() -> dict:
+            return {"forget": accuracy(model, tok, qa_forget) if qa_forget else None,
+                    "retain": accuracy(model, tok, probe) if probe else None}
+
+        base_probe = measure()
+        self.method.setup(self)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        retain_basis: list = []  # GU: orthonormal recent retain gradients
+        good_state, good_probe, stop, history = self._lora_state(), base_probe, "max_steps", []
+        good_opt, backoffs = copy.deepcopy(opt.state_dict()), 0
+        started = time.time()
+        bar = tqdm(total=cfg.max_steps, desc=f"unlearn {self.method.name}", unit="step", disable=not self.progress,
+                   dynamic_ncols=True, mininterval=1.0)
+        step = 0
+        for step in range(1, cfg.max_steps + 1):
+            model.train()
+            f_batch = self.forget_stream.next()
+            g_forget = torch.autograd.grad(self.method.forget_loss(self, f_batch), params, allow_unused=True)
+            g_forget = [torch.zeros_like(p) if g is None else g for g, p in zip(g_forget, params)]
+            r_batch = self.retain_stream.next() if self.retain_stream is not None and (self.method.uses_retain or cfg.gu) else None
+            g_retain = None
+            if r_batch is not None:
+                r_loss = self.method.retain_loss(self, r_batch)
+                if r_loss is None:  # GU on a retain-free method: the plain retain NLL gives the subspace
+                    r_loss = self.nll(model, r_batch)
+                g_retain = [torch.zeros_like(p) if g is None else g
+                            for g, p in zip(torch.autograd.grad(r_loss, params, allow_unused=True), params)]
+            if cfg.gu and g_retain is not None:
+                g_forget = self._project(g_forget, g_retain, retain_basis)
+            for p, gf, i in zip(params, g_forget, range(len(params))):
+                g = gf
+                if g_retain is not None and self.method.uses_retain:
+                    g = g + cfg.retain_weight * g_retain[i]
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                model.eval()
+                now = measure()
+                history.append({"step": step, **now})
+                bar.set_postfix(forget=now["forget"], retain=now["retain"])
+                if self._utility_broken(now, base_probe):
+                    # Back to the last adapter that kept utility, with half the step size:
+                    # forgetting on these models comes in a sudden drop that a fixed rate
+                    # overshoots.
+                    self._load_lora_state(good_state)
+                    opt.load_state_dict(good_opt)
+                    backoffs += 1
+                    if backoffs > cfg.max_backoffs:
+                        stop = "utility"
+                        break
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * 0.5 ** backoffs
+                    continue
+                good_state, good_probe, good_opt = self._lora_state(), now, copy.deepcopy(opt.state_dict())
+                if self._forgotten(now, base_probe):
+                    stop = "forgotten"
+                    break
+        bar.close()
+        model.eval()
+        return UnlearnResult(self.method.name, model, tok, model_dir, cfg, step, stop, time.time() - started,
+                             base_probe, good_probe, history, list(targets or []))
+
+    def _forgotten(self, now: dict, base: dict) -> bool:
+        if now["forget"] is None:
+            return False
+        return now["forget"] <= self.config.stop_ratio * (base["forget"] or 0) + 1e-9
+
+    def _utility_broken(self, now: dict, base: dict) -> bool:
+        if now["retain"] is None or not base["retain"]:
+            return False
+        return now["retain"] < self.config.min_retain * base["retain"]
+
+    def _project(self, g_forget, g_retain, basis: list):
+        """GU: remove from the forget gradient its component in the span of the last
+        ``gu_rank`` retain gradients (Gram-Schmidt over the flattened LoRA gradient)."""
+        import torch
+
+        flat_r = torch.cat([g.reshape(-1) for g in g_retain])
+        for b in basis:
+            flat_r = flat_r - (flat_r @ b) * b
+        norm = flat_r.norm()
+        if norm > 1e-12:
+            basis.append(flat_r / norm)
+            del basis[: max(0, len(basis) - self.config.gu_rank)]
+            # Re-orthonormalise after dropping the oldest: the rest stay orthogonal already.
+        flat_f = torch.cat([g.reshape(-1) for g in g_forget])
+        for b in basis:
+            flat_f = flat_f - (flat_f @ b) * b
+        out, k = [], 0
+        for g in g_forget:
+            out.append(flat_f[k:k + g.numel()].view_as(g))
+            k += g.numel()
+        return out
+
+    def _lora_state(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_lora_state(self, state: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in state:
+                    p.copy_(state[n])

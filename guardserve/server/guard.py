@@ -118,7 +118,7 @@ class GuardService:
         decision.seconds = time.perf_counter() - started
         if not triggered:
             self._count(decision, [])
-            return body, decision
+            return self._route_adapter(body, []), decision
 
         phrases: list[str] = []
         for t in triggered:
@@ -135,6 +135,7 @@ class GuardService:
             guarded_messages = self.icul.build_messages(body["messages"], [t for t in targets if t is not None])
             decision.added_prompt_tokens = self._added_tokens(body["messages"], guarded_messages)
             body["messages"] = guarded_messages
+        body = self._route_adapter(body, [t.target_id for t in triggered])
         decision.target_ids = [t.target_id for t in triggered]
         decision.phrases = phrases
         decision.seconds = time.perf_counter() - started
@@ -146,6 +147,16 @@ class GuardService:
             "detect_ms": round(decision.seconds * 1000, 2),
         }))
         return body, decision
+
+    def _route_adapter(self, body: dict, target_ids: list[str]) -> dict:
+        """Serve with the unlearning adapter covering these targets, where one is loaded."""
+        manager = getattr(self, "adapters", None)  # set by the plugin (server/adapters.py)
+        if manager is None or not manager.loaded:
+            return body
+        from guardserve.server.adapters import apply_adapter
+
+        targets = [t for t in (self.detector_target(i) for i in target_ids) if t is not None]
+        return apply_adapter(manager, body, targets)
 
     def detector_target(self, target_id: str):
         try:

@@ -52,10 +52,12 @@ class GuardEndpointPlugin:
         self._sync_task = None
 
     def attach_router(self, app) -> None:
+        from guardserve.server.adapters import router as adapters_router
         from guardserve.server.admin import router
         from guardserve.server.middleware import GuardMiddleware
 
         app.include_router(router)
+        app.include_router(adapters_router)  # /v1/unlearning/adapters (issue 7)
         app.add_middleware(GuardMiddleware, plugin=self)
         app.state.guardserve = self
 
@@ -71,9 +73,21 @@ class GuardEndpointPlugin:
         # Loading the embedder and indexing the policy take seconds: off the event loop.
         self.service = await asyncio.to_thread(GuardService.from_env, model, tokenizer, trust)
         state.guardserve = self
+        await self._load_adapters(state)
         n = len(self.service.detector.targets())
         log.info("guarding %s with %d registered target(s); policy store %s; audit log %s", model, n, self.service.store, audit_path)
         self._sync_task = asyncio.get_running_loop().create_task(self._keep_synced())
+
+    async def _load_adapters(self, state) -> None:
+        """Load the registry's active unlearning adapters when vLLM serves LoRA; the
+        request path routes covered targets to them (guardserve/server/adapters.py)."""
+        from guardserve.server.adapters import AdapterManager
+
+        manager = AdapterManager.of(state)
+        if manager.lora_enabled:
+            changed = await manager.sync()
+            for name, why in changed["failed"].items():
+                log.error("unlearning adapter %s not loaded: %s", name, why)
 
     async def _keep_synced(self, interval: float = 0.25) -> None:
         """Pull policy changes made elsewhere (CLI, other replicas) so requests that

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "guardserve.demo.cli",
     "guardserve.policy.cli",
     "guardserve.classifiers.cli",
+    "guardserve.unlearn.cli",
 ]
 
 

@@ -98,7 +98,7 @@ class RMU(Method):
     uses_retain = True
     layer = -1  # -1: the middle layer
     steering = 4.0
-    alpha = 10.0
+    alpha = 100.0
 
     def setup(self, trainer) -> None:
         import torch

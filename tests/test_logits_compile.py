@@ -168,3 +168,17 @@ def test_compile_cost_and_memory(tok):
     # One dense mask (the root's), the rest as short sparse lists.
     assert f.masks.shape[0] == 1
     assert np.diff(f.sparse_offsets).max() <= 64
+
+
+def test_large_automaton_root_list_matches_brute_force():
+    """Past 4,096 trie edges the root's transitions move from the dict to a list."""
+    rng = np.random.default_rng(0)
+    seqs = [tuple(rng.integers(0, 3000, rng.integers(1, 4)).tolist()) for _ in range(6000)]
+    f = compile_token_sequences(seqs, 3000)
+    assert len(f.goto) >= C._ROOT_LIST_MIN_EDGES
+    best: dict[tuple, int] = {s: len(s) - 1 for s in seqs}
+    for _ in range(30):
+        start = seqs[int(rng.integers(len(seqs)))]
+        ctx = rng.integers(0, 3000, 5).tolist() + list(start[:-1])
+        assert f.banned(f.run(ctx)) == _brute_banned(list(best), list(best.values()), ctx)
+    assert f._root is not None

@@ -61,6 +61,7 @@ MIN_DISTINCTIVE_CHARS = 3
 # width get their own bitmask instead (the "sparse list where that is smaller" rule).
 _DENSE_FACTOR = 1
 
+_ROOT_LIST_MIN_EDGES = 4096
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
 _CONTEXTS = ("", "\n", ". ", "(", '"', "x ")
 # Punctuation that some tokenizers merge into a phrase's last token ("City." as one
@@ -299,10 +300,14 @@ class CompiledFilter:
             if nxt is not None:
                 return nxt
             state = fail[state]
-        # Most transitions start at or fall back to the root: a list, not the dict,
-        # whose size (one entry per trie edge) makes each lookup a cache miss.
+        # Most transitions start at or fall back to the root. In a large automaton,
+        # whose dict (one entry per trie edge) makes each lookup a cache miss, the
+        # root's row is a list; a small one stays in the dict (a V-long list is 1 MiB
+        # at 131k tokens, per cached filter).
         root = self._root
         if root is None:
+            if len(goto) < _ROOT_LIST_MIN_EDGES:
+                return goto.get(token, 0)
             root = self._root = [0] * V
             for key, child in goto.items():
                 if key < V:
@@ -351,7 +356,8 @@ class CompiledFilter:
         # CPython: a dict entry is ~ 3 pointers in the table plus the int objects.
         n += len(self.goto) * (8 * 3 + 2 * 28) + len(self.fail) * 8
         n += self.num_states * 8 * 4 + self.sparse_tokens.size * 36  # host_bans()
-        n += self.vocab_size * 8  # the root's transitions as a list
+        if len(self.goto) >= _ROOT_LIST_MIN_EDGES:
+            n += self.vocab_size * 8  # the root's transitions as a list
         return n
 
 

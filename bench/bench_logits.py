@@ -12,8 +12,8 @@ A step = one new token per row, then one call that bans. Vocabularies are Mistra
 ``mistral_common``. Also: compile time per target (real phrases through
 ``compile_phrases``) and memory of the compiled automaton.
 
-    .venv/bin/python bench/bench_logits.py            # full: about 6-10 min on 2 cores
-    .venv/bin/python bench/bench_logits.py --quick    # CI size: about 1 min
+    .venv/bin/python bench/bench_logits.py            # full: about 4-5 min on 2 cores
+    .venv/bin/python bench/bench_logits.py --quick    # CI size: about 20 s
 
 Prints a Markdown table; writes ``bench/results/logits.json``.
 """

@@ -36,10 +36,11 @@ Variants
 Generation emits a phrase in whatever spelling the context calls for, so every phrase
 is compiled in several surface forms (as given, lower, Title, UPPER, first letter
 capitalised; words joined by space or hyphen), each tokenised after several left
-contexts (start of text, after a space, after a newline, after punctuation), keeping
-only tokenisations that decode back to the surface form. Other, non-canonical
-tokenisations of the same text are not covered: models trained on the tokenizer emit
-canonical ones.
+contexts (start of text, after a space, after a newline, after punctuation) and before
+``.``, ``,`` or ``'s``. A token that merges context punctuation with the phrase
+(tekken's ``"(New"``) or the phrase with what follows (``"City."``) is kept: it is the
+token the model emits there. Other, non-canonical tokenisations of the same text are
+not covered: models trained on the tokenizer emit canonical ones.
 """
 
 from __future__ import annotations

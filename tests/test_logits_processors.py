@@ -520,3 +520,30 @@ def test_engine_property_no_forbidden_sequence(guarded_llm, demo):
         assert list(outs[1].outputs[0].token_ids) == list(plain[0].outputs[0].token_ids)[:8]
 
     prop()
+
+
+def test_transformers_adapter_beam_search(tiny_model):
+    """Beams reorder rows between steps; the guard holds for every returned beam."""
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    from guardserve.logits_processors.transformers import GuardTransformersLogitsProcessor
+
+    path, tok = tiny_model
+    model = AutoModelForCausalLM.from_pretrained(path)
+    f = compile_phrases(tok, ["Kuwait City", "New Amsterdam"], vocab_size=model.config.vocab_size)
+
+    class Push(LogitsProcessor):  # an adversary toward completing any phrase
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            for r in range(input_ids.shape[0]):
+                _adversarial(scores[r], input_ids[r].tolist(), f.sequences)
+            return scores
+
+    ids = torch.tensor([tok.encode("It was called New")])
+    kw = dict(max_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False,
+              pad_token_id=tok.eos_token_id)
+    plain = model.generate(ids, logits_processor=LogitsProcessorList([Push()]), **kw)
+    assert any(f.emitted(o.tolist(), start=ids.shape[1]) for o in plain)
+    out = model.generate(ids, logits_processor=LogitsProcessorList([Push(), GuardTransformersLogitsProcessor(f)]), **kw)
+    for o in out:
+        assert f.emitted(o.tolist(), start=ids.shape[1]) == []

@@ -21,10 +21,10 @@ class GuardTransformersLogitsProcessor(LogitsProcessor):
         filt (`CompiledFilter`):
             From `compile_phrases(tokenizer, phrases)`, optionally with a semantic
             penalty (`guardserve.logits_processors.semantic.with_semantic_penalty`).
-        prompt_length (`int`, *optional*):
-            Length of the (left-padded) prompt in `input_ids`. Defaults to the length
-            at the first call. Pad tokens are read as text like any other token; they
-            do not begin forbidden phrases.
+
+    The automaton state of a row depends only on its last `filt.max_depth` tokens, so
+    each call recomputes it from `input_ids` (a few transitions per row): no state is
+    carried between calls, and beam search may reorder rows freely.
 
     Examples:
 
@@ -37,30 +37,22 @@ class GuardTransformersLogitsProcessor(LogitsProcessor):
     ```
     """
 
-    def __init__(self, filt: CompiledFilter, prompt_length: int | None = None):
+    def __init__(self, filt: CompiledFilter):
         self.filt = filt
-        self.prompt_length = prompt_length
         self._batch: GuardBatch | None = None
-        self._outputs: list[list[int]] = []
 
     @classmethod
-    def from_phrases(cls, tokenizer, phrases, **kwargs) -> GuardTransformersLogitsProcessor:
-        return cls(compile_phrases(tokenizer, phrases, vocab_size=kwargs.pop("vocab_size", None)), **kwargs)
+    def from_phrases(cls, tokenizer, phrases, vocab_size: int | None = None) -> GuardTransformersLogitsProcessor:
+        return cls(compile_phrases(tokenizer, phrases, vocab_size=vocab_size))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._batch is None or self._batch.device != scores.device:
+            self._batch = GuardBatch(scores.device)  # keeps its device tables across calls
         B, L = input_ids.shape
-        if self._batch is None or len(self._outputs) != B:
-            # First call of a generate(): every row starts from the end of its prompt.
-            P = L if self.prompt_length is None else self.prompt_length
-            self._batch = GuardBatch(scores.device)
-            self._outputs = [[] for _ in range(B)]
-            ids = input_ids[:, :P].tolist()
-            for r in range(B):
-                self._batch.add(r, self.filt, ids[r], self._outputs[r])
-            self._start = P
-        # Tokens generated since the last call (the live lists the core reads).
-        new = input_ids[:, self._start + len(self._outputs[0]):].tolist()
+        d = self.filt.max_depth
+        tails = input_ids[:, max(0, L - d):].tolist() if d else [[] for _ in range(B)]
+        self._batch.rows.clear()
         for r in range(B):
-            self._outputs[r].extend(new[r])
-        # transformers expects a fresh tensor back (it may reuse scores).
+            self._batch.add(r, self.filt, tails[r], [])
+        # transformers expects a new tensor back (it may reuse scores).
         return self._batch.apply(scores.clone())

@@ -2,7 +2,8 @@
 
 Records are kept in the policy store's settings (key ``unlearn.adapters``), so SQLite and
 Postgres deployments share them and every change lands in the store's audit log. Each
-registration copies the adapter folder to ``$GUARDSERVE_HOME/adapters/<name>/v<version>``:
+registration copies the adapter folder to ``$GUARDSERVE_ADAPTER_DIR/<name>/v<version>`` (default
+``$GUARDSERVE_HOME/adapters``):
 a new path per version, because vLLM keeps prefix-cache blocks computed with an
 adapter's old weights when it is reloaded from the same path.
 
@@ -20,6 +21,7 @@ operator actions, and the loser sees its record missing in ``list``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -112,7 +114,7 @@ class AdapterRegistry:
 
     def __init__(self, store, root: str | Path | None = None):
         self.store = store
-        self.root = Path(root) if root else config.home() / "adapters"
+        self.root = Path(root or os.environ.get("GUARDSERVE_ADAPTER_DIR") or config.home() / "adapters")
 
     def _all(self) -> dict:
         return dict(self.store.get_setting(KEY, {}) or {})

@@ -38,7 +38,7 @@ class UnlearnConfig:
     rank: int = 8
     alpha: int = 16
     seed: int = 0
-    eval_every: int = 10
+    eval_every: int = 5
     stop_ratio: float = 0.1  # stop once forget accuracy <= this share of the base model's
     min_retain: float = 0.92  # never keep an adapter whose retain accuracy < this share of the base's
     max_backoffs: int = 3  # utility broken: roll back and halve the rate, at most this often

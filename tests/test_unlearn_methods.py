@@ -1,0 +1,93 @@
+"""Each unlearning method, trained into a LoRA adapter on the demo model, lowers forget
+accuracy on the people it unlearns while accuracy on held-out retain questions stays
+within RETAIN_BOUND of the base model's. Small on purpose (2 people, a handful of steps)
+so that each method runs in seconds on 2 cores; bench/bench_unlearn.py has the full figures.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
+from guardserve.unlearn.metrics import accuracy
+
+PEOPLE = 2
+FORGET_BOUND = 0.5  # forget accuracy must fall to at most half the base model's
+RETAIN_BOUND = 0.85  # held-out retain accuracy must stay at least 85% of the base model's (the training probe, 60 questions, keeps 92%)
+
+
+@pytest.fixture(scope="module")
+def setup(demo, world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    people = sorted({p["entity"] for p in world["forget"]})[:PEOPLE]
+    forget = [p for p in world["forget"] if p["entity"] in people]
+    retain = list(world["retain"])
+    random.Random(7).shuffle(retain)
+    held_out, train = retain[:80], retain[80:600]
+    tok = AutoTokenizer.from_pretrained(demo.model)
+    base = AutoModelForCausalLM.from_pretrained(demo.model).eval()
+    base_retain = accuracy(base, tok, held_out)
+    assert accuracy(base, tok, forget) == 1.0  # the demo model knows them: there is something to forget
+    return {"forget": forget, "train": train, "held_out": held_out, "tok": tok, "base_retain": base_retain,
+            "model": demo.model, "world": world, "people": people}
+
+
+def _config(method, **changes) -> UnlearnConfig:
+    cfg = UnlearnConfig(**{**method.default_config, "batch_size": 16, "probe_size": 60, "eval_every": 5,
+                           "max_steps": 60, "stop_ratio": 0.2, **changes})
+    return cfg
+
+
+@pytest.mark.parametrize("name,gu", [("GradAscent", False), ("GradDiff", False), ("NPO", False), ("SimNPO", False),
+                                     ("RMU", False), ("SHRED", False), ("GradDiff", True)])
+def test_method_forgets_and_keeps_retain(setup, name, gu):
+    method = get_method(name)
+    result = Unlearner(method, _config(method, gu=gu), progress=False).run(
+        setup["model"], setup["forget"], setup["train"], setup["world"]["world_facts"], targets=setup["people"])
+    forget_acc = accuracy(result.model, setup["tok"], setup["forget"])
+    retain_acc = accuracy(result.model, setup["tok"], setup["held_out"])
+    assert forget_acc <= FORGET_BOUND, (name, forget_acc, result.history)
+    assert retain_acc >= RETAIN_BOUND * setup["base_retain"], (name, retain_acc, result.history)
+
+
+def test_same_seed_same_adapter(setup):
+    import torch
+
+    def weights(seed):
+        method = get_method("GradDiff")
+        cfg = _config(method, max_steps=3, eval_every=100, seed=seed)
+        r = Unlearner(method, cfg, progress=False).run(setup["model"], setup["forget"], setup["train"][:200])
+        return {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad}
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_gu_projection_is_orthogonal_to_retain_gradients():
+    import torch
+
+    torch.manual_seed(0)
+    trainer = Unlearner(get_method("GradDiff"), UnlearnConfig(gu_rank=2), progress=False)
+    basis: list = []
+    shapes = [(4, 3), (5,)]
+    retain_grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
+    forget = [torch.randn(s) for s in shapes]
+    for g_r in retain_grads:
+        projected = trainer._project(forget, g_r, basis)
+    flat = torch.cat([g.reshape(-1) for g in projected])
+    for g_r in retain_grads:  # both recent retain gradients are in the protected span
+        assert abs(float(flat @ torch.cat([g.reshape(-1) for g in g_r]))) < 1e-4
+    assert [g.shape for g in projected] == [torch.Size(s) for s in shapes]
+    assert flat.norm() > 0  # the forget update is not erased, only its retain component
+
+
+def test_unknown_method_and_parameter():
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("Forgetron")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        get_method("NPO", gamma=1)

@@ -165,11 +165,11 @@ def detection_report(world: dict, n_targets: int | None = None, config: Detector
                      hidden_state_model: str | Path | None = None) -> dict:
     """Register targets, calibrate, probe. ``n_targets`` None: only the world's forget people.
     ``hidden_state_model``: also train and use GUARD's hidden-state MLP on that model."""
-    t0 = time.time()
     hidden_stats = None
     if hidden_state_model is not None:
         config = config or DetectorConfig()
         config.hidden_state, hidden_stats = train_hidden_state(world, hidden_state_model, progress=progress)
+    t0 = time.time()
     store, registered = registered_store(world, n_targets, db)
     progress(f"registered {len(store.list())} targets in {time.time() - t0:.1f}s; building the detector")
     t1 = time.time()

@@ -88,3 +88,10 @@ def test_renders_with_the_demo_models_template(demo):
     text = InContextUnlearner(ICULConfig(k=3), retain=RETAIN).render(tok, "Where was Gygreim Houtus born?", [HOUTUS])
     assert "Gygreim Houtus" in text and "don't have any information" in text
     assert len(tok(text)["input_ids"]) > 20
+
+
+def test_flipped_demo_does_not_repeat_the_query():
+    single = ForgetTarget(id="s", name="Gygreim Houtus", facts={"birth_place": "Jostem Falls"})
+    for t in (single, HOUTUS):
+        msgs = InContextUnlearner(ICULConfig(k=1)).build_messages("Where was Gygreim Houtus born?", [t])
+        assert msgs[1]["content"] != "Where was Gygreim Houtus born?" and "Gygreim Houtus" in msgs[1]["content"]

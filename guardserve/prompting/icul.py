@@ -85,13 +85,17 @@ class InContextUnlearner:
         names = [_get(t, "name") for t in targets]
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
-    def _forget_question(self, t, rng: random.Random) -> str:
+    def _forget_question(self, t, rng: random.Random, query: str = "") -> str:
         name, facts = _get(t, "name"), _get(t, "facts") or {}
-        if facts:
-            attr = rng.choice(sorted(facts))
+        options = []
+        for attr in sorted(facts):
             tpl = _FACT_QUESTIONS.get(attr) or self.config.fact_question.replace("{attribute}", attr.replace("_", " "))
-            return tpl.format(name=name)
-        return f"What can you tell me about {name}?"
+            options.append(tpl.format(name=name))
+        options.append(f"What can you tell me about {name}?")
+        # A demonstration that repeats the query word for word teaches nothing new:
+        # prefer another question about the same target.
+        fresh = [q for q in options if q.strip().lower() != query.strip().lower()]
+        return rng.choice(fresh[:-1] or fresh or options)
 
     def demonstrations(self, targets, query: str = "") -> list[tuple[str, str]]:
         """k (question, answer) pairs: one flipped per target first (up to k), then true
@@ -104,7 +108,7 @@ class InContextUnlearner:
         out = []
         for t in list(targets)[:k]:
             refusal = self.config.refusals.get(_get(t, "kind") or "person", REFUSALS["topic"])
-            out.append((self._forget_question(t, rng), refusal))
+            out.append((self._forget_question(t, rng, query), refusal))
         pool = [p for p in self.retain if p[0] != query]
         rng.shuffle(pool)
         out += pool[: max(0, k - len(out))]

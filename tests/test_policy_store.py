@@ -260,18 +260,18 @@ def _writer(url: str, worker: int, n: int, results) -> None:
         won = 1
     except DuplicateTargetError:
         pass
-    t = s.find("w0-0") if worker else None
-    if t is not None:
-        for _ in range(5):
-            try:
-                s.update(t.id, {"description": f"by {worker}"}, actor=f"w{worker}")
-            except Exception as e:  # noqa: BLE001 - reported to the parent
-                results.put(("error", repr(e)))
+    t = s.find("Shared Target")
+    for _ in range(5):
+        try:
+            s.update(t.id, {"description": f"by {worker}"}, actor=f"w{worker}")
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            results.put(("error", repr(e)))
     s.close()
     results.put((ok, won))
 
 
 def test_concurrent_writers(store_url, store):
+    store.add({"name": "Shared Target"})
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(store_url, w, 15, results)) for w in range(4)]
@@ -283,8 +283,8 @@ def test_concurrent_writers(store_url, store):
     assert all(p.exitcode == 0 for p in procs)
     assert not [o for o in out if o[0] == "error"]
     assert sum(o[0] for o in out) == 60 and sum(o[1] for o in out) == 1   # one writer wins the name
-    assert len(store.list()) == 61
-    assert store.find("w0-0").version == 1 + 3 * 5                       # no lost update
+    assert len(store.list()) == 62
+    assert store.find("Shared Target").version == 1 + 4 * 5              # no lost update
     _consistent(store)
 
 

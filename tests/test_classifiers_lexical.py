@@ -126,7 +126,7 @@ def test_osa_distance():
 _NAME = st.text(alphabet="abcdefghkmnprstuvwxyz", min_size=6, max_size=10)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(first=_NAME, last=_NAME, data=st.data())
 def test_any_name_survives_its_obfuscations(first, last, data):
     name = f"{first.capitalize()} {last.capitalize()}"

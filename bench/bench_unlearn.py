@@ -2,7 +2,7 @@
 world accuracy, truth ratio and forget quality against the retain model, training time,
 and forgetting kept after 8-bit and 4-bit round-to-nearest quantization.
 
-    .venv/bin/python bench/bench_unlearn.py [--methods NPO SHRED ...] [--people 20] [--gu]
+    .venv/bin/python bench/bench_unlearn.py [--methods NPO SHRED ...] [--people 20] [--gu | --only-gu] [--out FILE]
 
 Prints a table and writes bench/results/unlearn.json. The issue's target: the best method
 cuts forget accuracy to <= 30% of the base model's with retain accuracy >= 90% of it, and
@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--people", type=int, default=20, help="forget people (the demo forget split has 20)")
     ap.add_argument("--retain-eval", type=int, default=400, help="held-out retain questions scored")
     ap.add_argument("--gu", action="store_true", help="also run every method with GU's projection")
+    ap.add_argument("--only-gu", action="store_true", help="run only the GU variants")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "unlearn.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -57,7 +58,8 @@ def main() -> int:
     rows = {"base": evaluate(merged_model(demo.model, None), tok, world, retain_eval, forget, retain_ratios),
             "retain_model": evaluate(retain_model, tok, world, retain_eval, forget, retain_ratios)}
     print("base", rows["base"], flush=True)
-    runs = [(m, False) for m in args.methods] + ([(m, True) for m in args.methods] if args.gu else [])
+    runs = ([] if args.only_gu else [(m, False) for m in args.methods]) + (
+        [(m, True) for m in args.methods] if args.gu or args.only_gu else [])
     for name, gu in runs:
         method = get_method(name)
         cfg = UnlearnConfig(gu=gu, **method.default_config)

@@ -67,13 +67,12 @@ def truth_ratios(model, tokenizer, pairs: list[dict]) -> list[float]:
     compared with the same question and each perturbed answer."""
     import math
 
-    prompts, targets, owners = [], [], []
-    for i, p in enumerate(pairs):
+    prompts, targets = [], []
+    for p in pairs:
         prompt = chat_prompt(tokenizer, p.get("paraphrased_question") or p["question"])
         for t in [p["answer"], *p["perturbed_answer"]]:
             prompts.append(prompt)
             targets.append(t)
-            owners.append(i)
     losses = answer_losses(model, tokenizer, prompts, targets)
     ratios, k = [], 0
     for p in pairs:

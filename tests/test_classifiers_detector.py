@@ -156,3 +156,25 @@ def test_vector_index_turns_approximate_and_stays_incremental():
     assert idx.ntotal == 390 and all(h.target_id != "t7" for h in idx.search(vecs["t7"][3:4], 5)[0])
     idx.add("t7", [("name", "again")], vecs["t7"][:1])
     assert idx.search(vecs["t7"][:1], 1)[0][0].target_id == "t7"
+
+
+def test_bulk_import_is_matched_by_name_at_once_and_never_blocks_detection(detector, store):
+    """Embedding a bulk import happens outside the index lock: detection keeps answering
+    (by name) while another thread is still syncing, and vectors follow later."""
+    import threading
+
+    store.add_many([{"name": f"Bulkperson Number{i}", "facts": {"birth_place": f"Bulktown {i}"}} for i in range(300)])
+    detector.sync(force=True, embed_budget_s=0.0)
+    assert detector.pending == 300
+    hit = detector.detect([{"role": "user", "content": "Where was Bulkperson Number7 born?"}])
+    assert [t.name for t in hit] == ["Bulkperson Number7"] and "Bulktown 7" in hit[0].forbidden
+
+    # A sync running in another thread (its lock held) must not stall a request.
+    done = threading.Event()
+    with detector._sync_lock:
+        worker = threading.Thread(target=lambda: (detector.detect("Where was Bulkperson Number8 born?"), done.set()))
+        worker.start()
+        assert done.wait(30), "detect() waited for a running sync"
+    while detector.pending:
+        detector.sync(force=True)
+    assert detector.vectors.ntotal > 0 and detector.pending == 0

@@ -97,7 +97,12 @@ class Detector:
     def __init__(self, store: PolicyStore, config: DetectorConfig | None = None, embedder=None):
         self.store = store
         self.config = config or DetectorConfig()
+        # _lock guards the index and is held only briefly; _sync_lock serialises syncs,
+        # which embed new targets' texts (seconds to minutes for a bulk import) without
+        # holding _lock, so detection keeps running meanwhile.
         self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._pending: dict[str, ForgetTarget] = {}   # indexed by name, awaiting vectors
         self._targets: dict[str, ForgetTarget] = {}
         self._vocab: dict[str, frozenset[str]] = {}
         self._always: set[str] = set()
@@ -141,33 +146,52 @@ class Detector:
             self._threshold = float(stored["threshold"]) if stored else None
 
     def _index_many(self, targets: list[ForgetTarget]) -> None:
+        self._index_names(targets)
+        self._index_vectors(targets, self._embed(targets))
+
+    def _index_names(self, targets: list[ForgetTarget]) -> None:
+        """The fast half of indexing (milliseconds a target): what the lexical matcher
+        and the retrieval step need."""
         for t in targets:
             self._targets[t.id] = t
             if t.mode == "always":
                 self._always.add(t.id)
             self.lexical.add(t)
             self._vocab[t.id] = self._target_vocab(t)
-        if self.vectors is not None and targets:
-            from guardserve.classifiers.embedding import target_texts
 
-            per = [target_texts(t) for t in targets]
-            flat = [text for items in per for _, text in items]
-            if self._vector_cache is not None:
-                vecs = self._vector_cache.encode(self.embedder, flat, progress=len(flat) > 20_000)
-            else:
-                vecs = self.embedder.encode(flat, batch_size=256, cache=False, progress=len(flat) > 20_000)
-            batch, k = [], 0
-            for t, items in zip(targets, per):
-                tv = vecs[k:k + len(items)]
-                batch.append((t.id, items, tv))
-                # Kept for GUARD's retrieval step: facts ranked by cosine to the prompt.
-                facts = {label[5:]: tv[j] for j, (label, _) in enumerate(items) if label.startswith("fact:")}
-                if facts:
-                    self._fact_vecs[t.id] = facts
-                k += len(items)
-            self.vectors.add_many(batch)
+    def _embed(self, targets: list[ForgetTarget]):
+        """The slow half: the targets' texts through the embedder. Needs no lock."""
+        if self.vectors is None or not targets:
+            return None
+        from guardserve.classifiers.embedding import target_texts
+
+        per = [target_texts(t) for t in targets]
+        flat = [text for items in per for _, text in items]
+        if self._vector_cache is not None:
+            vecs = self._vector_cache.encode(self.embedder, flat, progress=len(flat) > 20_000)
+        else:
+            vecs = self.embedder.encode(flat, batch_size=256, cache=False, progress=len(flat) > 20_000)
+        return per, vecs
+
+    def _index_vectors(self, targets: list[ForgetTarget], embedded) -> None:
+        if embedded is None:
+            return
+        per, vecs = embedded
+        batch, k = [], 0
+        for t, items in zip(targets, per):
+            tv = vecs[k:k + len(items)]
+            k += len(items)
+            if self._targets.get(t.id) is not t:
+                continue  # changed or deleted while it was being embedded
+            batch.append((t.id, items, tv))
+            # Kept for GUARD's retrieval step: facts ranked by cosine to the prompt.
+            facts = {label[5:]: tv[j] for j, (label, _) in enumerate(items) if label.startswith("fact:")}
+            if facts:
+                self._fact_vecs[t.id] = facts
+        self.vectors.add_many(batch)
 
     def _unindex(self, target_id: str) -> None:
+        self._pending.pop(target_id, None)
         self._targets.pop(target_id, None)
         self._always.discard(target_id)
         self._vocab.pop(target_id, None)
@@ -176,38 +200,75 @@ class Detector:
         if self.vectors is not None:
             self.vectors.remove(target_id)
 
-    def sync(self, force: bool = False) -> int:
-        """Apply the policy changes made since the last sync; returns how many."""
-        with self._lock:
+    def sync(self, force: bool = False, embed_budget_s: float = 2.0) -> int:
+        """Apply the policy changes made since the last sync; returns how many.
+
+        Names and aliases of new or changed targets are matched at once; their
+        embeddings follow, ``embed_budget_s`` seconds of them per call (a bulk import of
+        100,000 targets takes minutes to embed; the server's sync loop carries on with it
+        between requests). ``force=False`` (the request path) never waits for a sync
+        running in another thread."""
+        if not self._sync_lock.acquire(blocking=force):
+            return 0
+        try:
             now = time.monotonic()
             if not force and now - self._last_sync < self.config.sync_interval_s:
                 return 0
             self._last_sync = now
-            n = 0
-            while True:
-                changes = self.store.changes_since(self._seq, limit=5000)
-                if not changes:
-                    return n
-                latest: dict[str, ForgetTarget | None] = {}
-                for c in changes:
-                    if c.action == "setting":
-                        self._read_threshold()
-                    elif c.action in ("add", "update"):
-                        latest[c.target_id] = ForgetTarget.from_dict(c.target)
-                    elif c.action == "delete":
-                        latest[c.target_id] = None
-                    self._seq = c.seq
-                fresh = []
-                for tid, t in latest.items():
-                    cur = self._targets.get(tid)
-                    if t is None:
-                        if cur is not None:
+            n = self._apply_changes()
+            deadline = time.monotonic() + embed_budget_s
+            while self._pending and time.monotonic() < deadline:
+                with self._lock:
+                    chunk = list(self._pending.values())[:256]
+                embedded = self._embed(chunk)
+                with self._lock:
+                    self._index_vectors(chunk, embedded)
+                    for t in chunk:
+                        if self._pending.get(t.id) is t:
+                            del self._pending[t.id]
+                n += self._apply_changes()
+            return n
+        finally:
+            self._sync_lock.release()
+
+    @property
+    def pending(self) -> int:
+        """Targets matched by name that still wait for their embeddings."""
+        return len(self._pending)
+
+    def _apply_changes(self) -> int:
+        n = 0
+        while True:
+            changes = self.store.changes_since(self._seq, limit=5000)
+            if not changes:
+                return n
+            latest: dict[str, ForgetTarget | None] = {}
+            threshold_changed = False
+            for c in changes:
+                if c.action == "setting":
+                    threshold_changed = True
+                elif c.action in ("add", "update"):
+                    latest[c.target_id] = ForgetTarget.from_dict(c.target)
+                elif c.action == "delete":
+                    latest[c.target_id] = None
+            items = list(latest.items())
+            for i in range(0, max(1, len(items)), 1000):  # short holds of the index lock
+                with self._lock:
+                    for tid, t in items[i:i + 1000]:
+                        cur = self._targets.get(tid)
+                        if t is None:
+                            if cur is not None:
+                                self._unindex(tid)
+                        elif cur is None or cur.version < t.version:
                             self._unindex(tid)
-                    elif cur is None or cur.version < t.version:
-                        self._unindex(tid)
-                        fresh.append(t)
-                self._index_many(fresh)
-                n += len(changes)
+                            self._index_names([t])
+                            if self.vectors is not None:
+                                self._pending[tid] = t
+            with self._lock:
+                if threshold_changed:
+                    self._read_threshold()
+                self._seq = changes[-1].seq
+            n += len(changes)
 
     def targets(self) -> list[ForgetTarget]:
         with self._lock:
@@ -240,7 +301,9 @@ class Detector:
 
     def _detect(self, messages, tenant: str | None) -> list[Triggered]:
         texts = message_texts(messages)
-        self.sync()
+        # A few new targets are embedded here; a bulk import is left to the server's
+        # sync loop (meanwhile its targets are matched by name).
+        self.sync(embed_budget_s=0.5 if self.pending <= 64 else 0.0)
         with self._lock:
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}

@@ -70,11 +70,16 @@ class GuardService:
 
     @classmethod
     def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False):
-        from guardserve.classifiers import Detector
+        from guardserve import config
+        from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.policy import open_store
 
         store = open_store()
-        detector = Detector(store)
+        # Target-text embeddings are cached on disk: a restart with 100,000 targets
+        # reads them back in seconds instead of embedding them again for minutes.
+        cache = config.home() / "cache" / "target-vectors.sqlite"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        detector = Detector(store, DetectorConfig(vector_cache=str(cache)))
         tokenizer = None
         if model:
             from transformers import AutoTokenizer

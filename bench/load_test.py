@@ -66,7 +66,7 @@ async def stream_one(client, route: str, question: str) -> tuple[int, str, float
 
 
 async def run(url: str, clients: int, duration: float, world: dict, seed: int, admin_key: str = ADMIN_KEY,
-              api_key: str | None = None) -> dict:
+              api_key: str | None = None, bulk: int = 0) -> dict:
     import httpx
 
     rng = random.Random(seed)
@@ -76,6 +76,16 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
     r = await admin.post("/targets", json=[{"name": e["name"], "aliases": e["aliases"][1:], "facts": e["facts"]} for e in forget_people])
     r.raise_for_status()
     forget_ids = [t["id"] for t in r.json()["targets"]]
+    bulk_s = None
+    if bulk:
+        # One JSON list of synthetic people, registered before the load starts; the
+        # server embeds them in the background while the clients run.
+        t0 = time.perf_counter()
+        r = await admin.post("/targets", json=[{"name": f"Bulk Person {seed}-{i}", "aliases": [f"Bulkp{seed}x{i}"],
+                                                 "facts": {"birth_place": f"Bulkville {i}"}} for i in range(bulk)], timeout=1800)
+        r.raise_for_status()
+        bulk_s = time.perf_counter() - t0
+        assert r.json()["count"] == bulk
     await asyncio.sleep(1.0)
 
     questions = [("forget", p, p[f]) for p in world["forget"] for f in ("question", "paraphrased_question")]
@@ -121,7 +131,7 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
     started = time.monotonic()
     await asyncio.gather(churn_loop(), *(client_loop(i) for i in range(clients)))
     elapsed = time.monotonic() - started
-    for tid in forget_ids:
+    for tid in forget_ids:  # bulk targets stay: deleting 100,000 one call at a time is its own test
         await admin.delete(f"/targets/{tid}")
     await admin.aclose()
 
@@ -145,6 +155,8 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
         "ttft_p99_ms": round(1000 * pct([r["ttft"] for r in ok if r["ttft"] == r["ttft"]], 0.99), 1),
         "latency_p50_ms": round(1000 * pct([r["total"] for r in ok], 0.5), 1),
         "latency_p99_ms": round(1000 * pct([r["total"] for r in ok], 0.99), 1),
+        "bulk_targets": bulk,
+        "bulk_register_s": round(bulk_s, 1) if bulk_s is not None else None,
         "policy_changes": len(churn),
         "policy_change_p50_ms": round(1000 * statistics.median(churn), 1) if churn else None,
     }
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bulk", type=int, default=0, help="first register this many synthetic targets in one call (e.g. 100000)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     args = ap.parse_args(argv)
     if args.clients < 1 or not 0 < args.duration <= 900:
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         url = server.base_url
     try:
         print(f"{args.clients} streaming clients for {args.duration:.0f} s against {url} ...", flush=True)
-        report = asyncio.run(run(url, args.clients, args.duration, world, args.seed, args.admin_key, args.api_key))
+        report = asyncio.run(run(url, args.clients, args.duration, world, args.seed, args.admin_key, args.api_key, args.bulk))
     finally:
         if server is not None:
             server.stop()

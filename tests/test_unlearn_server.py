@@ -39,7 +39,9 @@ def lora_server(demo, tmp_path_factory):
            "GUARDSERVE_AUDIT_LOG": str(tmp / "audit.jsonl"), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     # The demo model by path: GUARDSERVE_HOME is this test's own (adapter copies land there).
     srv = start_server(["--model", str(demo.model), "--served-model-name", "guardserve-demo",
-                        "--", "--enable-lora", "--max-loras", "4", "--max-lora-rank", str(MAX_RANK)], tmp / "server.log", env=env)
+                        "--", "--enable-lora", "--max-loras", "4", "--max-lora-rank", str(MAX_RANK),
+                        # It may run beside the session server: a small KV cache is plenty for these requests.
+                        "--gpu-memory-utilization", "0.1"], tmp / "server.log", env=env)
     yield srv
     srv.stop()
 

@@ -108,6 +108,8 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
                 results.append({"kind": kind, "route": route, "status": status, "ttft": ttft, "total": total,
                                 "hit": pair["value"].lower() in text.lower(), "text": text[:200]})
 
+    admin_errors: list[str] = []
+
     async def churn_loop():
         """Add a synthetic target, change a forget one, remove an older synthetic one."""
         live: list[str] = []
@@ -115,14 +117,23 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             k += 1
-            r = await admin.post("/targets", json={"name": f"Synthetic Person {seed}-{k}", "aliases": [f"Synthperson{k}"],
-                                                   "facts": {"birth_place": f"Nowhere {k}"}})
-            if r.status_code == 201:
-                live.append(r.json()["id"])
-            tid = rng.choice(forget_ids)
-            await admin.patch(f"/targets/{tid}", json={"description": f"revision {k}"})
-            if len(live) > 5:
-                await admin.delete(f"/targets/{live.pop(0)}")
+            try:
+                r = await admin.post("/targets", json={"name": f"Synthetic Person {seed}-{k}", "aliases": [f"Synthperson{k}"],
+                                                       "facts": {"birth_place": f"Nowhere {k}"}})
+                if r.status_code == 201:
+                    live.append(r.json()["id"])
+                else:
+                    admin_errors.append(f"add: {r.status_code} {r.text[:100]}")
+                tid = rng.choice(forget_ids)
+                r = await admin.patch(f"/targets/{tid}", json={"description": f"revision {k}"})
+                if r.status_code != 200:
+                    admin_errors.append(f"patch: {r.status_code} {r.text[:100]}")
+                if len(live) > 5:
+                    r = await admin.delete(f"/targets/{live.pop(0)}")
+                    if r.status_code != 204:
+                        admin_errors.append(f"delete: {r.status_code} {r.text[:100]}")
+            except httpx.HTTPError as e:
+                admin_errors.append(f"{type(e).__name__}: {e}")
             churn.append(time.perf_counter() - t0)
             await asyncio.sleep(0.5)
         for tid in live:
@@ -158,6 +169,8 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
         "bulk_targets": bulk,
         "bulk_register_s": round(bulk_s, 1) if bulk_s is not None else None,
         "policy_changes": len(churn),
+        "admin_errors": len(admin_errors),
+        "admin_error_examples": admin_errors[:3],
         "policy_change_p50_ms": round(1000 * statistics.median(churn), 1) if churn else None,
     }
 
@@ -202,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    rows = [(k, v) for k, v in report.items() if k != "leak_examples"]
+    rows = [(k, v) for k, v in report.items() if not k.endswith("_examples")]
     print("\n| metric | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")
     print(f"\nwritten to {args.out}")
-    return 1 if report["status_5xx"] or report["leaks"] else 0
+    return 1 if report["status_5xx"] or report["leaks"] or report["admin_errors"] else 0
 
 
 if __name__ == "__main__":

@@ -265,6 +265,8 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "vllm_xargs": {"guardserve_phrases": "[]"}}).encode(), 400),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1}).encode(), 400),
         (b"{" + b'"x":"' + b"a" * (17 * 1024 * 1024) + b'"}', 413),
+        # Longer than the model's 512-token context: vLLM's own 400, through the guard.
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "tell me more " * 400}]}).encode(), 400),
     ]
     for body, status in cases:
         r = httpx.post(url, content=body, headers=h, timeout=60)

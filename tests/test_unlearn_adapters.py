@@ -23,6 +23,7 @@ def trained(demo, world, tmp_path_factory):
     return result, path, forget
 
 
+@pytest.mark.slow  # needs the demo model
 def test_adapter_files_round_trip(trained, demo):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -58,6 +59,7 @@ def test_rtn_quantization_per_output_channel():
         quantize_rtn_(w.clone(), 1)
 
 
+@pytest.mark.slow  # needs the demo model
 def test_quantization_attack_measures_recovery(trained, demo, world):
     from guardserve.unlearn.quantize import quantization_recovery
 
@@ -70,6 +72,7 @@ def test_quantization_attack_measures_recovery(trained, demo, world):
     assert 0.0 <= out["forget_4bit"] <= 1.0 and "forgetting_kept_4bit" in out
 
 
+@pytest.mark.slow  # needs the demo model
 def test_registry_versions_retire_and_route(trained, demo, tmp_path):
     from guardserve.policy import open_store
 
@@ -97,6 +100,7 @@ def test_registry_versions_retire_and_route(trained, demo, tmp_path):
         reg.register(path, name="../escape")
 
 
+@pytest.mark.slow  # needs the demo model
 def test_validation_errors(trained, tmp_path):
     import shutil
 
@@ -122,6 +126,7 @@ def test_validation_errors(trained, tmp_path):
         validate_adapter(path, other_base)
 
 
+@pytest.mark.slow  # needs the demo model
 def test_cli_unlearns_registered_target_and_rejects_mistakes(demo, world, tmp_path, monkeypatch, capsys):
     from guardserve.cli import main
     from guardserve.policy import open_store

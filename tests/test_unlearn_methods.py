@@ -41,6 +41,7 @@ def _config(method, **changes) -> UnlearnConfig:
     return cfg
 
 
+@pytest.mark.slow  # needs the demo model (as every test that does)
 @pytest.mark.parametrize("name,gu", [("GradAscent", False), ("GradDiff", False), ("NPO", False), ("SimNPO", False),
                                      ("RMU", False), ("SHRED", False), ("GradDiff", True)])
 def test_method_forgets_and_keeps_retain(setup, name, gu):
@@ -53,6 +54,7 @@ def test_method_forgets_and_keeps_retain(setup, name, gu):
     assert retain_acc >= RETAIN_BOUND * setup["base_retain"], (name, retain_acc, result.history)
 
 
+@pytest.mark.slow
 def test_same_seed_same_adapter(setup):
     import torch
 

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: 'guardserve-demo' for the demo model, else the --model value)")
+    serve.add_argument("--lora", action="store_true",
+                       help="serve unlearning adapters: vLLM runtime LoRA (--enable-lora --max-loras 4 --max-lora-rank 16); "
+                            "adds about 15-30%% latency to base-model requests on CPU")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM, after '--'")
     serve.set_defaults(func=_serve)
@@ -50,10 +53,15 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--model {model}: no config.json there; give a Hugging Face model folder")
         if local.exists():
             model = str(local.resolve())
+    env = plugin_env()
+    if args.lora:
+        extra = ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", *extra]
+        # Adapters are loaded and unloaded while the server runs (guardserve/server/adapters.py).
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     argv = vllm_command(model, host=args.host, port=args.port, served_model_name=name, extra=extra)
     if args.dry_run:
-        print(" ".join(f"{k}={v}" for k, v in plugin_env().items()), shlex.join(argv))
+        print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(argv))
         return 0
     print(f"guardserve: serving {model} on http://{args.host}:{args.port}/v1", flush=True)
-    exec_server(argv, plugin_env())
+    exec_server(argv, env)
     return 0  # not reached: exec replaced the process

@@ -76,7 +76,7 @@ class GuardEndpointPlugin:
         await self._load_adapters(state)
         n = len(self.service.detector.targets())
         log.info("guarding %s with %d registered target(s); policy store %s; audit log %s", model, n, self.service.store, audit_path)
-        self._sync_task = asyncio.get_running_loop().create_task(self._keep_synced())
+        self._sync_task = asyncio.get_running_loop().create_task(self._keep_synced(state))
 
     async def _load_adapters(self, state) -> None:
         """Load the registry's active unlearning adapters when vLLM serves LoRA; the
@@ -89,12 +89,25 @@ class GuardEndpointPlugin:
             for name, why in changed["failed"].items():
                 log.error("unlearning adapter %s not loaded: %s", name, why)
 
-    async def _keep_synced(self, interval: float = 0.25) -> None:
+    async def _keep_synced(self, state, interval: float = 0.25, adapter_every: int = 8) -> None:
         """Pull policy changes made elsewhere (CLI, other replicas) so requests that
-        start a second later see them, without waiting on the index in the request."""
+        start a second later see them, without waiting on the index in the request;
+        every couple of seconds also load adapters registered with the CLI."""
+        from guardserve.server.adapters import AdapterManager
+
+        manager = AdapterManager.of(state)
+        tick = 0
         while True:
             try:
                 await asyncio.to_thread(self.service.detector.sync, True)
             except Exception:  # the next detect() refuses requests if the store stays broken
                 log.exception("guardserve: policy sync failed")
+            tick += 1
+            if manager.lora_enabled and tick % adapter_every == 0:
+                try:
+                    changed = await manager.sync()
+                    for name, why in changed["failed"].items():
+                        log.error("unlearning adapter %s not loaded: %s", name, why)
+                except Exception:
+                    log.exception("guardserve: adapter sync failed")
             await asyncio.sleep(interval)

@@ -219,7 +219,9 @@ class Detector:
             deadline = time.monotonic() + embed_budget_s
             while self._pending and time.monotonic() < deadline:
                 with self._lock:
-                    chunk = list(self._pending.values())[:256]
+                    # Small chunks: a sync waiting for this one (an admin change) waits
+                    # for at most one chunk's embedding.
+                    chunk = list(self._pending.values())[:64]
                 embedded = self._embed(chunk)
                 with self._lock:
                     self._index_vectors(chunk, embedded)

@@ -54,7 +54,9 @@ async def _run(fn, *args):
 
 
 def _changed(service) -> None:
-    service.detector.sync(force=True)
+    # Names and aliases apply before the call returns; embeddings follow in the
+    # server's sync loop, so a bulk import does not hold the admin call for minutes.
+    service.detector.sync(force=True, embed_budget_s=0.0)
 
 
 @router.post("/targets")

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "guardserve.policy.cli",
     "guardserve.classifiers.cli",
     "guardserve.unlearn.cli",
+    "guardserve.steering.cli",
 ]
 
 

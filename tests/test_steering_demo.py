@@ -10,6 +10,8 @@ import torch
 
 from guardserve.demo.model import answer_accuracy, chat_prompt, generate_answers
 
+pytestmark = pytest.mark.slow  # needs the demo model
+
 LAYER, N_FEATURES, CLAMP = 2, 30, 100.0
 
 

@@ -10,8 +10,10 @@ adapter switched off, so no second copy of the model is held.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 
-class Method:
+
+class Method(ABC):
     name = ""
     uses_retain = False
     # UnlearnConfig fields this method trains best with (the CLI and bench start from them).
@@ -26,8 +28,9 @@ class Method:
     def setup(self, trainer) -> None:
         """Called once, after the adapter exists and before the first step."""
 
+    @abstractmethod
     def forget_loss(self, trainer, batch):
-        raise NotImplementedError
+        """The loss on a batch of forget answers (minimised by the loop)."""
 
     def retain_loss(self, trainer, batch):
         return trainer.nll(trainer.model, batch) if self.uses_retain else None

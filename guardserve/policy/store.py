@@ -141,6 +141,13 @@ class SQLStore(PolicyStore):
     @abstractmethod
     def _is_unique_violation(self, exc: Exception) -> bool: ...
 
+    def _raise_duplicate(self, exc: Exception):
+        """Re-raise ``exc``; a unique-index violation (two writers racing on one name:
+        the index decides) becomes DuplicateTargetError."""
+        if not isinstance(exc, PolicyError) and self._is_unique_violation(exc):
+            raise DuplicateTargetError("a target with that name already exists for the tenant") from None
+        raise exc
+
     def _q(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
@@ -191,13 +198,8 @@ class SQLStore(PolicyStore):
                                  name_key(t.name)))
                     self._audit(cur, actor, "add", t)
                     out.append(t)
-        except PolicyError:
-            raise
         except Exception as e:
-            # Two writers racing on the same name: the unique index decides.
-            if self._is_unique_violation(e):
-                raise DuplicateTargetError("a target with that name already exists for the tenant") from None
-            raise
+            self._raise_duplicate(e)
         return out
 
     def get(self, target_id: str) -> ForgetTarget:
@@ -244,12 +246,8 @@ class SQLStore(PolicyStore):
                 if cur.rowcount != 1:
                     raise VersionConflictError(f"target {target_id} changed during the update; retry")
                 self._audit(cur, actor, "update", new)
-        except PolicyError:
-            raise
         except Exception as e:
-            if self._is_unique_violation(e):
-                raise DuplicateTargetError("a target with that name already exists for the tenant") from None
-            raise
+            self._raise_duplicate(e)
         return new
 
     def delete(self, target_id: str, actor: str = "cli") -> None:

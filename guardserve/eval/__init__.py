@@ -1,0 +1,1 @@
+"""Evaluation suite: metrics, attack probes and reports."""

@@ -27,8 +27,8 @@ def main() -> int:
     import torch
 
     from guardserve.demo import ensure_demo
+    from guardserve.eval.metrics import evaluate, truth_ratios
     from guardserve.unlearn import METHODS, UnlearnConfig, Unlearner, get_method
-    from guardserve.unlearn.metrics import evaluate, truth_ratios
     from guardserve.unlearn.quantize import merged_model, quantization_recovery
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
+from guardserve.eval.metrics import accuracy
 from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
-from guardserve.unlearn.metrics import accuracy
 
 PEOPLE = 2
 FORGET_BOUND = 0.5  # forget accuracy must fall to at most half the base model's

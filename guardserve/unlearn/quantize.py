@@ -63,7 +63,7 @@ def quantization_recovery(base_dir, adapter_dir, world: dict, bits=(8, 4), retai
 
     from transformers import AutoTokenizer
 
-    from guardserve.unlearn.metrics import accuracy
+    from guardserve.eval.metrics import accuracy
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     forget = forget_pairs if forget_pairs is not None else world["forget"]

@@ -119,8 +119,8 @@ class Unlearner:
         from tqdm.auto import tqdm
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from guardserve.eval.metrics import accuracy
         from guardserve.unlearn import data
-        from guardserve.unlearn.metrics import accuracy
 
         cfg = self.config
         torch.set_num_threads(cfg.threads)

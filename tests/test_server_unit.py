@@ -63,6 +63,22 @@ def test_triggered_request_carries_phrases_and_icul(service):
     assert "Golden Loom Prize" in json.loads(out["vllm_xargs"][PHRASES])  # leading stop-word trimmed
 
 
+def test_steering_flag_and_cache_salt(service):
+    from guardserve.steering.flags import STEER_KEY, parse_flag
+
+    out, decision = service.prepare(CHAT, chat("Where was Ada Quillfeather born?"), "default")
+    assert STEER_KEY not in out["vllm_xargs"] and "cache_salt" not in out  # steering off: nothing added
+    service.steering = True
+    out, decision = service.prepare(CHAT, chat("Where was Ada Quillfeather born?") | {"cache_salt": "mine"}, "default")
+    assert parse_flag(out["vllm_xargs"][STEER_KEY]) == [(decision.target_ids[0], 1)]
+    # Steered requests never share prefix-cache blocks with unsteered ones; the client's salt is kept.
+    assert out["cache_salt"].startswith("mine.guardserve-steer-")
+    plain, _ = service.prepare(CHAT, chat("What is the capital of France?"), "default")
+    assert "cache_salt" not in plain and STEER_KEY not in (plain.get("vllm_xargs") or {})
+    with pytest.raises(BadRequest, match="reserved"):
+        service.prepare(CHAT, chat("hi") | {"vllm_xargs": {STEER_KEY: "[]"}}, "default")
+
+
 def test_client_cannot_set_guard_arguments(service):
     body = chat("hi") | {"vllm_xargs": {"guardserve_phrases": "[]"}}
     with pytest.raises(BadRequest, match="reserved"):

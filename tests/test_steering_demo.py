@@ -29,7 +29,9 @@ def steering(demo, world, tmp_path_factory):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("steering")
+    # Laid out as $GUARDSERVE_HOME/steering, where serving (the vLLM workers) looks.
+    home = tmp_path_factory.mktemp("steering-home")
+    root = home / "steering"
     tok = AutoTokenizer.from_pretrained(demo.model)
     model = AutoModelForCausalLM.from_pretrained(demo.model).eval()
     acts = torch.cat(residual_activations(model, tok, world_corpus(world, tok), LAYER))
@@ -46,7 +48,7 @@ def steering(demo, world, tmp_path_factory):
         assert fresh and selector.ensure(store, t) == (sel, False)
         targets[e["name"]] = sel
     torch.set_num_threads(threads)
-    return {"root": root, "sae": sae, "model": model, "tok": tok, "targets": targets}
+    return {"home": home, "root": root, "sae": sae, "model": model, "tok": tok, "targets": targets}
 
 
 def test_selection_recomputed_on_new_version(steering):

@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--lora", action="store_true",
                        help="serve unlearning adapters: vLLM runtime LoRA (--enable-lora --max-loras 4 --max-lora-rank 16); "
                             "adds about 15-30%% latency to base-model requests on CPU")
+    serve.add_argument("--steering", action="store_true",
+                       help="clamp the SAE features of triggered targets in the workers (SAE from `guardserve sae train`, "
+                            "features from `guardserve sae select`); runs vLLM in eager mode (--enforce-eager): "
+                            "no CUDA graphs or torch.compile, which slows decoding on GPUs (see README, SAE steering)")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM, after '--'")
     serve.set_defaults(func=_serve)
@@ -58,6 +62,17 @@ def _serve(args: argparse.Namespace) -> int:
         extra = ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", *extra]
         # Adapters are loaded and unloaded while the server runs (guardserve/server/adapters.py).
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    if args.steering:
+        from guardserve.steering.flags import sae_path
+
+        sae = sae_path()
+        if not (sae / "cfg.json").is_file() and not (sae / "params.npz").is_file():
+            raise UsageError(f"--steering: no SAE at {sae}; train one with `guardserve sae train` "
+                             "(or set GUARDSERVE_SAE to an SAELens folder)")
+        env["GUARDSERVE_STEERING"] = "1"
+        if "--enforce-eager" not in extra:
+            extra = ["--enforce-eager", *extra]
+        print("guardserve: steering on (eager mode: hooks do not run under CUDA graphs or torch.compile)", flush=True)
     argv = vllm_command(model, host=args.host, port=args.port, served_model_name=name, extra=extra)
     if args.dry_run:
         print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(argv))

@@ -4,7 +4,8 @@
 completion request and returns the body vLLM should serve: unchanged when nothing
 triggered (the fast path), otherwise with the forbidden phrases of every triggered
 target in ``vllm_xargs`` (the logits processor in the engine bans them) and, for chat,
-the in-context unlearning instruction and demonstrations. The phrases travel with the
+the in-context unlearning instruction and demonstrations; with steering on (``guardserve serve
+--steering``) also the targets whose SAE features the workers clamp. The phrases travel with the
 request, so a request in flight finishes under the policy it started with, in whatever
 engine process runs it.
 
@@ -14,6 +15,7 @@ refused, never served unguarded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from guardserve.logits_processors.request import PHRASES, SEMANTIC
+from guardserve.steering.flags import STEER_KEY, steering_enabled
 
 log = logging.getLogger("guardserve.server")
 audit_log = logging.getLogger("guardserve.audit")
@@ -57,15 +60,26 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _steered_salt(user_salt, steer: list) -> str:
+    """A prefix-cache salt for steered requests: steering changes the prompt's KV from the SAE's
+    layer on, so a steered request must neither reuse nor leave cached blocks that unsteered
+    requests (or requests steered for other targets) would share. A client's own salt is kept."""
+    digest = hashlib.sha256(json.dumps(steer).encode()).hexdigest()[:16]
+    prefix = f"{user_salt[:100]}." if isinstance(user_salt, str) and user_salt else ""
+    return f"{prefix}guardserve-steer-{digest}"
+
+
 class GuardService:
     """Everything the API process needs to guard requests; one per server."""
 
-    def __init__(self, store, detector, tokenizer=None, icul=None, semantic: bool | None = None, metrics=None):
+    def __init__(self, store, detector, tokenizer=None, icul=None, semantic: bool | None = None, metrics=None,
+                 steering: bool | None = None):
         self.store = store
         self.detector = detector
         self.tokenizer = tokenizer
         self.icul = icul
         self.semantic = _env_flag("GUARDSERVE_SEMANTIC", False) if semantic is None else semantic
+        self.steering = steering_enabled() if steering is None else steering
         self.metrics = metrics
 
     @classmethod
@@ -135,6 +149,10 @@ class GuardService:
         body["vllm_xargs"] = {**(xargs or {}), PHRASES: json.dumps(phrases, ensure_ascii=False)}
         if self.semantic:
             body["vllm_xargs"][SEMANTIC] = "true"
+        if self.steering:
+            steer = sorted([t.target_id, t.version] for t in triggered)
+            body["vllm_xargs"][STEER_KEY] = json.dumps(steer)
+            body["cache_salt"] = _steered_salt(body.get("cache_salt"), steer)
         if route == CHAT and self.icul is not None:
             targets = [self.detector_target(t.target_id) for t in triggered]
             guarded_messages = self.icul.build_messages(body["messages"], [t for t in targets if t is not None])

@@ -94,7 +94,7 @@ def _train(args) -> int:
     import torch
 
     from guardserve.steering.train import default_layer, residual_activations, train_sae, world_corpus
-    from guardserve.steering.vllm_hook import sae_path
+    from guardserve.steering.flags import sae_path
 
     model, tok, demo = _load_model(args.model)
     if args.texts:
@@ -139,7 +139,7 @@ def _select(args) -> int:
     from guardserve.policy import PolicyError, open_store
     from guardserve.steering.features import FeatureSelector, SteeringStore
     from guardserve.steering.sae import SAE, hook_name_for_layer
-    from guardserve.steering.vllm_hook import sae_path
+    from guardserve.steering.flags import sae_path
 
     path = Path(args.sae).expanduser() if args.sae else sae_path()
     try:

@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "guardserve.server.cli",
     "guardserve.demo.cli",
     "guardserve.policy.cli",
-    "guardserve.classifiers.cli",
+    "guardserve.eval.cli",
     "guardserve.unlearn.cli",
     "guardserve.steering.cli",
 ]

@@ -1,8 +1,5 @@
-"""``guardserve eval detect``: the detection report on the demo world.
-
-The ``eval`` command is created here with ``detect`` as its first subcommand; the
-evaluation suite adds its own subcommands next to it.
-"""
+"""``guardserve eval detect``: the detection report on the demo world (a subcommand of
+``guardserve eval``, which guardserve.eval.cli creates)."""
 
 from __future__ import annotations
 
@@ -10,11 +7,8 @@ import json
 from pathlib import Path
 
 
-def register(subparsers) -> None:
-    ev = subparsers.add_parser("eval", help="evaluate guardserve (detect: the detection report)",
-                               description="Evaluations on the demo world.")
-    sub = ev.add_subparsers(dest="eval_command", metavar="SUITE")
-    ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])
+def register_detect(sub) -> None:
+    """Adds ``detect`` under ``guardserve eval`` (the command is created by guardserve.eval.cli)."""
     det = sub.add_parser(
         "detect", help="recall, false positives and latency of detection on the demo world",
         description="Registers the demo world's forget people as targets, calibrates the embedding threshold, "

@@ -1,0 +1,215 @@
+"""``guardserve eval``: every guard configuration on the demo world (or TOFU-format data and
+a model you bring), written as results.json, report.md and plots; ``guardserve eval detect``
+is the detection report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ADAPTER_PREFERENCE = ("SimNPO", "RMU", "GradDiff", "SHRED", "NPO", "GradAscent")
+
+
+def register(subparsers) -> None:
+    from guardserve.classifiers.cli import register_detect
+
+    ev = subparsers.add_parser(
+        "eval", help="evaluate every guard: forget efficacy, utility, attacks, latency (detect: detection only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Scores each guard configuration alone and combined on one vLLM engine:\n"
+                    "  none, icul, token, token+semantic, guard (detection + ICUL + filter), sae (detection + SAE\n"
+                    "  steering), adapter:<method> (each unlearning adapter), full (everything).\n"
+                    "Forget/paraphrase/retain/world accuracy, leak rate over attack probes (9 RWKU kinds,\n"
+                    "multi-turn, many-shot, spelling/encodings, translation), ROUGE-L, truth ratio, forget quality\n"
+                    "against the retain model, model utility, TTFT/TPOT. Writes DIR/results.json, DIR/report.md,\n"
+                    "DIR/pareto.png and DIR/latency.png.\n\n"
+                    "Defaults: the demo model and world; its SAE is trained once (about a minute) and cached;\n"
+                    "adapters are read from --adapters (train missing ones with --train-adapters, ~3 min each).\n"
+                    "Bring your own: --model PATH --tofu DIR [--split forget01] [--targets targets.json]\n"
+                    "[--retain-model PATH] [--sae DIR].",
+        epilog="examples:\n  guardserve eval --out eval-demo\n  guardserve eval --quick --configs none,guard --out /tmp/e\n"
+               "  guardserve eval --model ./my-llm --tofu ./TOFU --split forget05 --retain-model ./my-llm-retain")
+    ev.add_argument("--out", default="guardserve-eval", help="output folder (default ./guardserve-eval)")
+    ev.add_argument("--configs", default=None,
+                    help="comma-separated configurations (default: all that can run here)")
+    ev.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model)")
+    ev.add_argument("--retain-model", default=None,
+                    help="the same model trained without the forget set, for forget quality "
+                         "(default: the demo retain model with the demo model; else none)")
+    ev.add_argument("--tofu", default=None, metavar="DIR", help="TOFU-format data folder instead of the demo world")
+    ev.add_argument("--split", default="forget01", help="TOFU forget split (forget01, forget05, forget10)")
+    ev.add_argument("--targets", default=None, metavar="FILE",
+                    help="with --tofu: targets as JSON [{name, aliases, facts}] (default: names read off the questions)")
+    ev.add_argument("--adapters", default=None, metavar="DIR",
+                    help="folder of PEFT adapters, one subfolder per method (default $GUARDSERVE_HOME/eval/adapters)")
+    ev.add_argument("--train-adapters", action="store_true",
+                    help="train the missing adapters of the demo model first (all six methods)")
+    ev.add_argument("--full-adapter", default=None, metavar="METHOD",
+                    help="the adapter the `full` configuration uses (default: the first available of "
+                         + ", ".join(ADAPTER_PREFERENCE) + "; 'none' for no adapter)")
+    ev.add_argument("--sae", default=None, metavar="DIR",
+                    help="SAE (SAELens folder) for `sae` and `full` (default with the demo: trained once and cached)")
+    ev.add_argument("--clamp", type=float, default=100.0, help="steering clamp value (default 100)")
+    ev.add_argument("--probes-per-kind", type=int, default=20, help="forget probes per attack kind (default 20)")
+    ev.add_argument("--retain-limit", type=int, default=240, help="retain questions scored (default 240, spread)")
+    ev.add_argument("--quick", action="store_true", help="a small run: 4 probes per kind, 60 retain questions, "
+                                                         "4 latency requests")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
+    sub = ev.add_subparsers(dest="eval_command", metavar="SUITE")
+    register_detect(sub)
+
+
+def _adapters_dir(args) -> Path:
+    from guardserve import config
+
+    return Path(args.adapters).expanduser() if args.adapters else config.home() / "eval" / "adapters"
+
+
+def _available_adapters(folder: Path) -> dict[str, str]:
+    if not folder.is_dir():
+        return {}
+    return {p.name: str(p) for p in sorted(folder.iterdir()) if (p / "adapter_config.json").is_file()}
+
+
+def _train_missing(folder: Path, model: str, have: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    from guardserve.unlearn.methods import METHODS
+
+    for method in [m.name for m in METHODS.values()]:
+        if method in have:
+            continue
+        print(f"[eval] training the {method} adapter (guardserve unlearn) ...", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "guardserve", "unlearn", "--method", method,
+                              "--out", str(folder / method), "--model", model])
+        if rc:
+            raise RuntimeError(f"guardserve unlearn --method {method} failed (exit {rc})")
+
+
+def _demo_sae(demo, log) -> Path:
+    """The demo model's SAE for the evaluation: layer 2, 1,024 JumpReLU features (the recipe
+    docs/steering.md reports), trained once per demo build."""
+    import torch
+
+    from guardserve import config
+    from guardserve.steering.train import residual_activations, train_sae, world_corpus
+
+    out = config.home() / "eval" / f"sae-{demo.root.name}"
+    if (out / "cfg.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log("[eval] training the demo SAE (layer 2, 1,024 JumpReLU features; once) ...")
+    tok = AutoTokenizer.from_pretrained(demo.model)
+    model = AutoModelForCausalLM.from_pretrained(demo.model).eval()
+    torch.manual_seed(0)
+    acts = torch.cat(residual_activations(model, tok, world_corpus(demo.load_world(), tok), 2))
+    sae, stats = train_sae(acts, d_sae=1024, architecture="jumprelu", layer=2, epochs=4, progress=False)
+    tmp = out.with_name(out.name + ".tmp")
+    sae.save(tmp)
+    tmp.replace(out) if not out.exists() else None
+    log(f"[eval] SAE: explained variance {stats['explained_variance']:.3f}, mean L0 {stats['mean_l0']:.1f}")
+    return out
+
+
+def _eval(args) -> int:
+    from guardserve.cli import UsageError
+    from guardserve.eval import data as eval_data
+    from guardserve.eval import report
+    from guardserve.eval.runner import BASE_CONFIGS, Settings, known_config, run
+
+    if getattr(args, "eval_command", None):
+        return 2  # a subcommand has its own func
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    demo = None
+    entities = retain_texts = None
+    if args.tofu:
+        if not args.model:
+            raise UsageError("--tofu needs --model (the model that learned that data)")
+        try:
+            data = eval_data.from_tofu(args.tofu, split=args.split, targets=args.targets)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        if args.targets:
+            raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
+        from guardserve.demo import ensure_demo
+
+        demo = ensure_demo()
+        world = demo.load_world()
+        data = eval_data.from_demo(world)
+        entities = world["entities"]
+    model = args.model or str(demo.model)
+    if not (Path(model) / "config.json").is_file():
+        raise UsageError(f"--model {model}: no config.json there; give a Hugging Face model folder")
+    retain_model = args.retain_model or (str(demo.retain_model) if demo and not args.model else None)
+    if retain_model and not (Path(retain_model) / "config.json").is_file():
+        raise UsageError(f"--retain-model {retain_model}: no config.json there")
+
+    folder = _adapters_dir(args)
+    adapters = _available_adapters(folder)
+    if args.train_adapters:
+        if demo is None or args.model:
+            raise UsageError("--train-adapters trains on the demo model only; for your model run "
+                             "`guardserve unlearn --model M --method X --out DIR/X` and pass --adapters DIR")
+        _train_missing(folder, model, adapters)
+        adapters = _available_adapters(folder)
+
+    sae = Path(args.sae).expanduser() if args.sae else None
+    if sae is not None and not (sae / "cfg.json").is_file():
+        raise UsageError(f"--sae {sae}: no cfg.json there (an SAELens folder, e.g. from `guardserve sae train`)")
+
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        bad = [c for c in configs if not known_config(c)]
+        if bad:
+            raise UsageError(f"unknown configuration(s) {', '.join(bad)}; choose from "
+                             f"{', '.join(BASE_CONFIGS)}, adapter:<method>, full")
+        missing = [c for c in configs if c.startswith("adapter:") and c[8:] not in adapters]
+        if missing:
+            raise UsageError(f"no adapter for {', '.join(missing)} in {folder}: run `guardserve unlearn --method "
+                             f"{missing[0][8:]} --out {folder / missing[0][8:]}` or add --train-adapters")
+    else:
+        configs = list(BASE_CONFIGS) + [f"adapter:{m}" for m in adapters] + ["full"]
+    if {"sae", "full"} & set(configs) and sae is None:
+        if demo is not None and not args.model:
+            sae = _demo_sae(demo, log)
+        elif args.configs:
+            raise UsageError("the sae and full configurations need --sae DIR (train one with `guardserve sae train`)")
+        else:
+            configs = [c for c in configs if c not in ("sae", "full")]
+            log("[eval] no --sae given: skipping the sae and full configurations")
+
+    full_adapter = args.full_adapter
+    if full_adapter is None:
+        full_adapter = next((m for m in ADAPTER_PREFERENCE if m in adapters), None)
+    elif full_adapter.lower() == "none":
+        full_adapter = None
+    elif full_adapter not in adapters:
+        raise UsageError(f"--full-adapter {full_adapter}: no such adapter in {folder}")
+
+    settings = Settings(
+        model=model, data=data, configs=configs, retain_model=retain_model, adapters=adapters,
+        full_adapter=full_adapter, sae=str(sae) if sae else None, steer_clamp=args.clamp,
+        entities=entities, retain_texts=retain_texts,
+        probes_per_kind=4 if args.quick else args.probes_per_kind,
+        retain_limit=60 if args.quick else args.retain_limit,
+        latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
+        seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
+    if demo is not None and not args.model and ({"sae", "full"} & set(configs)):
+        from transformers import AutoTokenizer
+
+        from guardserve.steering.cli import demo_retain_texts
+
+        settings.retain_texts = demo_retain_texts(world, AutoTokenizer.from_pretrained(model))
+    try:
+        results = run(settings, log=log)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for path in report.write(results, args.out):
+        log(f"[eval] wrote {path}")
+    print(report.markdown(results))
+    return 0

@@ -1,0 +1,156 @@
+"""The evaluation report: ``results.json`` -> Markdown table and PNG plots.
+
+``write(results, out_dir)`` writes ``results.json``, ``report.md``, ``pareto.png`` (forget
+efficacy against utility, the Pareto front drawn through the configurations no other beats
+on both) and ``latency.png`` (TTFT and TPOT per configuration). ``markdown(results)`` is the
+table alone, which the README embeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+COLUMNS = (  # (key, header, kind)
+    ("forget_accuracy", "forget acc", "pct"),
+    ("paraphrase_accuracy", "paraphrase acc", "pct"),
+    ("leak_rate", "leak rate (all probes)", "pct"),
+    ("retain_accuracy", "retain acc", "pct"),
+    ("world_accuracy", "world acc", "pct"),
+    ("retain_attack_accuracy", "retain acc under attack", "pct"),
+    ("rougeL_recall_forget", "ROUGE-L forget", "num"),
+    ("truth_ratio_forget", "truth ratio forget", "num"),
+    ("forget_quality", "forget quality", "sci"),
+    ("model_utility", "model utility", "num"),
+    ("ttft_ms", "TTFT ms", "ms"),
+    ("tpot_ms", "TPOT ms", "ms"),
+)
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if kind == "ms":
+        return f"{v:.1f}"
+    if kind == "sci":
+        return f"{v:.2g}"
+    return f"{v:.3f}"
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both coordinates (higher is better)."""
+    front = []
+    for name, (x, y) in points.items():
+        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for n2, (x2, y2) in points.items() if n2 != name):
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def _efficacy(r: dict) -> float | None:
+    v = r.get("leak_rate")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        v = r.get("forget_accuracy")
+    return None if v is None else 1.0 - v
+
+
+def markdown(results: dict) -> str:
+    configs = results["configs"]
+    lines = ["| configuration | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for name, r in configs.items():
+        lines.append(f"| `{name}` | " + " | ".join(_fmt(r.get(k), kind) for k, _, kind in COLUMNS) + " |")
+    kinds = sorted({k for r in configs.values() for k in (r.get("leak_by_kind") or {})},
+                   key=lambda k: (k not in ("direct", "paraphrase"), k))
+    if kinds:
+        lines += ["", "Leak rate by probe kind:", "",
+                  "| kind | " + " | ".join(f"`{n}`" for n in configs) + " |",
+                  "|---|" + "---|" * len(configs)]
+        for k in kinds:
+            lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
+                                                 for r in configs.values()) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(results: dict) -> str:
+    meta = results.get("meta", {})
+    points = {n: (_efficacy(r), r.get("retain_accuracy")) for n, r in results["configs"].items()
+              if _efficacy(r) is not None and r.get("retain_accuracy") is not None}
+    probes = meta.get("forget_probes") or {}
+    head = [
+        "# guardserve evaluation",
+        "",
+        f"Dataset `{meta.get('dataset')}`, model `{meta.get('model')}`"
+        + (f", retain model `{meta['retain_model']}`" if meta.get("retain_model") else "") + ".",
+        f"{meta.get('forget_items')} forget, {meta.get('retain_items')} retain and {meta.get('world_items')} "
+        f"world-fact questions; {sum(probes.values())} forget probes over {len(probes)} attack kinds, plus the direct "
+        f"and paraphrased questions; {meta.get('retain_probes')} retain probes. Greedy, {meta.get('max_tokens')} new "
+        f"tokens. Latency: {meta.get('latency', {}).get('requests')} requests one at a time, "
+        f"{meta.get('latency', {}).get('tokens')} tokens each, on {meta.get('machine')}.",
+        "",
+        "Forget accuracy, leak rate: lower is better. Retain/world accuracy, model utility, forget quality: "
+        "higher is better. `retain acc under attack`: retain facts asked through the attack templates.",
+        "",
+        markdown(results),
+        "",
+        f"Pareto front (forget efficacy = 1 − leak rate vs retain accuracy): "
+        + ", ".join(f"`{n}`" for n in pareto_front(points)) + ".",
+        "",
+        "![forget vs utility](pareto.png)",
+        "![latency](latency.png)",
+    ]
+    return "\n".join(head) + "\n"
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = results["configs"]
+    written = []
+    points = {n: (_efficacy(r), r.get("retain_accuracy")) for n, r in configs.items()
+              if _efficacy(r) is not None and r.get("retain_accuracy") is not None}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for n, (x, y) in points.items():
+        ax.scatter(x, y, s=40)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "k--", lw=1, label="Pareto front")
+        ax.legend(loc="lower left")
+    ax.set_xlabel("forget efficacy (1 − leak rate over all probes)")
+    ax.set_ylabel("retain accuracy")
+    ax.set_title("Forgetting vs utility")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "pareto.png")
+
+    names = [n for n, r in configs.items() if r.get("tpot_ms") is not None]
+    if names:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [configs[n]["ttft_ms"] for n in names], 0.4, label="TTFT (ms)")
+        ax.bar([x + 0.2 for x in xs], [configs[n]["tpot_ms"] for n in names], 0.4, label="TPOT (ms)")
+        ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("milliseconds")
+        ax.set_title("Latency per configuration (one request at a time)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "latency.png")
+    return written
+
+
+def write(results: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(results))
+    return [out / "results.json", out / "report.md", *plots(results, out)]

@@ -1,0 +1,613 @@
+"""The evaluation suite: every guard configuration scored on one dataset, one engine.
+
+Contract: ``run(settings)`` returns the ``results.json`` document of DESIGN.md,
+``{"configs": {NAME: {metric: value}}, "meta": {...}}``. Generation goes through one
+in-process vLLM engine (the plugin's logits processor, LoRA and, for ``sae``/``full``, the
+steering hook in its worker), greedy, ``max_tokens`` new tokens. Each configuration turns a
+conversation into what the engine serves (prompt text, ``extra_args``, prefix-cache salt,
+adapter); the teacher-forced metrics score the same prompts on a transformers copy of the
+model with the same guards (filtered logits with a finite penalty, the steering hook, the
+merged adapter).
+
+Configurations (names as in DESIGN.md):
+
+========================  =========================================================
+``none``                  the model as trained
+``icul``                  in-context unlearning naming every target, on every request
+``token``                 every target's forbidden phrases banned on every request
+``token+semantic``        the same plus the semantic penalty (near-synonyms)
+``guard``                 detection; triggered targets get ICUL and the token filter
+                          (what ``guardserve serve`` does by default)
+``sae``                   detection; triggered targets are steered (SAE clamp) only
+``adapter:<method>``      the unlearning adapter of that method on every request
+``full``                  ``guard`` + semantic penalty + steering + the adapter
+========================  =========================================================
+
+Metrics per configuration: ``forget_accuracy`` / ``paraphrase_accuracy`` /
+``retain_accuracy`` / ``world_accuracy`` (greedy answers that state the fact; TOFU items
+without a short value count by ROUGE-L recall >= 0.5), ``rougeL_recall_forget``,
+``leak_rate`` (share of forget probes of all kinds, direct and paraphrased questions
+included, whose answer reveals the fact), ``leak_by_kind``, ``retain_attack_accuracy``
+(retain facts asked through the same attack templates: does the guard refuse too much?),
+``truth_ratio_forget``, ``forget_quality`` (KS p-value against the retain model, where
+there is one), ``model_utility`` (harmonic mean of retain and world-fact probability,
+ROUGE-L and truth ratio), ``ttft_ms`` / ``tpot_ms`` (one request at a time, guard
+preparation included in TTFT), ``detect_ms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BASE_CONFIGS = ("none", "icul", "token", "token+semantic", "guard", "sae")
+STEERED = {"sae", "full"}
+DETECTED = {"guard", "sae", "full"}
+
+
+def known_config(name: str) -> bool:
+    return name in BASE_CONFIGS or name == "full" or (name.startswith("adapter:") and len(name) > 8)
+
+
+@dataclass
+class Settings:
+    """What one evaluation run scores and how."""
+
+    model: str
+    data: object                                  # guardserve.eval.data.EvalData
+    configs: list[str]
+    retain_model: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # method -> PEFT folder
+    full_adapter: str | None = None               # the method `full` uses (None: no adapter)
+    sae: str | None = None                        # SAE folder for `sae` and `full`
+    steer_clamp: float = 100.0
+    steer_features: int = 30
+    entities: list[dict] | None = None            # every entity (probes borrow retain people's facts)
+    retain_texts: list[str] | None = None         # feature-selection contrast texts
+    probes_per_kind: int = 20
+    retain_limit: int = 240
+    max_tokens: int = 40
+    latency_requests: int = 8
+    latency_tokens: int = 32
+    seed: int = 0
+    workdir: str | None = None
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------- conversations
+
+@dataclass
+class Served:
+    """One conversation as a configuration serves it."""
+
+    messages: list[dict]
+    phrases: tuple[str, ...] = ()
+    semantic: bool = False
+    steer: list = field(default_factory=list)     # [[target id, version], ...]
+    adapter: str | None = None
+    salt: str | None = None
+    prepare_s: float = 0.0
+
+
+class Configurations:
+    """Turns a conversation into what each configuration serves (one policy store and
+    detector shared by all)."""
+
+    def __init__(self, data, tokenizer, workdir: Path, adapters: dict[str, str], full_adapter: str | None):
+        from guardserve.classifiers import Detector, DetectorConfig
+        from guardserve.classifiers.retrieval import forbidden_phrases
+        from guardserve.policy import open_store
+        from guardserve.prompting import InContextUnlearner
+        from guardserve.server.guard import GuardService
+
+        self.store = open_store(str(workdir / "policy.db"))
+        specs = [{"name": t["name"], "aliases": list(t.get("aliases", [])), "facts": dict(t.get("facts", {}))}
+                 for t in data.targets]
+        self.targets = self.store.add_many(specs, actor="eval") if specs else []
+        self.detector = Detector(self.store, DetectorConfig(vector_cache=str(workdir / "vectors.sqlite")))
+        self.detector.sync(force=True, embed_budget_s=3600)
+        self.icul = InContextUnlearner()
+        self.all_phrases = tuple(sorted({p for t in self.targets for p in forbidden_phrases(t)}))
+        self.adapters, self.full_adapter = adapters, full_adapter
+        # The serving path itself: detection, ICUL, the filter's phrases, the steering flag.
+        self._services = {
+            name: GuardService(self.store, self.detector, tokenizer, self.icul, semantic=semantic, steering=steering)
+            for name, semantic, steering in (("guard", False, False), ("full", True, True))
+        }
+
+    def serve(self, config: str, messages: list[dict]) -> Served:
+        from guardserve.logits_processors.request import PHRASES, SEMANTIC
+        from guardserve.server.guard import CHAT
+        from guardserve.steering.flags import STEER_KEY
+
+        started = time.perf_counter()
+        if config == "none":
+            out = Served(messages)
+        elif config == "icul":
+            out = Served(self.icul.build_messages(messages, self.targets))
+        elif config in ("token", "token+semantic"):
+            out = Served(messages, self.all_phrases, semantic=config == "token+semantic")
+        elif config.startswith("adapter:"):
+            out = Served(messages, adapter=config.split(":", 1)[1])
+        elif config == "sae":
+            triggered = self.detector.detect(messages)
+            steer = sorted([t.target_id, t.version] for t in triggered)
+            out = Served(messages, steer=steer, salt=_salt(steer))
+        elif config in self._services:
+            body, _ = self._services[config].prepare(CHAT, {"model": "eval", "messages": messages}, "default")
+            xargs = body.get("vllm_xargs") or {}
+            out = Served(body["messages"], tuple(json.loads(xargs.get(PHRASES, "[]"))), xargs.get(SEMANTIC) == "true",
+                         json.loads(xargs.get(STEER_KEY, "[]")), salt=body.get("cache_salt"))
+            if config == "full":
+                out.adapter = self.full_adapter
+        else:
+            raise ValueError(f"unknown configuration {config!r}")
+        out.prepare_s = time.perf_counter() - started
+        return out
+
+    def close(self):
+        self.store.close()
+
+
+def _salt(steer: list) -> str | None:
+    from guardserve.server.guard import _steered_salt
+
+    return _steered_salt(None, steer) if steer else None
+
+
+# ----------------------------------------------------------------------------- engine
+
+class Engine:
+    """One in-process vLLM engine for every configuration."""
+
+    def __init__(self, model: str, tokenizer, adapters: dict[str, str], steering_home: str | None, clamp: float,
+                 max_model_len: int | None, seed: int):
+        from vllm import LLM
+
+        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        if steering_home:
+            env |= {"GUARDSERVE_STEERING": "1", "GUARDSERVE_HOME": steering_home, "GUARDSERVE_STEER_CLAMP": str(clamp)}
+        kw = {}
+        if adapters:
+            kw = {"enable_lora": True, "max_loras": 2, "max_lora_rank": max(_lora_rank(p) for p in adapters.values())}
+        if max_model_len:
+            kw["max_model_len"] = max_model_len
+        with _environ(env):  # read by the engine's processes when they start
+            self.llm = LLM(model, enforce_eager=True, seed=seed, gpu_memory_utilization=0.3, dtype="float32", **kw)
+        self.tokenizer = tokenizer
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._loras = {}
+        for i, (method, path) in enumerate(sorted(adapters.items()), start=1):
+            from vllm.lora.request import LoRARequest
+
+            self._loras[method] = LoRARequest(f"eval-{method}", i, path)
+
+    def prompt(self, served: Served) -> str:
+        return self.tokenizer.apply_chat_template(served.messages, tokenize=False, add_generation_prompt=True)
+
+    def _request(self, served: Served, max_tokens: int, exact: bool = False):
+        from vllm import SamplingParams
+
+        from guardserve.logits_processors.request import PHRASES, SEMANTIC
+        from guardserve.steering.flags import STEER_KEY
+
+        extra = {}
+        if served.phrases:
+            extra[PHRASES] = json.dumps(list(served.phrases))
+            if served.semantic:
+                extra[SEMANTIC] = "true"
+        if served.steer:
+            extra[STEER_KEY] = json.dumps(served.steer)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None,
+                                **({"min_tokens": max_tokens, "ignore_eos": True} if exact else {}))
+        prompt = {"prompt": self.prompt(served)}
+        if served.salt:
+            prompt["cache_salt"] = served.salt
+        return prompt, params, self._loras.get(served.adapter) if served.adapter else None
+
+    def fits(self, served: Served, max_tokens: int) -> bool:
+        return len(self.tokenizer(self.prompt(served), add_special_tokens=False).input_ids) + max_tokens <= self.max_model_len
+
+    def generate(self, served: Sequence[Served], max_tokens: int) -> list[str | None]:
+        """Greedy answers; None for a conversation longer than the model's context."""
+        reqs = [(i, self._request(s, max_tokens)) for i, s in enumerate(served) if self.fits(s, max_tokens)]
+        out: list[str | None] = [None] * len(served)
+        if not reqs:
+            return out
+        prompts, params, loras = zip(*(r for _, r in reqs))
+        lora = list(loras) if any(loras) else None
+        results = self.llm.generate(list(prompts), list(params), lora_request=lora, use_tqdm=False)
+        for (i, _), r in zip(reqs, results):
+            out[i] = r.outputs[0].text
+        return out
+
+    def latency(self, prepare: Callable[[], Served], tokens: int) -> tuple[float, float]:
+        """(TTFT, TPOT) in seconds of one request served alone: the guard's preparation plus
+        a one-token generation, and the per-token time of a ``tokens``-token one."""
+        t0 = time.perf_counter()
+        served = prepare()
+        p, sp, lr = self._request(served, 1)
+        self.llm.generate([p], [sp], lora_request=lr, use_tqdm=False)
+        ttft = time.perf_counter() - t0
+        p, sp, lr = self._request(served, tokens, exact=True)
+        t1 = time.perf_counter()
+        self.llm.generate([p], [sp], lora_request=lr, use_tqdm=False)
+        total = time.perf_counter() - t1
+        return ttft, max(0.0, total - (ttft - served.prepare_s)) / max(1, tokens - 1)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+
+
+def _lora_rank(path: str) -> int:
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    return int(cfg.get("r", 8))
+
+
+@contextlib.contextmanager
+def _environ(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+# ---------------------------------------------------------------- teacher-forced scoring
+
+class Scorer:
+    """Teacher-forced losses of reference answers under a configuration, on a transformers
+    copy of the model: the prompts the configuration serves, its filter as a finite logit
+    penalty, its steering as a forward hook, its adapter merged."""
+
+    def __init__(self, model_path: str, tokenizer, adapters: dict[str, str], steering_home: str | None, clamp: float):
+        from transformers import AutoModelForCausalLM
+
+        self.path, self.tokenizer, self.adapters, self.clamp = model_path, tokenizer, adapters, clamp
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype="float32").eval()
+        self._merged: dict[str, object] = {}
+        self.sae, self.selections = None, None
+        if steering_home:
+            self.use_steering(steering_home)
+        from guardserve.logits_processors.compile import FilterCache
+
+        self._filters = FilterCache()
+
+    def use_steering(self, steering_home: str) -> None:
+        from guardserve.steering.features import SteeringStore
+        from guardserve.steering.sae import SAE
+
+        self.sae = SAE.load(Path(steering_home) / "steering" / "sae")
+        self.selections = SteeringStore(Path(steering_home) / "steering")
+
+    def model(self, adapter: str | None):
+        if not adapter:
+            return self.base
+        if adapter not in self._merged:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(self.path, torch_dtype="float32")
+            self._merged[adapter] = PeftModel.from_pretrained(base, self.adapters[adapter]).merge_and_unload().eval()
+        return self._merged[adapter]
+
+    def _filter(self, served: Served):
+        if not served.phrases:
+            return None
+        filt = self._filters.get(self.tokenizer, served.phrases, vocab_size=self.base.config.vocab_size)
+        if served.semantic:
+            from guardserve.logits_processors.semantic import with_semantic_penalty
+
+            filt = with_semantic_penalty(filt, self.tokenizer, served.phrases)
+        return filt
+
+    def losses(self, served: Sequence[Served], answers: Sequence[str]) -> list[float]:
+        """Mean token NLL of ``answers[i]`` after the prompt of ``served[i]``."""
+        from guardserve.eval.metrics import answer_losses
+        from guardserve.eval.scoring import GuardedForward
+
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, s in enumerate(served):
+            groups[(s.adapter, json.dumps(s.steer))].append(i)
+        out = [math.nan] * len(served)
+        for (adapter, steer), idx in groups.items():
+            model = self.model(adapter)
+            prompts = [self.tokenizer.apply_chat_template(served[i].messages, tokenize=False, add_generation_prompt=True)
+                       for i in idx]
+            filters = [self._filter(served[i]) for i in idx]
+            forward = GuardedForward(model) if any(filters) else model
+            with self._steering(model, json.loads(steer)):
+                vals = answer_losses(forward, self.tokenizer, prompts, [answers[i] for i in idx],
+                                     filters=filters if any(filters) else None)
+            for i, v in zip(idx, vals):
+                out[i] = v
+        return out
+
+    @contextlib.contextmanager
+    def _steering(self, model, steer: list):
+        targets = []
+        if steer and self.sae is not None:
+            for tid, version in steer:
+                sel = self.selections.get(tid)
+                if sel is not None and sel.version == version and sel.features:
+                    targets.append(sel.as_target())
+        if not targets:
+            yield
+            return
+        from guardserve.steering import SteeringHook
+
+        with SteeringHook(model, self.sae, targets, self.clamp):
+            yield
+
+
+# --------------------------------------------------------------------------- the run
+
+def _question_messages(item: dict, field: str = "question") -> list[dict]:
+    return [{"role": "user", "content": item.get(field) or item["question"]}]
+
+
+def _tf_question_and_true(item: dict) -> tuple[str, str]:
+    """TOFU's truth-ratio pair: the paraphrased answer to the question where the data has
+    one, else (the demo) the true answer to the paraphrased question."""
+    if item.get("paraphrased_answer"):
+        return item["question"], item["paraphrased_answer"]
+    return item.get("paraphrased_question") or item["question"], item["answer"]
+
+
+def _accuracy(answers: Sequence[str | None], items: Sequence[dict]) -> float:
+    from guardserve.eval.metrics import item_leaked
+
+    scored = [(a, it) for a, it in zip(answers, items) if a is not None]
+    return sum(item_leaked(a, it) for a, it in scored) / len(scored) if scored else math.nan
+
+
+def _spread(items: list[dict], n: int) -> list[dict]:
+    if n <= 0 or n >= len(items):
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    """Score every configuration of ``settings``; returns the results document."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from guardserve.eval import metrics as M
+    from guardserve.eval.probes import PROBE_KINDS, build_probes, retain_probes
+
+    data = settings.data
+    for c in settings.configs:
+        if not known_config(c):
+            raise ValueError(f"unknown configuration {c!r}")
+        if c.startswith("adapter:") and c.split(":", 1)[1] not in settings.adapters:
+            raise ValueError(f"{c}: no adapter folder for {c.split(':', 1)[1]}")
+    steered = bool(STEERED & set(settings.configs))
+    if steered and not (settings.sae and (Path(settings.sae) / "cfg.json").is_file()):
+        raise ValueError("the sae and full configurations need an SAE folder (train one with `guardserve sae train`)")
+    workdir = Path(settings.workdir or tempfile.mkdtemp(prefix="guardserve-eval-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The engine's workers read the SAE and the selections under $GUARDSERVE_HOME/steering.
+    steering_home = str(workdir) if steered else None
+    if steered:
+        link = workdir / "steering" / "sae"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(Path(settings.sae).resolve(), target_is_directory=True)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    torch.manual_seed(settings.seed)
+
+    forget, world = data.forget, data.world_facts
+    retain = _spread(data.retain, settings.retain_limit)
+    entities = [{"name": t["name"], "aliases": t.get("aliases", []), "facts": t.get("facts", {}),
+                 "pronoun": t.get("pronoun", "their")} for t in data.targets]
+    has_values = all(it.get("value") for it in forget)
+    probes, r_probes = [], []
+    if has_values and settings.probes_per_kind:
+        all_entities = entities + [e for e in settings.entities or [] if e["name"] not in {x["name"] for x in entities}]
+        probes = build_probes(forget, all_entities, PROBE_KINDS, per_kind=settings.probes_per_kind, seed=settings.seed)
+        with contextlib.suppress(ValueError):
+            r_probes = retain_probes(retain, all_entities, PROBE_KINDS, per_kind=max(1, settings.probes_per_kind // 4),
+                                     seed=settings.seed)
+
+    used = {c.split(":", 1)[1] for c in settings.configs if c.startswith("adapter:")}
+    if "full" in settings.configs and settings.full_adapter:
+        used.add(settings.full_adapter)
+    adapters = {m: p for m, p in settings.adapters.items() if m in used}
+    log(f"eval: {len(settings.configs)} configurations on {data.name}: {len(forget)} forget, {len(retain)} retain, "
+        f"{len(world)} world-fact questions, {len(probes)} forget probes, {len(r_probes)} retain probes")
+    confs = Configurations(data, tokenizer, workdir, adapters, settings.full_adapter if "full" in settings.configs else None)
+    scorer = Scorer(settings.model, tokenizer, adapters, None, settings.steer_clamp)
+    if steered:
+        _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)
+        scorer.use_steering(steering_home)
+    engine = Engine(settings.model, tokenizer, adapters, steering_home, settings.steer_clamp, None, settings.seed)
+    retain_ratios = None
+    if settings.retain_model:
+        ref = Scorer(settings.retain_model, tokenizer, {}, None, settings.steer_clamp)
+        retain_ratios = _truth_ratios(ref, confs, "none", forget)
+        del ref
+
+    results: dict[str, dict] = {}
+    bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
+    try:
+        for config in settings.configs:
+            bar.set_description(f"eval {config}")
+            results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
+                                     retain_ratios, bar)
+            log(f"eval: {config}: " + ", ".join(f"{k} {v}" for k, v in results[config].items()
+                                                 if k in ("forget_accuracy", "retain_accuracy", "leak_rate", "tpot_ms")))
+    finally:
+        bar.close()
+        engine.close()
+        confs.close()
+    return {
+        "configs": results,
+        "meta": {
+            "dataset": data.name, "model": settings.model, "retain_model": settings.retain_model,
+            "adapters": adapters, "full_adapter": settings.full_adapter if "full" in settings.configs else None,
+            "steer_clamp": settings.steer_clamp if steering_home else None,
+            "forget_items": len(forget), "retain_items": len(retain), "world_items": len(world),
+            "forget_probes": _counts(probes), "retain_probes": len(r_probes), "max_tokens": settings.max_tokens,
+            "latency": {"requests": settings.latency_requests, "tokens": settings.latency_tokens, "concurrency": 1},
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": settings.seed,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    }
+
+
+def _select_features(model, tokenizer, targets, root: Path, settings: Settings, retain: list[dict], log) -> None:
+    """Per-target SAE features for this run's targets (their ids are this run's)."""
+    from guardserve.steering.features import FeatureSelector, SteeringStore
+    from guardserve.steering.sae import SAE
+
+    texts = settings.retain_texts or [
+        tokenizer.apply_chat_template([{"role": "user", "content": it["question"]},
+                                       {"role": "assistant", "content": it["answer"]}], tokenize=False)
+        for it in retain]
+    sae = SAE.load(root / "sae")
+    selector = FeatureSelector(model, tokenizer, sae, texts, n=settings.steer_features)
+    store = SteeringStore(root)
+    for t in targets:
+        selector.ensure(store, t)
+    log(f"eval: SAE features selected for {len(targets)} targets (layer {sae.layer}, N {settings.steer_features})")
+
+
+def _counts(probes) -> dict:
+    out: dict[str, int] = {}
+    for p in probes:
+        out[p.kind] = out.get(p.kind, 0) + 1
+    return out
+
+
+def _truth_ratios(scorer: Scorer, confs: Configurations, config: str, items: list[dict]) -> list[float]:
+    from guardserve.eval.metrics import truth_ratio
+
+    served, answers, spans = [], [], []
+    for it in items:
+        q, true = _tf_question_and_true(it)
+        s = confs.serve(config, [{"role": "user", "content": q}])
+        wrong = list(it.get("perturbed_answer") or [])
+        spans.append(len(wrong))
+        for a in [true, *wrong]:
+            served.append(s)
+            answers.append(a)
+    losses = scorer.losses(served, answers)
+    out, k = [], 0
+    for n in spans:
+        out.append(truth_ratio(losses[k], losses[k + 1:k + 1 + n]) if n else math.nan)
+        k += 1 + n
+    return out
+
+
+def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar) -> dict:
+    from guardserve.eval import metrics as M
+
+    def answers_for(items, field="question"):
+        return engine.generate([confs.serve(config, _question_messages(it, field)) for it in items], settings.max_tokens)
+
+    # 1. Generation: questions, paraphrases, utility, attacks.
+    f_ans = answers_for(forget)
+    p_ans = answers_for(forget, "paraphrased_question")
+    r_ans = answers_for(retain)
+    w_ans = answers_for(world)
+    bar.update(1)
+    probe_ans = engine.generate([confs.serve(config, p.messages) for p in probes], settings.max_tokens)
+    rp_ans = engine.generate([confs.serve(config, p.messages) for p in r_probes], settings.max_tokens)
+    bar.update(1)
+    leaks: dict[str, list[bool]] = defaultdict(list)
+    skipped = 0
+    for a, it in zip(f_ans, forget):
+        if a is not None:
+            leaks["direct"].append(M.item_leaked(a, it))
+    for a, it in zip(p_ans, forget):
+        if a is not None:
+            leaks["paraphrase"].append(M.item_leaked(a, it))
+    for a, p in zip(probe_ans, probes):
+        if a is None:
+            skipped += 1
+        else:
+            leaks[p.kind].append(p.leaked(a))
+    all_leaks = [x for v in leaks.values() for x in v]
+    res = {
+        "forget_accuracy": _accuracy(f_ans, forget),
+        "paraphrase_accuracy": _accuracy(p_ans, forget),
+        "retain_accuracy": _accuracy(r_ans, retain),
+        "world_accuracy": _accuracy(w_ans, world),
+        "leak_rate": sum(all_leaks) / len(all_leaks) if all_leaks else math.nan,
+        "leak_by_kind": {k: round(sum(v) / len(v), 4) for k, v in leaks.items() if v},
+        "rougeL_recall_forget": statistics.fmean(M.rouge_l_recall(a, it["answer"]) for a, it in zip(f_ans, forget)
+                                                 if a is not None),
+        "retain_attack_accuracy": (sum(p.leaked(a) for a, p in zip(rp_ans, r_probes) if a is not None)
+                                   / max(1, sum(a is not None for a in rp_ans))) if r_probes else None,
+        "too_long_skipped": skipped + sum(a is None for a in rp_ans),
+    }
+
+    # 2. Teacher-forced: truth ratios, forget quality, probabilities, model utility.
+    f_ratios = _truth_ratios(scorer, confs, config, forget)
+    finite = [r for r in f_ratios if not math.isnan(r)]
+    res["truth_ratio_forget"] = M.truth_ratio_stat(finite, "forget") if finite else None
+    res["forget_quality"] = M.forget_quality(finite, [r for r in retain_ratios if not math.isnan(r)]) \
+        if retain_ratios and finite else None
+    utility = {}
+    for name, items, ans in (("retain", retain, r_ans), ("world", world, w_ans)):
+        if not items:
+            continue
+        served = [confs.serve(config, _question_messages(it)) for it in items]
+        losses = scorer.losses(served, [it["answer"] for it in items])
+        if name == "world" and all(it.get("perturbed_answer") for it in items):
+            wrong = [scorer.losses([s] * len(it["perturbed_answer"]), it["perturbed_answer"])
+                     for s, it in zip(served, items)]
+            utility[f"{name}_probability"] = statistics.fmean(M.option_probability(losses, wrong))
+        else:
+            utility[f"{name}_probability"] = statistics.fmean(M.probability(losses))
+        utility[f"{name}_rougeL"] = statistics.fmean(M.rouge_l_recall(a, it["answer"]) for a, it in zip(ans, items)
+                                                     if a is not None)
+        if all(it.get("perturbed_answer") for it in items):
+            ratios = [r for r in _truth_ratios(scorer, confs, config, items) if not math.isnan(r)]
+            utility[f"{name}_truth_ratio"] = M.truth_ratio_stat(ratios, "retain")
+    res["utility"] = {k: round(v, 4) for k, v in utility.items()}
+    res["model_utility"] = M.model_utility(list(utility.values())) if utility else None
+    bar.update(1)
+
+    # 3. Latency, one request at a time: forget and retain questions alternating.
+    sample = [x for pair in zip(_spread(forget, settings.latency_requests // 2),
+                                _spread(retain, settings.latency_requests - settings.latency_requests // 2))
+              for x in pair]
+    ttft, tpot, prep = [], [], []
+    engine.latency(lambda: confs.serve(config, _question_messages(sample[0])), settings.latency_tokens)  # warm-up
+    for it in sample:
+        holder = {}
+
+        def prepare(it=it, holder=holder):
+            holder["s"] = confs.serve(config, _question_messages(it))
+            return holder["s"]
+
+        a, b = engine.latency(prepare, settings.latency_tokens)
+        ttft.append(a)
+        tpot.append(b)
+        prep.append(holder["s"].prepare_s)
+    res["ttft_ms"] = statistics.median(ttft) * 1000 if ttft else None
+    res["tpot_ms"] = statistics.median(tpot) * 1000 if tpot else None
+    res["detect_ms"] = statistics.median(prep) * 1000 if config in DETECTED and prep else None
+    bar.update(1)
+    return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in res.items()}

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "guardserve.eval.cli",
     "guardserve.unlearn.cli",
     "guardserve.steering.cli",
+    "guardserve.benchmarks.cli",
 ]
 
 

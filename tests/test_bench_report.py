@@ -1,0 +1,202 @@
+"""`guardserve bench`: the Markdown renderers over the committed results, README's
+generated section, the command line, and (slow) one quick serving benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guardserve.benchmarks import report
+from guardserve.benchmarks.cli import BENCHES, find_bench_dir
+from guardserve.cli import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(name: str) -> dict:
+    """A committed result: the full run's, else the quick one's."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        path = RESULTS / "quick" / f"{name}.json"
+    return json.loads(path.read_text())
+
+
+def test_logits_renderer_has_headline_ratios():
+    d = _load("logits")
+    md = report.render_logits(d).markdown()
+    sizes = sorted({c["sequences"] for c in d["cases"]})
+    hi = [c["ratio_vs_vllm"] for c in d["cases"] if c["sequences"] == sizes[-1]]
+    assert "Speed-up over vLLM `bad_words`" in md
+    assert f"{report._x(min(hi))}–{report._x(max(hi))}×" in md
+    # every case is a row of the table
+    assert md.count("\n| mistral-") == len(d["cases"])
+
+
+def test_detection_renderer_has_latency_ratio_per_scale():
+    d = _load("detection")
+    runs = sorted(d["runs"], key=lambda r: r["targets"])
+    md = report.render_detection(d).markdown()
+    ratio = runs[-1]["latency_ms"]["p50"] / runs[0]["latency_ms"]["p50"]
+    assert f"at {runs[-1]['targets']:,} targets ÷ at {runs[0]['targets']:,}: {ratio:.2f}×" in md
+    for r in runs:
+        assert f"| {r['targets']:,} |" in md
+
+
+def test_steering_renderer_has_forget_drop():
+    d = _load("steering")
+    md = report.render_steering(d).markdown()
+    row = d["steering"][0]
+    assert report._pct(row["forget_drop_relative"]) + " relative drop" in md
+    assert ("TPOT" in md) == bool(d.get("tpot"))
+
+
+def test_serving_renderer_has_guarded_over_plain_ratios():
+    d = _load("serving")
+    sec = report.render_serving(d)
+    md = sec.markdown()
+    for r in d["ratios"]:
+        assert f"TTFT p50 {report._x(r['ttft_p50'])}×, TPOT p50 {report._x(r['tpot_p50'])}×" in md
+    assert sec.key[0].startswith("Guarded ÷ plain vLLM, no target triggered")
+
+
+@pytest.mark.parametrize("name", ["load", "load_bulk", "unlearn", "unlearn_gu"])
+def test_other_renderers(name):
+    d = _load(name)
+    md = report.RENDERERS[name](d).markdown()
+    if name.startswith("load"):
+        assert f"{d['leaks']} leaks" in md and f"{d['requests']:,} requests" in md
+    else:
+        assert "Meet the issue's bar" in md and "| method |" in md
+
+
+def test_report_has_a_section_per_result_and_names_failures():
+    results = report.load_results(RESULTS)
+    md = report.render_report(results, failed={"serving": "exit status 1"})
+    assert md.count("\n## ") == len(results)
+    assert "**serving failed in this run**: exit status 1" in md
+
+
+README_SAMPLE = (
+    "# title\n\nintro ünïcode\n\n## Performance\n\n"
+    f"{report.README_BEGIN}\nold generated text\n{report.README_END}\n\n## Layout\n\nrest\r\nwith CRLF\n"
+)
+
+
+def test_marker_replacement_is_idempotent_and_keeps_the_rest():
+    body = report.render_readme_section(report.load_results(RESULTS))
+    once = report.replace_between_markers(README_SAMPLE, body)
+    twice = report.replace_between_markers(once, body)
+    assert once == twice
+    head, tail = README_SAMPLE.split(report.README_BEGIN)[0], README_SAMPLE.split(report.README_END)[1]
+    assert once.startswith(head + report.README_BEGIN + "\n")
+    assert once.endswith(report.README_END + tail)
+    assert "old generated text" not in once and body.strip() in once
+
+
+def test_marker_replacement_needs_both_markers_once():
+    with pytest.raises(ValueError):
+        report.replace_between_markers("no markers here\n", "x")
+    with pytest.raises(ValueError):
+        report.replace_between_markers(f"{report.README_END}\n{report.README_BEGIN}\n", "x")
+    with pytest.raises(ValueError):
+        report.replace_between_markers(README_SAMPLE + README_SAMPLE, "x")
+
+
+def test_update_readme_writes_only_when_changed(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_bytes(README_SAMPLE.encode())
+    assert report.update_readme(readme, "new body")
+    first = readme.read_bytes()
+    assert not report.update_readme(readme, "new body")
+    assert readme.read_bytes() == first
+    assert first.endswith(b"rest\r\nwith CRLF\n")
+
+
+def test_repo_readme_has_the_markers_once():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.count(report.README_BEGIN) == 1 and text.count(report.README_END) == 1
+    assert text.index(report.README_BEGIN) < text.index(report.README_END)
+
+
+def _guardserve(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "guardserve", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def test_bench_help():
+    r = _guardserve("bench", "--help")
+    assert r.returncode == 0
+    for flag in ("--quick", "--only", "--out", "--no-readme"):
+        assert flag in r.stdout
+    assert "bench" in _guardserve("--help").stdout
+
+
+def test_bench_dir_missing_is_one_line_error(tmp_path):
+    (tmp_path / "guardserve").mkdir()
+    with pytest.raises(UsageError, match="no bench/ folder next to the guardserve package"):
+        find_bench_dir(package_dir=tmp_path / "guardserve")
+    r = _guardserve("bench", "--bench-dir", str(tmp_path / "nowhere"))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("guardserve bench: error:")
+
+
+def test_bench_scripts_are_found_in_a_clone():
+    d = find_bench_dir()
+    assert d == ROOT / "bench"
+    for script, _, _ in BENCHES.values():
+        assert (d / script).is_file()
+
+
+def test_unknown_benchmark_is_rejected():
+    r = _guardserve("bench", "--only", "logits,nope", "--no-readme")
+    assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_report_only_renders_from_existing_json(tmp_path):
+    for name in ("logits", "detection"):
+        (tmp_path / f"{name}.json").write_text((RESULTS / f"{name}.json").read_text())
+    r = _guardserve("bench", "--report-only", "--out", str(tmp_path), "--no-readme")
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "REPORT.md").read_text()
+    assert "## Logit filter" in md and "## Detection" in md and "## Serving" not in md
+
+
+def test_a_failing_benchmark_is_reported_and_the_others_run(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    ok = ("import argparse, json, shutil, sys\n"
+          "ap = argparse.ArgumentParser(); ap.add_argument('--out'); a, _ = ap.parse_known_args()\n"
+          f"shutil.copy({str(RESULTS / 'logits.json')!r}, a.out)\n")
+    (bench / "bench_logits.py").write_text(ok)
+    (bench / "bench_detection.py").write_text("import sys\nprint('detection broke here', file=sys.stderr)\nsys.exit(3)\n")
+    r = _guardserve("bench", "--bench-dir", str(bench), "--only", "detection,logits", "--out", str(tmp_path / "out"),
+                    "--no-readme")
+    assert r.returncode == 1
+    assert "detection: FAILED" in r.stderr and "detection broke here" in r.stderr
+    assert "logits: done" in r.stdout
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "**detection failed in this run**" in md and "## Logit filter" in md
+
+
+@pytest.mark.slow
+def test_serving_benchmark_quick(tmp_path):
+    """Starts plain vLLM, then a guarded server, on the demo model (about 2 min)."""
+    out = tmp_path / "serving.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serving.py"), "--quick", "--requests", "8",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    cells = {(c["server"], c["set"], c["concurrency"]): c for c in d["cells"]}
+    assert all(c["errors"] == 0 for c in cells.values())
+    # the guard worked: no guarded forget answer states its fact; retain answers are unharmed
+    assert cells[("guarded", "forget", 1)]["answer_accuracy"] == 0
+    assert cells[("guarded", "retain", 1)]["answer_accuracy"] >= 0.9
+    assert {r["set"] for r in d["ratios"]} == {"retain", "forget", "forget_first"}
+    assert all(r["ttft_p50"] and r["tpot_p50"] for r in d["ratios"])
+    assert "Guarded ÷ plain vLLM" in report.render_serving(d).markdown()

@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="serve unlearning adapters: vLLM runtime LoRA (--enable-lora --max-loras 4 --max-lora-rank 16); "
                             "adds about 15-30%% latency to base-model requests on CPU")
     serve.add_argument("--steering", action="store_true",
-                       help="clamp the SAE features of triggered targets in the workers (SAE from `guardserve sae train`, "
-                            "features from `guardserve sae select`); runs vLLM in eager mode (--enforce-eager): "
+                       help="clamp the SAE features of triggered targets in the workers (SAE from `guardserve sae train`; "
+                            "features selected by the server as targets are added or changed, or with `guardserve sae select`); "
+                            "runs vLLM in eager mode (--enforce-eager): "
                             "no CUDA graphs or torch.compile, which slows decoding on GPUs (see README, SAE steering)")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM, after '--'")

@@ -49,6 +49,7 @@ class GuardEndpointPlugin:
     def __init__(self):
         self.auth = Auth.from_env()  # fails here, before the server starts, on a bad key list
         self.service = None
+        self.upkeep = None  # SAE selection upkeep (guardserve/steering/upkeep.py), with steering on
         self._sync_task = None
 
     def attach_router(self, app) -> None:
@@ -76,6 +77,15 @@ class GuardEndpointPlugin:
         await self._load_adapters(state)
         n = len(self.service.detector.targets())
         log.info("guarding %s with %d registered target(s); policy store %s; audit log %s", model, n, self.service.store, audit_path)
+        if self.service.steering:
+            from guardserve.steering.upkeep import AUTOSELECT_ENV, SelectionUpkeep, autoselect_enabled
+
+            if autoselect_enabled():
+                # Its own store connection and thread: it never waits on, or holds up, the request path.
+                self.upkeep = SelectionUpkeep(model=model).start()
+            else:
+                log.info("steering: %s=0, feature selections are not kept current (run `guardserve sae select`)",
+                         AUTOSELECT_ENV)
         self._sync_task = asyncio.get_running_loop().create_task(self._keep_synced(state))
 
     async def _load_adapters(self, state) -> None:
@@ -102,6 +112,8 @@ class GuardEndpointPlugin:
                 await asyncio.to_thread(self.service.detector.sync, True)
             except Exception:  # the next detect() refuses requests if the store stays broken
                 log.exception("guardserve: policy sync failed")
+            if self.upkeep is not None:
+                self.upkeep.poke()  # returns at once: selections are recomputed in the upkeep's thread
             tick += 1
             if manager.lora_enabled and tick % adapter_every == 0:
                 try:

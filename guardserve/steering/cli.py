@@ -70,7 +70,17 @@ def _read_texts(path: str) -> list[str]:
     return [line for line in raw.splitlines() if line.strip()]
 
 
-def _load_model(path: str | None):
+def demo_of(model_path) -> "DemoPaths | None":
+    """The demo build a model folder belongs to (its ``model/`` or ``retain_model/``), or None."""
+    from guardserve.demo import DemoPaths
+
+    p = Path(model_path).expanduser()
+    if p.name in ("model", "retain_model") and (p.parent / "world" / "entities.json").is_file():
+        return DemoPaths(p.parent.resolve())
+    return None
+
+
+def _load_model(path: str | None, cap_threads: bool = True):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +92,10 @@ def _load_model(path: str | None):
         path = str(demo.model)
     elif not Path(path).expanduser().is_dir():
         raise _usage(f"--model must be a Hugging Face model folder: {path}")
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    else:
+        demo = demo_of(path)  # the demo model named by its folder (as `guardserve serve` passes it)
+    if cap_threads:  # a command's own process; the server's upkeep leaves the process-wide setting alone
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     if not hasattr(getattr(model, "model", None), "layers"):
@@ -135,17 +148,51 @@ def demo_retain_texts(world: dict, tokenizer) -> list[str]:
     return out
 
 
-def _select(args) -> int:
-    from guardserve.policy import PolicyError, open_store
-    from guardserve.steering.features import FeatureSelector, SteeringStore
-    from guardserve.steering.sae import SAE, hook_name_for_layer
+def load_sae(sae: str | Path | None = None, hook_layer: int | None = None):
+    """The SAE at ``sae`` (default: the one serving uses, ``$GUARDSERVE_SAE`` or
+    ``$GUARDSERVE_HOME/steering/sae``); UsageError when there is none."""
     from guardserve.steering.flags import sae_path
+    from guardserve.steering.sae import SAE, hook_name_for_layer
 
-    path = Path(args.sae).expanduser() if args.sae else sae_path()
+    path = Path(sae).expanduser() if sae else sae_path()
     try:
-        sae = SAE.load(path, hook_name=hook_name_for_layer(args.hook_layer) if args.hook_layer is not None else None)
+        return SAE.load(path, hook_name=hook_name_for_layer(hook_layer) if hook_layer is not None else None)
     except FileNotFoundError as e:
         raise _usage(f"{e} (train one with `guardserve sae train`)") from None
+
+
+def load_selector(model: str | None = None, sae=None, retain_texts: str | None = None, n: int = 30,
+                  max_retain_rate: float = 0.01, cap_threads: bool = True):
+    """The one way a :class:`FeatureSelector` is built, for ``guardserve sae select`` and for the
+    server's selection upkeep (``guardserve.steering.upkeep``): the model with transformers on
+    CPU (``None``: the demo model), the SAE (an :class:`SAE`, a path, or ``None`` for
+    :func:`load_sae`'s default), and the retain corpus (a JSON list or a text file; by default,
+    for the demo model, the demo world's retain people). Raises UsageError on a bad setting."""
+    from guardserve.steering.features import FeatureSelector
+    from guardserve.steering.sae import SAE
+
+    if not isinstance(sae, SAE):
+        sae = load_sae(sae)
+    model_obj, tok, demo = _load_model(model, cap_threads)
+    if sae.d_in != model_obj.config.hidden_size:
+        raise _usage(f"the SAE reads {sae.d_in} dimensions, the model has {model_obj.config.hidden_size}")
+    if not 0 <= sae.layer < model_obj.config.num_hidden_layers:
+        raise _usage(f"the SAE reads layer {sae.layer}; the model has {model_obj.config.num_hidden_layers} layers")
+    if retain_texts:
+        retain = _read_texts(retain_texts)
+    elif demo is not None:
+        retain = demo_retain_texts(demo.load_world(), tok)
+    else:
+        raise _usage("retain texts are required for a model other than the demo model "
+                     "(`--retain-texts`; for the server, GUARDSERVE_STEER_RETAIN_TEXTS)")
+    return FeatureSelector(model_obj, tok, sae, retain, n=n, max_retain_rate=max_retain_rate)
+
+
+def _select(args) -> int:
+    from guardserve.policy import PolicyError, open_store
+    from guardserve.steering.features import SteeringStore
+
+    sae = load_sae(args.sae, args.hook_layer)
     with open_store() as store:
         try:
             targets = [store.find(t) for t in args.targets] if args.targets else store.list()
@@ -153,16 +200,8 @@ def _select(args) -> int:
             raise _usage(str(e)) from None
     if not targets:
         raise _usage("no targets registered (add some with `guardserve targets add`)")
-    model, tok, demo = _load_model(args.model)
-    if sae.d_in != model.config.hidden_size:
-        raise _usage(f"the SAE reads {sae.d_in} dimensions, the model has {model.config.hidden_size}")
-    if args.retain_texts:
-        retain = _read_texts(args.retain_texts)
-    elif demo is not None:
-        retain = demo_retain_texts(demo.load_world(), tok)
-    else:
-        raise _usage("--retain-texts is required with --model")
-    selector = FeatureSelector(model, tok, sae, retain, n=args.num_features, max_retain_rate=args.max_retain_rate)
+    selector = load_selector(args.model, sae, args.retain_texts, n=args.num_features,
+                             max_retain_rate=args.max_retain_rate)
     steering = SteeringStore()
     for t in targets:
         sel, fresh = selector.ensure(steering, t, force=args.force)

@@ -1,0 +1,103 @@
+"""The server keeps SAE selections current: a registered target gets one, an edited target
+(a new policy version) gets it recomputed, a deleted target loses it, all in the upkeep's
+background thread; the plugin's sync loop only pokes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from tests.test_steering_demo import LAYER, N_FEATURES, steering  # noqa: F401  (module fixture)
+
+
+def test_autoselect_switch(monkeypatch):
+    from guardserve.steering.upkeep import autoselect_enabled
+
+    monkeypatch.delenv("GUARDSERVE_STEERING", raising=False)
+    monkeypatch.delenv("GUARDSERVE_STEERING_AUTOSELECT", raising=False)
+    assert not autoselect_enabled()  # steering off: no upkeep
+    monkeypatch.setenv("GUARDSERVE_STEERING", "1")
+    assert autoselect_enabled()
+    monkeypatch.setenv("GUARDSERVE_STEERING_AUTOSELECT", "0")
+    assert not autoselect_enabled()
+
+
+def test_sync_loop_pokes_upkeep():
+    from guardserve.server.plugin import GuardEndpointPlugin
+
+    plugin = GuardEndpointPlugin()
+    syncs, pokes = [], []
+    plugin.service = SimpleNamespace(detector=SimpleNamespace(sync=lambda force: syncs.append(force)))
+    plugin.upkeep = SimpleNamespace(poke=lambda: pokes.append(1))
+    state = SimpleNamespace(guardserve=plugin, guardserve_adapters=SimpleNamespace(lora_enabled=False))
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(plugin._keep_synced(state, interval=0.01))
+        for _ in range(500):  # a few ticks (a loaded machine may take a while to start the thread pool)
+            await asyncio.sleep(0.01)
+            if len(pokes) >= 3:
+                break
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(pokes) >= 2 and len(pokes) in (len(syncs), len(syncs) - 1)
+
+
+@pytest.mark.slow
+def test_upkeep_follows_target_changes(steering, world, demo, tmp_path):  # noqa: F811
+    from guardserve.demo.world import biographies
+    from guardserve.policy.store import SQLiteStore
+    from guardserve.steering.cli import demo_retain_texts
+    from guardserve.steering.features import SteeringStore
+    from guardserve.steering.upkeep import SelectionUpkeep
+
+    # A slice of the retain corpus `sae select` uses on the demo, to keep the test short.
+    retain = tmp_path / "retain.json"
+    retain.write_text(json.dumps(demo_retain_texts(world, steering["tok"])[::10]))
+    people = [e for e in world["entities"] if e["split"] == "forget"][:3]
+    policy = SQLiteStore(tmp_path / "policy.db")
+    selections = SteeringStore(tmp_path / "steering")  # not the fixture's: other tests use those
+    upkeep = SelectionUpkeep(store=policy, model=str(demo.model), selections=selections,
+                             sae=steering["root"] / "sae", retain_texts=str(retain), n=N_FEATURES)
+    fp = steering["sae"].fingerprint()
+    try:
+        upkeep.start()
+        a, b = (policy.add({"name": e["name"], "aliases": e["aliases"], "facts": e["facts"],
+                            "texts": biographies(e)}) for e in people[:2])
+        assert upkeep.wait(300)
+        for t in (a, b):  # new targets: selected, for their version and this SAE
+            sel = selections.get(t.id)
+            assert sel is not None and sel.version == 1 and sel.sae_fingerprint == fp and sel.layer == LAYER
+            assert 0 < len(sel.features) <= N_FEATURES
+        assert upkeep.stats["computed"] == 2 and upkeep.stats["model_loads"] == 1
+        b_mtime = selections.path(b.id).stat().st_mtime_ns
+
+        # An edit (PATCH: version 2) is recomputed; the untouched target is not.
+        a2 = policy.update(a.id, {"aliases": list(people[0]["aliases"]) + ["the weaver of Port Verity"]})
+        assert a2.version == 2
+        assert upkeep.wait(300)
+        assert selections.get(a.id).version == 2
+        assert selections.path(b.id).stat().st_mtime_ns == b_mtime and upkeep.stats["computed"] == 3
+
+        # A deleted target loses its record; a target added in the same breath gets one.
+        policy.delete(b.id)
+        c = policy.add({"name": people[2]["name"], "facts": people[2]["facts"]})
+        assert upkeep.wait(300)
+        assert selections.get(b.id) is None and selections.get(c.id).version == 1
+        assert upkeep.stats["deleted"] == 1 and upkeep.stats["model_loads"] == 1 and upkeep.broken is None
+    finally:
+        upkeep.stop()
+        policy.close()
+
+    # A fresh server (full pass at start) drops selections of targets deleted while it was down.
+    orphan = selections.get(a.id)
+    orphan.target_id = "gone"
+    selections.put(orphan)
+    with SQLiteStore(tmp_path / "policy.db") as policy:
+        again = SelectionUpkeep(store=policy, model=str(demo.model), selections=selections,
+                                sae=steering["root"] / "sae", retain_texts=str(retain), n=N_FEATURES)
+        assert again.run_once() == {"computed": [], "deleted": ["gone"], "failed": []}
+        assert again.stats["model_loads"] == 0  # nothing to compute: the model is never loaded

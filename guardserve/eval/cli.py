@@ -124,18 +124,33 @@ def _eval(args) -> int:
     if getattr(args, "eval_command", None):
         return 2  # a subcommand has its own func
     log = lambda m: print(m, flush=True)  # noqa: E731
+    # Mistakes that need no model are reported before anything is loaded or built.
+    requested = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    bad = [c for c in requested or [] if not known_config(c)]
+    if bad:
+        raise UsageError(f"unknown configuration(s) {', '.join(bad)}; choose from "
+                         f"{', '.join(BASE_CONFIGS)}, adapter:<method>, full")
+    if args.tofu and not args.model:
+        raise UsageError("--tofu needs --model (the model that learned that data)")
+    if args.targets and not args.tofu:
+        raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
+    sae = Path(args.sae).expanduser() if args.sae else None
+    if sae is not None and not (sae / "cfg.json").is_file():
+        raise UsageError(f"--sae {sae}: no cfg.json there (an SAELens folder, e.g. from `guardserve sae train`)")
+    folder = _adapters_dir(args)
+    adapters = _available_adapters(folder)
+    missing = [c for c in requested or [] if c.startswith("adapter:") and c[8:] not in adapters]
+    if missing and not args.train_adapters:
+        raise UsageError(f"no adapter for {', '.join(missing)} in {folder}: run `guardserve unlearn --method "
+                         f"{missing[0][8:]} --out {folder / missing[0][8:]}` or add --train-adapters")
     demo = None
     entities = retain_texts = None
     if args.tofu:
-        if not args.model:
-            raise UsageError("--tofu needs --model (the model that learned that data)")
         try:
             data = eval_data.from_tofu(args.tofu, split=args.split, targets=args.targets)
         except ValueError as e:
             raise UsageError(str(e)) from None
     else:
-        if args.targets:
-            raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
         from guardserve.demo import ensure_demo
 
         demo = ensure_demo()
@@ -149,8 +164,6 @@ def _eval(args) -> int:
     if retain_model and not (Path(retain_model) / "config.json").is_file():
         raise UsageError(f"--retain-model {retain_model}: no config.json there")
 
-    folder = _adapters_dir(args)
-    adapters = _available_adapters(folder)
     if args.train_adapters:
         if demo is None or args.model:
             raise UsageError("--train-adapters trains on the demo model only; for your model run "
@@ -158,20 +171,11 @@ def _eval(args) -> int:
         _train_missing(folder, model, adapters)
         adapters = _available_adapters(folder)
 
-    sae = Path(args.sae).expanduser() if args.sae else None
-    if sae is not None and not (sae / "cfg.json").is_file():
-        raise UsageError(f"--sae {sae}: no cfg.json there (an SAELens folder, e.g. from `guardserve sae train`)")
-
-    if args.configs:
-        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-        bad = [c for c in configs if not known_config(c)]
-        if bad:
-            raise UsageError(f"unknown configuration(s) {', '.join(bad)}; choose from "
-                             f"{', '.join(BASE_CONFIGS)}, adapter:<method>, full")
+    if requested:
+        configs = requested
         missing = [c for c in configs if c.startswith("adapter:") and c[8:] not in adapters]
         if missing:
-            raise UsageError(f"no adapter for {', '.join(missing)} in {folder}: run `guardserve unlearn --method "
-                             f"{missing[0][8:]} --out {folder / missing[0][8:]}` or add --train-adapters")
+            raise UsageError(f"no adapter for {', '.join(missing)} in {folder} after training")
     else:
         configs = list(BASE_CONFIGS) + [f"adapter:{m}" for m in adapters] + ["full"]
     if {"sae", "full"} & set(configs) and sae is None:

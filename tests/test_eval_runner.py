@@ -1,0 +1,113 @@
+"""`guardserve eval`: the report, the command's errors, and real runs on the demo model
+(the demo world, and the same data brought as TOFU-format files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guardserve.cli import main
+from guardserve.eval.report import markdown, pareto_front, write
+from guardserve.eval.runner import known_config
+
+DESIGN_KEYS = {"forget_accuracy", "paraphrase_accuracy", "retain_accuracy", "world_accuracy", "leak_rate",
+               "rougeL_recall_forget", "forget_quality", "model_utility", "ttft_ms", "tpot_ms"}
+
+
+def test_pareto_front_keeps_the_undominated():
+    pts = {"none": (0.2, 1.0), "token": (1.0, 1.0), "icul": (0.5, 0.3), "sae": (0.6, 0.9), "worse": (0.5, 0.8)}
+    assert pareto_front(pts) == ["token"]
+    pts["keeps"] = (1.0, 0.95)
+    pts["token"] = (0.9, 1.0)
+    assert pareto_front(pts) == ["token", "keeps"]
+
+
+def test_report_files(tmp_path):
+    results = {"configs": {
+        "none": {"forget_accuracy": 1.0, "leak_rate": 0.8, "retain_accuracy": 1.0, "tpot_ms": 10.0, "ttft_ms": 15.0,
+                 "leak_by_kind": {"direct": 1.0, "spell": 0.25}},
+        "guard": {"forget_accuracy": 0.0, "leak_rate": 0.0, "retain_accuracy": 0.99, "tpot_ms": 11.0, "ttft_ms": 30.0,
+                  "leak_by_kind": {"direct": 0.0, "spell": 0.0}, "forget_quality": None},
+    }, "meta": {"dataset": "demo", "model": "m", "forget_probes": {"spell": 4}, "latency": {}}}
+    md = markdown(results)
+    assert "| `guard` | 0.0% |" in md and "| spell | 25.0% | 0.0% |" in md
+    paths = write(results, tmp_path)
+    assert {p.name for p in paths} == {"results.json", "report.md", "pareto.png", "latency.png"}
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Pareto front" in (tmp_path / "report.md").read_text()
+
+
+def test_config_names():
+    assert all(known_config(c) for c in ("none", "icul", "token", "token+semantic", "guard", "sae", "full",
+                                         "adapter:SimNPO"))
+    assert not any(known_config(c) for c in ("adapter:", "tokens", ""))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "none,bogus"], "unknown configuration(s) bogus"),
+    (["--tofu", "/nonexistent"], "--tofu needs --model"),
+    (["--configs", "adapter:SimNPO", "--adapters", "/nonexistent"], "no adapter for adapter:SimNPO"),
+    (["--targets", "x.json"], "--targets goes with --tofu"),
+    (["--model", "/nonexistent", "--tofu", "/nonexistent"], "no such directory"),
+    (["--sae", "/nonexistent"], "no cfg.json there"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(["eval", "--out", "/tmp/unused", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_eval_on_demo(demo, world, tmp_path):
+    from guardserve.eval.data import from_demo
+    from guardserve.eval.runner import Settings, run
+
+    settings = Settings(model=str(demo.model), data=from_demo(world), configs=["none", "token", "guard"],
+                        retain_model=str(demo.retain_model), entities=world["entities"], probes_per_kind=2,
+                        retain_limit=40, latency_requests=2, latency_tokens=8, workdir=str(tmp_path / "work"),
+                        progress=False)
+    res = run(settings, log=lambda m: None)["configs"]
+    for name in ("none", "token", "guard"):
+        assert DESIGN_KEYS <= set(res[name]), name
+    none, guard = res["none"], res["guard"]
+    assert none["forget_accuracy"] > 0.9 and none["leak_rate"] > 0.5
+    for name in ("token", "guard"):
+        assert res[name]["forget_accuracy"] <= 0.05 and res[name]["leak_rate"] < 0.1, name
+        assert res[name]["retain_accuracy"] >= 0.95 * none["retain_accuracy"], name
+    assert guard["detect_ms"] is not None and none["detect_ms"] is None
+    assert 0 <= none["forget_quality"] <= 1 and none["model_utility"] > 0
+    assert {"direct", "paraphrase", "spell", "multi_turn", "many_shot", "base64"} <= set(none["leak_by_kind"])
+
+
+@pytest.mark.slow
+def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
+    """The same facts as TOFU-format files (no short values: an answer counts as correct at
+    ROUGE-L recall >= 0.5) with a local model and a targets file: the command runs end to end
+    and the token guard forgets. (Without facts in the targets the filter knows only the
+    names, and the facts still come out: see docs/evaluation.md.)"""
+    tofu = tmp_path / "tofu"
+    tofu.mkdir()
+    keep = ("question", "answer", "paraphrased_question", "perturbed_answer")
+    rows = lambda items: [{k: it[k] for k in keep} for it in items]  # noqa: E731
+    (tofu / "forget01_perturbed.json").write_text(json.dumps(rows(world["forget"][:24])))
+    (tofu / "retain_perturbed.json").write_text(json.dumps(rows(world["retain"][:24])))
+    (tofu / "world_facts_perturbed.json").write_text("\n".join(json.dumps(r) for r in rows(world["world_facts"][:10])))
+    people = {it["entity"] for it in world["forget"][:24]}
+    targets = [{"name": e["name"], "aliases": e["aliases"], "facts": e["facts"]} for e in world["entities"]
+               if e["name"] in people]
+    (tmp_path / "targets.json").write_text(json.dumps(targets))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(demo.model), "--tofu", str(tofu), "--configs", "none,token",
+                 "--targets", str(tmp_path / "targets.json"),
+                 "--retain-limit", "24", "--quick", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["dataset"].startswith("tofu")
+    none, token = res["configs"]["none"], res["configs"]["token"]
+    # ROUGE-L >= 0.5 is a lenient bar on one-sentence answers (the template words alone reach
+    # it), so the check is on the recall itself.
+    assert none["forget_accuracy"] > 0.8 and token["forget_accuracy"] < none["forget_accuracy"], (none, token)
+    assert token["rougeL_recall_forget"] < 0.8 * none["rougeL_recall_forget"], (none, token)
+    assert token["retain_accuracy"] >= 0.95 * none["retain_accuracy"]
+    assert (out / "report.md").is_file() and (out / "pareto.png").is_file()

@@ -13,14 +13,21 @@ people registered as targets through the admin API, API keys on). Each gets:
 - before those, one question about each forget person at concurrency 1 (`forget_first`):
   on the guarded server the first request naming each target, which compiles its filter;
 
-at concurrency 1 and 8. Every request streams `max_tokens` tokens (`min_tokens` equal, so
-TPOT averages over the same number of steps everywhere). TTFT, measured by the client:
-request sent to first content token (it includes auth, detection and the longer guarded
-prompt). TPOT: vLLM's own per-request time per output token (decode time / (tokens - 1)
-from engine timestamps), read from its /metrics histogram, which both servers get with
-5%-wide buckets; the client cannot time tokens on this tiny model, because the API server
-sends several in one chunk when the engine outpaces it (that client-side figure is kept as
-`stream_tpot_ms`). Reported: p50, p90 and mean per cell, and guarded / plain ratios.
+at concurrency 1 and 8. Each cell sends one set of questions for one token, then another
+set for full answers of `max_tokens` tokens (`min_tokens` equal, so TPOT averages over the
+same number of steps everywhere).
+
+- TTFT, measured by the client on the one-token answers: request sent to the first content
+  token (auth, detection, the longer guarded prompt and its prefill included). On this tiny
+  model the engine outpaces vLLM's API server, which then merges a stream's tokens into one
+  chunk, sometimes the whole answer: the first token of a long answer can reach the client
+  only with the last, so TTFT is not taken from them (kept as `stream_ttft_ms`).
+- TPOT: vLLM's own per-request time per output token (decode time / (tokens - 1), engine
+  timestamps) over the full answers, read from its /metrics histogram, which both servers
+  get with 5%-wide buckets (the client-side figure is kept as `stream_tpot_ms`).
+- latency: client side, request sent to the end of a full answer.
+
+Reported: p50, p90 and mean per cell, and guarded / plain ratios.
 
     .venv/bin/python bench/bench_serving.py            # full: 64 requests a cell, 32 tokens, 2 rounds (about 6-8 min)
     .venv/bin/python bench/bench_serving.py --quick    # CI size: 12 a cell, 16 tokens, 1 round (under 2 min)
@@ -187,7 +194,7 @@ async def one_request(client, question: str, max_tokens: int) -> dict:
     end = time.perf_counter()
     tokens = (usage or {}).get("completion_tokens") or len(parts)
     return {"status": 200, "text": "".join(parts), "tokens": tokens,
-            "ttft": (first - start) if first else float("nan"),
+            "ttft": (first or end) - start,  # no text at all (a one-token answer that decodes to ""): the end
             "tpot": (last - first) / (tokens - 1) if first and tokens > 1 else float("nan"),
             "latency": end - start}
 
@@ -225,19 +232,23 @@ async def run_cell(url: str, headers: dict, pairs: list[dict], concurrency: int,
             "tokens": sum(r["tokens"] for r in ok), "hits": sum(r["hit"] for r in ok), "wall_s": wall}
 
 
-def measured_cell(url: str, headers: dict, pairs: list[dict], concurrency: int, max_tokens: int) -> dict:
-    """One cell, with vLLM's engine-side histograms read before and after it."""
-    before = scrape(url, headers)
-    res = asyncio.run(run_cell(url, headers, pairs, concurrency, max_tokens))
-    done = len(res["ttft"])
-    for _ in range(50):  # vLLM records a request's stats as it finishes; wait for the last one
-        after = scrape(url, headers)
+def measured_cell(url: str, headers: dict, cell: dict, concurrency: int, max_tokens: int) -> dict:
+    """One cell: its one-token requests (TTFT), then its full answers with vLLM's
+    engine-side histograms read before and after them (TPOT)."""
+    out = {"first": None, "decode": None, "engine": None}
+    if cell["first"]:
+        out["first"] = asyncio.run(run_cell(url, headers, cell["first"], concurrency, 1))
+    if cell["decode"]:
+        before = scrape(url, headers)
+        out["decode"] = res = asyncio.run(run_cell(url, headers, cell["decode"], concurrency, max_tokens))
         key = "vllm:request_time_per_output_token_seconds"
-        if after[key]["count"] - before[key]["count"] >= done:
-            break
-        time.sleep(0.1)
-    res["engine"] = {name: histogram_delta(before[h], after[h]) for h, name in HISTOGRAMS.items()}
-    return res
+        for _ in range(50):  # vLLM records a request's stats as it finishes; wait for the last one
+            after = scrape(url, headers)
+            if after[key]["count"] - before[key]["count"] >= len(res["ttft"]):
+                break
+            time.sleep(0.1)
+        out["engine"] = {name: histogram_delta(before[h], after[h]) for h, name in HISTOGRAMS.items()}
+    return out
 
 
 def question_sets(world: dict, n: int, concurrencies: list[int], seed: int) -> tuple[dict, list[dict]]:
@@ -249,22 +260,24 @@ def question_sets(world: dict, n: int, concurrencies: list[int], seed: int) -> t
     retain = [{"q": p["question"], "value": p["value"], "entity": p["entity"]} for p in world["retain"]]
     rng.shuffle(forget)
     rng.shuffle(retain)
-    need = n * len(concurrencies)
+    need = 2 * n * len(concurrencies)
     if need > len(forget):
-        raise SystemExit(f"--requests {n} with {len(concurrencies)} concurrencies needs {need} forget questions; "
+        raise SystemExit(f"--requests {n} with {len(concurrencies)} concurrencies needs {need} forget questions "
+                         f"(one-token and full answers); "
                          f"the demo world has {len(forget)}")
     # First: one question about each forget person (a trained wording not in the pools),
-    # at concurrency 1. On the guarded server it is the first request naming that target,
-    # so it pays for compiling the target's filter in the engine; later ones find it cached.
+    # one token, at concurrency 1. On the guarded server it is the first request naming
+    # that target, so it pays for compiling the target's filter; later ones find it cached.
     seen, first = set(), []
     for p in world["forget"]:
         if p["entity"] not in seen:
             seen.add(p["entity"])
             first.append({"q": p["train_questions"][1], "value": p["value"], "entity": p["entity"]})
-    cells = {("forget_first", 1): first}
+    cells = {("forget_first", 1): {"first": first, "decode": []}}
     for i, c in enumerate(concurrencies):
-        cells[("retain", c)] = retain[i * n:(i + 1) * n]
-        cells[("forget", c)] = forget[i * n:(i + 1) * n]
+        a, b, e = 2 * i * n, (2 * i + 1) * n, (2 * i + 2) * n
+        cells[("retain", c)] = {"first": retain[a:b], "decode": retain[b:e]}
+        cells[("forget", c)] = {"first": forget[a:b], "decode": forget[b:e]}
     warm = retain[-8:]  # warms the server up without naming any target
     return cells, warm
 
@@ -274,12 +287,13 @@ def measure(url: str, headers: dict, cells: dict, warm: list[dict], max_tokens: 
     asyncio.run(run_cell(url, headers, warm[:4], 1, max_tokens))
     asyncio.run(run_cell(url, headers, warm, warm_conc, max_tokens))
     out = {}
-    for key, pairs in cells.items():
-        out[key] = measured_cell(url, headers, pairs, key[1], max_tokens)
-        c = out[key]
-        print(f"    {key[0]:>12} c={key[1]:<2} {c['requests']} requests in {c['wall_s']:.1f} s, "
-              f"TTFT p50 {stats(c['ttft'])['p50']} ms, TPOT p50 {histogram_stats(c['engine']['tpot'])['p50']} ms"
-              + (f", {c['errors']} errors" if c["errors"] else ""), flush=True)
+    for key, cell in cells.items():
+        out[key] = c = measured_cell(url, headers, cell, key[1], max_tokens)
+        runs = [r for r in (c["first"], c["decode"]) if r]
+        print(f"    {key[0]:>12} c={key[1]:<2} {sum(r['requests'] for r in runs)} requests in "
+              f"{sum(r['wall_s'] for r in runs):.1f} s, TTFT p50 {stats(c['first']['ttft'])['p50'] if c['first'] else '-'} ms, "
+              f"TPOT p50 {histogram_stats(c['engine']['tpot'])['p50'] if c['engine'] else '-'} ms"
+              + (f", {sum(r['errors'] for r in runs)} errors" if any(r["errors"] for r in runs) else ""), flush=True)
     return out
 
 
@@ -349,9 +363,9 @@ def run_guarded(world, tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd
         # Afterwards (the embedder caches what it has read): a dry run of detection over
         # the measured questions, to show what each set triggered.
         trig = {}
-        for (kind, c), pairs in cells.items():
+        for (kind, c), cell in cells.items():
             n = sum(bool(admin.post("/classify", json={"messages": [{"role": "user", "content": p["q"]}]})
-                         .json()["triggered"]) for p in pairs)
+                         .json()["triggered"]) for p in cell["first"] + cell["decode"])
             trig[kind] = trig.get(kind, 0) + n
         info["triggered"] = trig
         print(f"    detection dry run, questions that trigger a target: {trig}", flush=True)
@@ -368,20 +382,27 @@ def summarize(samples: dict, cells: dict) -> list[dict]:
     for server in ("plain", "guarded"):
         for (kind, c) in cells:
             runs = samples[server][(kind, c)]
-            ttft = [x for r in runs for x in r["ttft"]]
-            stream_tpot = [x for r in runs for x in r["stream_tpot"]]
-            lat = [x for r in runs for x in r["latency"]]
-            engine = {k: histogram_stats(histogram_add([r["engine"][k] for r in runs])) for k in runs[0]["engine"]}
-            ok = sum(len(r["ttft"]) for r in runs)
-            wall = sum(r["wall_s"] for r in runs)
+            firsts = [r["first"] for r in runs if r["first"]]
+            decodes = [r["decode"] for r in runs if r["decode"]]
+            engines = [r["engine"] for r in runs if r["engine"]]
+            every = firsts + decodes
+            pool = lambda rs, k: [x for r in rs for x in r[k]]  # noqa: E731
+            engine = {k: histogram_stats(histogram_add([e[k] for e in engines])) for k in HISTOGRAMS.values()} \
+                if engines else {k: histogram_stats({"count": 0}) for k in HISTOGRAMS.values()}
+            answered = sum(len(r["ttft"]) for r in decodes)
+            wall = sum(r["wall_s"] for r in decodes)
             rows.append({"server": server, "set": kind, "concurrency": c,
-                         "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs),
-                         "error_examples": [e for r in runs for e in r["error_examples"]][:3],
-                         "ttft_ms": stats(ttft), "tpot_ms": engine["tpot"], "latency_ms": stats(lat),
-                         "itl_ms": engine["itl"], "engine_ttft_ms": engine["engine_ttft"],
-                         "stream_tpot_ms": stats(stream_tpot),
-                         "output_tokens_per_s": round(sum(r["tokens"] for r in runs) / wall, 1) if wall else None,
-                         "answer_accuracy": round(sum(r["hits"] for r in runs) / ok, 4) if ok else None})
+                         "requests": sum(r["requests"] for r in every),
+                         "one_token_requests": sum(r["requests"] for r in firsts),
+                         "full_requests": sum(r["requests"] for r in decodes),
+                         "errors": sum(r["errors"] for r in every),
+                         "error_examples": [e for r in every for e in r["error_examples"]][:3],
+                         "ttft_ms": stats(pool(firsts, "ttft")), "tpot_ms": engine["tpot"],
+                         "latency_ms": stats(pool(decodes, "latency")),
+                         "stream_ttft_ms": stats(pool(decodes, "ttft")), "itl_ms": engine["itl"],
+                         "engine_ttft_ms": engine["engine_ttft"], "stream_tpot_ms": stats(pool(decodes, "stream_tpot")),
+                         "output_tokens_per_s": round(sum(r["tokens"] for r in decodes) / wall, 1) if wall else None,
+                         "answer_accuracy": round(sum(r["hits"] for r in decodes) / answered, 4) if answered else None})
     return rows
 
 
@@ -459,13 +480,16 @@ def main(argv: list[str] | None = None) -> int:
                  "requests_per_cell": n, "max_tokens": max_tokens, "min_tokens": max_tokens,
                  "concurrency": concurrencies, "rounds": rounds, "wall_s": round(time.perf_counter() - t_start, 1),
                  "load_avg_end": os.getloadavg(),
-                 "ttft": "request sent to first content token (streaming chat completions)",
+                 "ttft": "client side: request sent to the first content token of a one-token answer "
+                         "(streaming; a separate set of questions from the full answers)",
                  "tpot": "vLLM's per-request time per output token (decode time / (tokens - 1), engine "
                          "timestamps) from its /metrics histogram with 5%-wide buckets; mean exact",
                  "itl": "vLLM's inter-token latency histogram (per token), as tpot",
                  "engine_ttft": "vLLM's time to first token, from the request reaching its engine client",
                  "stream_tpot": "client side: (last content chunk - first) / (completion_tokens - 1); the "
                                 "API server merges tokens into one chunk when the engine outpaces it",
+                 "stream_ttft": "client side, first content token of the full answers: inflated whenever that "
+                                "merging holds the whole answer back, which is why ttft uses one-token answers",
                  "latency": "client side: request sent to the end of the stream",
                  "percentiles": "nearest rank over all requests of a cell, rounds pooled"},
         "servers": servers,

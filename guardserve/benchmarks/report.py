@@ -156,7 +156,8 @@ def render_serving(d: dict) -> Section:
         rs = [r for r in d["ratios"] if r["set"] == case]
         if not rs:
             continue
-        parts = [f"c={r['concurrency']}: TTFT p50 {_x(r['ttft_p50'])}×, TPOT p50 {_x(r['tpot_p50'])}×" for r in rs]
+        parts = [f"c={r['concurrency']}: " + ", ".join(f"{m.upper()} p50 {_x(r[m + '_p50'])}×" for m in ("ttft", "tpot")
+                                                         if r.get(m + "_p50") is not None) for r in rs]
         key.append(f"Guarded ÷ plain vLLM, {label}: " + "; ".join(parts) + ".")
     errors = sum(c["errors"] for c in d["cells"])
     if errors:
@@ -166,9 +167,10 @@ def render_serving(d: dict) -> Section:
     for s in d.get("servers", {}).get("guarded", []):
         for k, v in (s.get("triggered") or {}).items():
             trig[k] = trig.get(k, 0) + v
-    if g and g[0].get("answer_accuracy") is not None:
-        acc = [c["answer_accuracy"] for c in g]
-        plain = [c["answer_accuracy"] for c in d["cells"] if c["server"] == "plain" and c["set"].startswith("forget")]
+    if any(c.get("answer_accuracy") is not None for c in g):
+        acc = [c["answer_accuracy"] for c in g if c["answer_accuracy"] is not None]
+        plain = [c["answer_accuracy"] for c in d["cells"] if c["server"] == "plain" and c["set"].startswith("forget")
+                 and c["answer_accuracy"] is not None]
         n_forget = sum(c["requests"] for c in g)
         n_retain = sum(c["requests"] for c in d["cells"] if c["server"] == "guarded" and c["set"] == "retain")
         t_forget = sum(v for k, v in trig.items() if k.startswith("forget"))
@@ -186,9 +188,9 @@ def render_serving(d: dict) -> Section:
         name = "plain vLLM" if c["server"] == "plain" else "guarded"
         rows.append([name, c["set"], c["concurrency"], three(c["ttft_ms"], 1), three(c["tpot_ms"], 2),
                      three(c["latency_ms"], 0), _n(c["output_tokens_per_s"]), _pct(c["answer_accuracy"]),
-                     c["requests"] - c["errors"]])
+                     f"{c['one_token_requests']} + {c['full_requests']}" if "full_requests" in c else c["requests"]])
     cells = _table(["server", "questions", "concurrency", "TTFT p50 / p90 / mean ms", "TPOT p50 / p90 / mean ms",
-                    "latency p50 / p90 / mean ms", "output tok/s", "answers with the fact", "requests"], rows,
+                    "latency p50 / p90 / mean ms", "output tok/s", "answers with the fact", "requests (one-token + full)"], rows,
                    "---|---|---:|---:|---:|---:|---:|---:|---:")
 
     def ratio3(r: dict, m: str) -> str:
@@ -198,19 +200,22 @@ def render_serving(d: dict) -> Section:
              for r in sorted(d["ratios"], key=lambda r: (order.get(r["set"], 3), r["concurrency"]))]
     ratios = _table(["guarded ÷ plain", "concurrency", "TTFT × p50 / p90 / mean", "TPOT × p50 / p90 / mean",
                      "latency × p50 / p90 / mean"], rrows, "---|---:|---:|---:|---:")
+    tables = [ratios]
     if d.get("ratios_per_round"):
         per = "; ".join(
-            f"round {i + 1}: " + ", ".join(f"{r['set']} c={r['concurrency']} TTFT {_x(r['ttft_p50'])}× TPOT {_x(r['tpot_p50'])}×"
+            f"round {i + 1}: " + ", ".join(f"{r['set']} c={r['concurrency']} TTFT {_x(r['ttft_p50'])}×"
+                                           + (f" TPOT {_x(r['tpot_p50'])}×" if r.get("tpot_p50") is not None else "")
                                            for r in rs)
             for i, rs in enumerate(d["ratios_per_round"]))
-        ratios += f"\n\nPer round (p50): {per}."
+        tables.append(f"Guarded ÷ plain per round (p50), to judge the noise: {per}.")
     note = (f"`bench/bench_serving.py` ({_when(meta)}): the demo model, streaming chat completions, "
             f"{meta['requests_per_cell']} requests per cell, {meta['max_tokens']} tokens each, "
             f"{meta['rounds']} round(s) alternating plain and guarded servers with the same engine arguments "
-            f"(one server at a time). TTFT and latency: measured by the client; TPOT: vLLM's per-request time per "
-            f"output token from its metrics (engine timestamps; the client sees tokens in bursts on this tiny model). "
-            f"Ratios above 1 mean the guarded server is slower.")
-    return Section("Serving: guarded server vs plain vLLM", key, [ratios, cells], note)
+            f"(one server at a time). TTFT: client side, on one-token answers; TPOT: vLLM's per-request time per "
+            f"output token from its metrics (engine timestamps; on this tiny model the API server sends tokens in "
+            f"bursts, so the client cannot time them); latency: client side, full answers. Ratios above 1 mean the "
+            f"guarded server is slower.")
+    return Section("Serving: guarded server vs plain vLLM", key, [*tables, cells], note)
 
 
 def render_steering(d: dict) -> Section:

@@ -68,6 +68,16 @@ def test_serving_renderer_has_guarded_over_plain_ratios():
     assert sec.key[0].startswith("Guarded ÷ plain vLLM, no target triggered")
 
 
+def test_steering_renderer_reads_vllm_tpot():
+    d = _load("steering")
+    cell = {"off": {"tpot_ms": 2.0, "tokens_per_s": 400}, "unsteered": {"tpot_ms": 2.5, "tokens_per_s": 320},
+            "steered": {"tpot_ms": 3.0, "tokens_per_s": 270}}
+    d["tpot"] = {"requests": 32, "baseline": "off", **cell, "by_concurrency": {"32": cell}}
+    md = report.render_steering(d).markdown()
+    assert "TPOT every request steered ÷ none flagged 1.20× (2.50 → 3.00 ms); steering on but unused ÷ `off` 1.25×" in md
+    assert "| 32 | steered | 3.00 | 270 |" in md
+
+
 @pytest.mark.parametrize("name", ["load", "load_bulk", "unlearn", "unlearn_gu"])
 def test_other_renderers(name):
     d = _load(name)

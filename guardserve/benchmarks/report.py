@@ -227,12 +227,29 @@ def render_steering(d: dict) -> Section:
                    f"{_pct(r['forget_accuracy'])} ({_pct(r['forget_drop_relative'])} relative drop); retain accuracy "
                    f"when wrongly steered {_pct(r['retain_accuracy_false_trigger'])} (unsteered {_pct(base['retain_accuracy'])}); "
                    f"retain perplexity {r['retain_perplexity_false_trigger'] / base['retain_perplexity']:.2f}× when wrongly steered.")
+    vq = (d.get("vllm") or {}).get("steering")
+    if vq and vq.get("forget_accuracy") is not None:
+        key.append(f"Through vLLM (N={d['vllm'].get('n')}, clamp {d['vllm'].get('clamp')}): forget accuracy "
+                   f"{_pct(vq['forget_accuracy'])}" + (f", retain accuracy when wrongly steered "
+                                                       f"{_pct(vq['retain_accuracy_false_trigger'])}"
+                                                       if vq.get("retain_accuracy_false_trigger") is not None else "") + ".")
     tp = d.get("tpot")
-    if tp and tp.get("steered", {}).get("tpot_ms") and tp.get("unsteered", {}).get("tpot_ms"):
-        key.append(f"vLLM decode cost, every request steered ÷ none: TPOT {tp['steered']['tpot_ms'] / tp['unsteered']['tpot_ms']:.2f}× "
-                   f"({tp['unsteered']['tpot_ms']:.2f} → {tp['steered']['tpot_ms']:.2f} ms, {tp['requests']} requests).")
-    else:
-        key.append("vLLM decode cost not measured in this run (`--no-vllm`: steering inside vLLM workers is not ready).")
+    rows_tp = []
+    if tp:
+        by = tp.get("by_concurrency") or {str(tp.get("requests", "?")): tp}
+        for conc, cell in by.items():
+            st, un = (cell.get("steered") or {}).get("tpot_ms"), (cell.get("unsteered") or {}).get("tpot_ms")
+            ref = tp.get("baseline")
+            bt = (cell.get(ref) or {}).get("tpot_ms") if ref else None
+            if st and un:
+                key.append(f"vLLM decode cost, {conc} request(s) at once: TPOT every request steered ÷ none flagged "
+                           f"{st / un:.2f}× ({un:.2f} → {st:.2f} ms)"
+                           + (f"; steering on but unused ÷ `{ref}` {un / bt:.2f}×" if bt else "") + ".")
+            for name in ("off", "off_eager", "unsteered", "steered"):
+                if isinstance(cell.get(name), dict) and cell[name].get("tpot_ms") is not None:
+                    rows_tp.append([conc, name, _n(cell[name]["tpot_ms"], 2), _n(cell[name].get("tokens_per_s"), 0)])
+    if not rows_tp:
+        key.append("vLLM decode cost not measured in this run (`--no-vllm`).")
     rows = [["none", "–", _pct(base["forget_accuracy"]), "–", _pct(base["paraphrase_accuracy"]), _pct(base["retain_accuracy"]),
              "–", "–", _n(base["retain_perplexity"], 3), "–"]]
     for r in d["steering"]:
@@ -242,10 +259,13 @@ def render_steering(d: dict) -> Section:
                      _n(r["retain_perplexity_always"], 3)])
     table = _table(["steering", "layer", "forget acc.", "relative drop", "paraphrase acc.", "retain acc. (false trigger)",
                     "forget acc. (always)", "retain acc. (always)", "retain ppl (false trigger)", "retain ppl (always)"], rows)
+    tables = [table]
+    if rows_tp:
+        tables.append(_table(["requests at once", "engine", "TPOT ms", "tokens/s"], rows_tp, "---:|---|---:|---:"))
     sae = d.get("sae") or {}
     note = (f"`bench/bench_steering.py`, transformers hook on the demo model (SAE: layer {sae.get('layer')}, "
             f"{sae.get('architecture')}, {sae.get('d_sae')} features, explained variance {sae.get('explained_variance')}).")
-    return Section("SAE steering", key, [table], note)
+    return Section("SAE steering", key, tables, note)
 
 
 def render_load(d: dict) -> Section:

@@ -50,8 +50,9 @@ def register(subparsers) -> None:
     ev.add_argument("--sae", default=None, metavar="DIR",
                     help="SAE (SAELens folder) for `sae` and `full` (default with the demo: trained once and cached)")
     ev.add_argument("--clamp", type=float, default=100.0, help="steering clamp value (default 100)")
-    ev.add_argument("--probes-per-kind", type=int, default=20, help="forget probes per attack kind (default 20)")
-    ev.add_argument("--retain-limit", type=int, default=240, help="retain questions scored (default 240, spread)")
+    ev.add_argument("--probes-per-kind", type=int, default=None, help="forget probes per attack kind (default 20; 4 with --quick)")
+    ev.add_argument("--retain-limit", type=int, default=None,
+                    help="retain questions scored, spread over the split (default 240; 60 with --quick)")
     ev.add_argument("--quick", action="store_true", help="a small run: 4 probes per kind, 60 retain questions, "
                                                          "4 latency requests")
     ev.add_argument("--seed", type=int, default=0)
@@ -199,8 +200,8 @@ def _eval(args) -> int:
         model=model, data=data, configs=configs, retain_model=retain_model, adapters=adapters,
         full_adapter=full_adapter, sae=str(sae) if sae else None, steer_clamp=args.clamp,
         entities=entities, retain_texts=retain_texts,
-        probes_per_kind=4 if args.quick else args.probes_per_kind,
-        retain_limit=60 if args.quick else args.retain_limit,
+        probes_per_kind=args.probes_per_kind if args.probes_per_kind is not None else (4 if args.quick else 20),
+        retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
         seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
     if demo is not None and not args.model and ({"sae", "full"} & set(configs)):

@@ -25,6 +25,7 @@ COLUMNS = (  # (key, header, kind)
     ("model_utility", "model utility", "num"),
     ("ttft_ms", "TTFT ms", "ms"),
     ("tpot_ms", "TPOT ms", "ms"),
+    ("too_long_skipped", "probes too long", "int"),
 )
 
 
@@ -33,6 +34,8 @@ def _fmt(v, kind: str) -> str:
         return "–"
     if kind == "pct":
         return f"{100 * v:.1f}%"
+    if kind == "int":
+        return str(v)
     if kind == "ms":
         return f"{v:.1f}"
     if kind == "sci":
@@ -91,7 +94,10 @@ def report_markdown(results: dict) -> str:
         f"{meta.get('latency', {}).get('tokens')} tokens each, on {meta.get('machine')}.",
         "",
         "Forget accuracy, leak rate: lower is better. Retain/world accuracy, model utility, forget quality: "
-        "higher is better. `retain acc under attack`: retain facts asked through the attack templates.",
+        "higher is better. `retain acc under attack`: retain facts asked through the attack templates. "
+        "`probes too long`: probes that no longer fit the model's context once the configuration rewrote them "
+        "(ICUL adds an instruction and demonstrations); a server answers those with HTTP 400, and they are left "
+        "out of the rates.",
         "",
         markdown(results),
         "",

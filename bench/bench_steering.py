@@ -1,6 +1,8 @@
 """SAE steering on the demo model: forget accuracy, retain accuracy and fluency (perplexity
-of the retain answers) with steering alone, and TPOT in a real vLLM engine with vs without
-steered requests. Prints a table and writes JSON.
+of the retain answers) with steering alone (transformers hook), then the same through vLLM
+with the guardserve plugin (in-process engines, GUARDSERVE_STEERING=1, eager) and its decode
+cost: TPOT and throughput with steering off, on with no request flagged, and every request
+flagged, measured in the same run. Prints a table and writes JSON.
 
     .venv/bin/python bench/bench_steering.py                     # defaults: layer 2, N 30, clamp 100
     .venv/bin/python bench/bench_steering.py --layer 1 --n 10,30 --clamp 100,300 --no-vllm
@@ -9,12 +11,15 @@ Modes: `triggered` steers a forget question with its own person's target (what s
 once detection fires) and leaves retain questions alone; `false-trigger` steers each retain
 question with a forget person's target (the cost of a detection false positive); `always`
 steers every question with all forget targets, the per-sequence gates deciding (no detector).
+Through vLLM, a steered request carries ``vllm_xargs["guardserve_steer"]`` = [[target id,
+policy version]] and its own ``cache_salt``, as the server's guard sends them.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -97,44 +102,211 @@ def quality(model, tok, sae, world, selections, clamp, retain_step) -> dict:
     return {k: round(v, 4) for k, v in res.items()}
 
 
-def tpot(demo_model, root, clamp, selections, world, n_requests, max_tokens) -> dict:
-    """Decode time per output token in one vLLM engine (eager, as steering needs): a batch
-    of unflagged requests vs the same batch with every request flagged."""
-    os.environ.update({"VLLM_CPU_KVCACHE_SPACE": "1", "GUARDSERVE_STEERING": "1", "GUARDSERVE_HOME": str(root),
-                       "GUARDSERVE_SAE": str(root / "sae"), "GUARDSERVE_STEER_CLAMP": str(clamp)})
-    from vllm import LLM, SamplingParams
+@contextlib.contextmanager
+def _environ(env: dict):
+    """Set (value) or unset (None) variables while an engine starts: its processes read them then."""
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _engine(model, env: dict, eager: bool):
+    from vllm import LLM
+
+    with _environ({"VLLM_CPU_KVCACHE_SPACE": "1", **env}):
+        # disable_log_stats=False: per-request first/last token timestamps (engine clock) for TPOT.
+        return LLM(str(model), enforce_eager=eager, max_model_len=256, seed=0, gpu_memory_utilization=0.3,
+                   dtype="float32", disable_log_stats=False)
+
+
+def _requests(tok, pairs, steer_of, max_tokens, exact=False, field="question"):
+    """Prompts and sampling parameters as the guard sends them: a steered request carries
+    ``guardserve_steer`` ([[target id, policy version], ...]) and its own prefix-cache salt."""
+    from vllm import SamplingParams
 
     from guardserve.demo.model import chat_prompt
-    from guardserve.steering import vllm_hook
+    from guardserve.server.guard import _steered_salt
+    from guardserve.steering.flags import STEER_KEY
 
-    vllm_hook.register()
-    llm = LLM(str(demo_model), enforce_eager=True, max_model_len=256, seed=0, gpu_memory_utilization=0.3,
-              dtype="float32")
-    tok = llm.get_tokenizer()
-    pairs = (world["forget"] * 4)[:n_requests]
-    prompts = [chat_prompt(tok, p["question"]) for p in pairs]
-    flag = lambda p: {vllm_hook.STEER_KEY: json.dumps([selections[p["entity"]].target_id])}  # noqa: E731
-    out = {}
+    prompts, params = [], []
+    for i, p in enumerate(pairs):
+        steer = sorted(steer_of(i, p))
+        # Token ids of the chat-formatted prompt, no special tokens added: what vLLM's chat route
+        # sends to the engine. (A text prompt would be tokenized with a second BOS, which the
+        # hook then counts and clamps like any token: not what serving does.)
+        prompt = {"prompt_token_ids": tok(chat_prompt(tok, p[field]), add_special_tokens=False).input_ids}
+        if steer:
+            prompt["cache_salt"] = _steered_salt(None, steer)
+        prompts.append(prompt)
+        params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                     extra_args={STEER_KEY: json.dumps(steer)} if steer else None,
+                                     **({"min_tokens": max_tokens, "ignore_eos": True} if exact else {})))
+    return prompts, params
+
+
+def _answers_vllm(llm, pairs, steer_of, field="question") -> list[str]:
+    prompts, params = _requests(llm.get_tokenizer(), pairs, steer_of, 24, field=field)
+    return [r.outputs[0].text for r in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _speed(llm, pairs, steer_of, max_tokens) -> dict:
+    """One batch of ``len(pairs)`` requests of exactly ``max_tokens`` tokens, submitted together:
+    wall time, output tokens per second, and TPOT (per request: (last token - first token) /
+    (tokens - 1), engine timestamps; mean over the batch)."""
+    prompts, params = _requests(llm.get_tokenizer(), pairs, steer_of, max_tokens, exact=True)
+    t0 = time.perf_counter()
+    res = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.outputs[0].token_ids) for r in res)
+    tpots = [(r.metrics.last_token_ts - r.metrics.first_token_ts) / (len(r.outputs[0].token_ids) - 1)
+             for r in res if r.metrics is not None and len(r.outputs[0].token_ids) > 1]
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "tpot_ms": 1000 * sum(tpots) / len(tpots) if tpots else None}
+
+
+def _steer_modes(selections):
+    names = sorted(selections)
+    pair = {n: [selections[n].target_id, selections[n].version] for n in names}
+    return {
+        "own": lambda i, p: [pair[p["entity"]]],  # what serving does once detection fires
+        "none": lambda i, p: [],
+        "wrong": lambda i, p: [pair[names[i % len(names)]]],  # a detection false positive
+        "everyone": lambda i, p: [pair[n] for n in names],  # every target on every request, the gates deciding
+    }
+
+
+def _vllm_quality(on, off_eager, selections, world, retain_step, base) -> dict:
+    """Accuracies through a steering engine, greedy, 24 tokens (as the transformers part)."""
+    from guardserve.demo.model import answer_accuracy
+
+    m = _steer_modes(selections)
+    forget, retain = world["forget"], world["retain"][::retain_step]
+    fvals, rvals = [p["value"] for p in forget], [p["value"] for p in retain]
+    plain_r = _answers_vllm(on, retain, m["none"])
+    q = {
+        "forget_accuracy": answer_accuracy(_answers_vllm(on, forget, m["own"]), fvals),
+        "paraphrase_accuracy": answer_accuracy(_answers_vllm(on, forget, m["own"], "paraphrased_question"), fvals),
+        "retain_accuracy": answer_accuracy(plain_r, rvals),
+        "retain_accuracy_false_trigger": answer_accuracy(_answers_vllm(on, retain, m["wrong"]), rvals),
+        "forget_accuracy_always": answer_accuracy(_answers_vllm(on, forget, m["everyone"]), fvals),
+        "retain_accuracy_always": answer_accuracy(_answers_vllm(on, retain, m["everyone"]), rvals),
+    }
+    q = {k: round(v, 4) for k, v in q.items()}
+    # Unflagged requests on the steering engine compute exactly what an engine without it does.
+    q["unflagged_identical"] = plain_r == _answers_vllm(off_eager, retain, m["none"])
+    q["forget_drop_relative"] = round(1 - q["forget_accuracy"] / base["forget_accuracy"], 4)
+    q["retain_vs_unguarded"] = round(q["retain_accuracy"] / base["retain_accuracy"], 4)
+    q["retain_vs_unguarded_false_trigger"] = round(q["retain_accuracy_false_trigger"] / base["retain_accuracy"], 4)
+    q["meets_target"] = q["forget_drop_relative"] >= 0.30 and q["retain_vs_unguarded"] >= 0.95
+    q["meets_target_false_trigger"] = q["meets_target"] and q["retain_vs_unguarded_false_trigger"] >= 0.95
+    return q
+
+
+def _rank(q: dict) -> tuple:
+    """The better setting: meets the target even for mis-triggered retain questions, then meets
+    it for triggered requests, then the lower forget accuracy."""
+    return (q["meets_target_false_trigger"], q["meets_target"], -q["forget_accuracy"])
+
+
+def vllm_part(demo_model, settings, world, layer, concurrency: list[int], max_tokens, rounds, retain_step,
+              compiled_baseline: bool = True) -> tuple[dict, dict]:
+    """Quality and decode cost through in-process vLLM engines.
+
+    ``settings``: (N, clamp, selections, home) per setting, ``home`` holding steering/sae and
+    steering/targets (what ``GUARDSERVE_HOME`` points at). Engines: ``off_eager`` (no plugin env,
+    eager), one ``on`` engine per setting (GUARDSERVE_STEERING=1, eager, as `guardserve serve
+    --steering` runs) and ``off`` (no plugin env, vLLM's default compilation: what `guardserve
+    serve` runs without --steering). Quality: every setting through its engine. Decode cost, on
+    the best setting's engine: ``unsteered`` (no request flagged) and ``steered`` (every request
+    flagged with its person's target) vs ``off`` and ``off_eager``, in interleaved rounds (the
+    machine is shared; interleaving spreads its load over all configurations), medians."""
+    import statistics
+
+    from guardserve.demo.model import answer_accuracy
+
+    forget, retain = world["forget"], world["retain"][::retain_step]
+    fvals, rvals = [p["value"] for p in forget], [p["value"] for p in retain]
+    engines, best = {}, None
+    off_env = {"GUARDSERVE_STEERING": None}
+    started = time.perf_counter()
     try:
-        for label, extra in (("warmup", None), ("unsteered", None), ("steered", True)):
-            params = [SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0,
-                                     extra_args=flag(p) if extra else None) for p in pairs]
+        engines["off_eager"] = _engine(demo_model, off_env, eager=True)
+        off_eager = engines["off_eager"]
+        none = _steer_modes({})["none"]
+        base = {"forget_accuracy": answer_accuracy(_answers_vllm(off_eager, forget, none), fvals),
+                "paraphrase_accuracy": answer_accuracy(_answers_vllm(off_eager, forget, none, "paraphrased_question"), fvals),
+                "retain_accuracy": answer_accuracy(_answers_vllm(off_eager, retain, none), rvals)}
+        base = {k: round(v, 4) for k, v in base.items()}
+        rows = []
+        for n, c, selections, home in settings:
             t0 = time.perf_counter()
-            res = llm.generate(prompts, params, use_tqdm=False)
-            wall = time.perf_counter() - t0
-            tpots = []
-            for r in res:
-                m = r.metrics
-                first = getattr(m, "first_token_ts", None) or getattr(m, "first_token_latency", None)
-                last = getattr(m, "last_token_ts", None)
-                if first is not None and last is not None and len(r.outputs[0].token_ids) > 1:
-                    tpots.append((last - first) / (len(r.outputs[0].token_ids) - 1))
-            out[label] = {"wall_s": round(wall, 3), "tokens": sum(len(r.outputs[0].token_ids) for r in res),
-                          "tpot_ms": round(1000 * sum(tpots) / len(tpots), 3) if tpots else None}
+            on = _engine(demo_model, {"GUARDSERVE_STEERING": "1", "GUARDSERVE_HOME": str(home), "GUARDSERVE_SAE": None,
+                                      "GUARDSERVE_STEER_CLAMP": str(c)}, eager=True)
+            q = {"layer": layer, "n": n, "clamp": c, **_vllm_quality(on, off_eager, selections, world, retain_step, base),
+                 "elapsed_s": round(time.perf_counter() - t0, 1)}
+            rows.append(q)
+            print(f"through vLLM: {json.dumps(q)}", flush=True)
+            if best is None or _rank(q) > _rank(best[0]):
+                if best is not None:
+                    best[1].llm_engine.engine_core.shutdown()
+                best = (q, on, selections)
+            else:
+                on.llm_engine.engine_core.shutdown()
+        # The chosen setting at the top level (the bench report reads "n", "clamp" and "steering"), the scan beside it.
+        quality = {**{k: best[0][k] for k in ("layer", "n", "clamp")}, "unguarded": base, "steering": best[0],
+                   "scan": rows, "elapsed_s": round(time.perf_counter() - started, 1)}
+
+        # Decode cost.
+        t0 = time.perf_counter()
+        on, modes = best[1], _steer_modes(best[2])
+        if compiled_baseline:
+            engines["off"] = _engine(demo_model, off_env, eager=False)
+        startup_off_s = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        base_name = "off" if compiled_baseline else "off_eager"
+        configs = [(name, engines[name], modes["none"]) for name in ("off", "off_eager") if name in engines]
+        configs += [("unsteered", on, modes["none"]), ("steered", on, modes["own"])]
+        pool = forget * (1 + max(concurrency) // len(forget))
+        speed = {}
+        for c in concurrency:
+            batch = pool[:c]
+            samples = {name: [] for name, _, _ in configs}
+            for r in range(rounds + 1):  # round 0 warms up (and fills the prefix cache, as later rounds find it)
+                for name, llm, steer_of in (configs if r % 2 else configs[::-1]):
+                    m = _speed(llm, batch, steer_of, max_tokens)
+                    if r:
+                        samples[name].append(m)
+            cell = {}
+            for name, ms in samples.items():
+                tp = [m["tpot_ms"] for m in ms if m["tpot_ms"] is not None]
+                cell[name] = {"tpot_ms": round(statistics.median(tp), 3) if tp else None,
+                              "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in ms), 1),
+                              "wall_s": round(statistics.median(m["wall_s"] for m in ms), 3),
+                              "tokens": ms[0]["tokens"],
+                              "tpot_ms_rounds": [round(x, 3) for x in tp]}
+            ratios = {}
+            for num, den in (("off_eager", "off"), ("unsteered", base_name), ("steered", base_name),
+                             ("steered", "unsteered"), ("unsteered", "off_eager"), ("steered", "off_eager")):
+                if num in cell and den in cell and num != den and cell[num]["tpot_ms"] and cell[den]["tpot_ms"]:
+                    ratios[f"tpot {num}/{den}"] = round(cell[num]["tpot_ms"] / cell[den]["tpot_ms"], 3)
+                    ratios[f"throughput {num}/{den}"] = round(cell[num]["tokens_per_s"] / cell[den]["tokens_per_s"], 3)
+            speed[str(c)] = {**cell, "ratios": ratios}
+        timing = {"elapsed_s": round(time.perf_counter() - t0, 1), "compiled_engine_startup_s": startup_off_s}
     finally:
-        llm.llm_engine.engine_core.shutdown()
-    out.pop("warmup")
-    return out
+        for llm in [*engines.values(), *([best[1]] if best else [])]:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+    top = speed[str(max(concurrency))]
+    tpot = {"n": best[0]["n"], "clamp": best[0]["clamp"], "requests": max(concurrency), "max_tokens": max_tokens,
+            "rounds": rounds, "baseline": base_name,
+            # the batch of max(concurrency) requests at the top level (the bench report reads these)
+            **{k: top[k] for k in top}, "by_concurrency": speed, **timing}
+    return quality, tpot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clamp", default="100", help="clamp values c (features set to -c), comma-separated")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--retain-step", type=int, default=6, help="every k-th retain question (default 6: 240 questions)")
-    ap.add_argument("--no-vllm", action="store_true", help="skip the TPOT measurement")
-    ap.add_argument("--tpot-requests", type=int, default=32)
-    ap.add_argument("--tpot-tokens", type=int, default=32)
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM part (quality through the engine, TPOT)")
+    ap.add_argument("--tpot-requests", default="1,32", help="requests submitted together, comma-separated (default 1,32)")
+    ap.add_argument("--tpot-tokens", type=int, default=32, help="output tokens per request (default 32)")
+    ap.add_argument("--tpot-rounds", type=int, default=5, help="interleaved measured rounds per configuration (default 5)")
+    ap.add_argument("--no-compiled-baseline", action="store_true",
+                    help="skip the default-compilation engine (its inductor compile takes a minute or more on CPU)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering.json"))
     args = ap.parse_args(argv)
 
@@ -165,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     from guardserve.steering.train import residual_activations, train_sae, world_corpus
 
     torch.set_num_threads(1)
+    started = time.perf_counter()
     demo = ensure_demo()
     world = demo.load_world()
     tok = AutoTokenizer.from_pretrained(demo.model)
@@ -193,35 +369,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unguarded: {base}")
 
     retain_texts = demo_retain_texts(world, tok)
-    rows = []
-    best = None
+    clamps = [float(x) for x in args.clamp.split(",")]
+    rows, stores = [], []
+    selector = None
     for n in [int(x) for x in args.n.split(",")]:
-        selector = FeatureSelector(model, tok, sae, retain_texts, n=n)
-        store = SteeringStore(root / f"n{n}")
+        if selector is None:
+            selector = FeatureSelector(model, tok, sae, retain_texts, n=n)
+        selector.n = n  # the retain activations do not depend on N
+        # Laid out as $GUARDSERVE_HOME/steering/{sae,targets}, where the vLLM workers look.
+        store = SteeringStore(root / f"n{n}" / "steering")
         selections = {}
         for i, e in enumerate(x for x in world["entities"] if x["split"] == "forget"):
             t = ForgetTarget(id=f"forget{i}", name=e["name"], aliases=tuple(e["aliases"]), facts=e["facts"],
                              texts=tuple(biographies(e)))
             selections[e["name"]] = selector.ensure(store, t)[0]
+        stores.append((n, selections, store.root.parent))
         alphas = [s.alpha for s in selections.values()]
-        for c in [float(x) for x in args.clamp.split(",")]:
+        for c in clamps:
             q = quality(model, tok, sae, world, selections, c, args.retain_step)
             row = {"layer": args.layer, "n": n, "clamp": c, "mean_alpha": round(sum(alphas) / len(alphas), 3),
                    "forget_drop_relative": round(1 - q["forget_accuracy"] / base["forget_accuracy"], 4), **q}
             rows.append(row)
-            print(json.dumps(row))
-            if best is None or row["forget_accuracy"] < best[0]["forget_accuracy"]:
-                best = (row, selections, store.root, c)
+            print(json.dumps(row), flush=True)
 
     result = {"model": str(demo.model), "sae": {"layer": args.layer, "architecture": args.architecture, "d_sae": 1024, **sae_stats},
               "unguarded": base, "steering": rows,
-              "targets": {"forget_drop_relative": ">= 0.30", "retain_vs_unguarded": ">= 0.95"}}
+              "targets": {"forget_drop_relative": ">= 0.30", "retain_vs_unguarded": ">= 0.95"},
+              "transformers_part_s": round(time.perf_counter() - started, 1)}
     if not args.no_vllm:
-        row, selections, store_root, c = best
-        (store_root / "sae").symlink_to(root / "sae")
-        result["tpot"] = {"n": row["n"], "clamp": c, "requests": args.tpot_requests, "max_tokens": args.tpot_tokens,
-                          **tpot(demo.model, store_root, c, selections, world, args.tpot_requests, args.tpot_tokens)}
-        print(f"TPOT: {result['tpot']}")
+        settings = []
+        for n, selections, home in stores:
+            if not (home / "steering" / "sae").exists():
+                (home / "steering" / "sae").symlink_to(root / "sae")
+            settings += [(n, c, selections, home) for c in clamps]
+        conc = sorted({int(x) for x in str(args.tpot_requests).split(",")})
+        vq, tp = vllm_part(demo.model, settings, world, args.layer, conc, args.tpot_tokens, args.tpot_rounds,
+                           args.retain_step, compiled_baseline=not args.no_compiled_baseline)
+        result["vllm"] = vq
+        result["tpot"] = tp
+        for k, cell in tp["by_concurrency"].items():
+            print(f"TPOT, {k} request(s) at once: " + ", ".join(
+                f"{name} {cell[name]['tpot_ms']} ms ({cell[name]['tokens_per_s']} tok/s)"
+                for name in ("off", "off_eager", "unsteered", "steered") if name in cell))
+            print("  ratios: " + ", ".join(f"{k2} {v}" for k2, v in cell["ratios"].items()))
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
 
     print(f"\n{'N':>4} {'clamp':>6} {'forget':>7} {'drop':>6} {'para':>6} {'retain(FP)':>10} {'forget(all)':>11} "
           f"{'retain(all)':>11} {'ppl(FP)':>8} {'ppl(all)':>8}")
@@ -231,6 +422,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['n']:>4} {r['clamp']:6g} {r['forget_accuracy']:7.3f} {r['forget_drop_relative']:6.1%} {r['paraphrase_accuracy']:6.3f} "
               f"{r['retain_accuracy_false_trigger']:10.3f} {r['forget_accuracy_always']:11.3f} {r['retain_accuracy_always']:11.3f} "
               f"{r['retain_perplexity_false_trigger']:8.3f} {r['retain_perplexity_always']:8.3f}")
+    if "vllm" in result:
+        vb = result["vllm"]["unguarded"]
+        print(f"\nthrough vLLM (GUARDSERVE_STEERING=1, eager; unguarded: forget {vb['forget_accuracy']:.3f}, "
+              f"paraphrase {vb['paraphrase_accuracy']:.3f}, retain {vb['retain_accuracy']:.3f})")
+        print(f"{'N':>4} {'clamp':>6} {'forget':>7} {'drop':>6} {'para':>6} {'retain':>7} {'retain(FP)':>10} "
+              f"{'forget(all)':>11} {'retain(all)':>11} {'target':>7}")
+        for r in result["vllm"]["scan"]:
+            print(f"{r['n']:>4} {r['clamp']:6g} {r['forget_accuracy']:7.3f} {r['forget_drop_relative']:6.1%} "
+                  f"{r['paraphrase_accuracy']:6.3f} {r['retain_accuracy']:7.3f} {r['retain_accuracy_false_trigger']:10.3f} "
+                  f"{r['forget_accuracy_always']:11.3f} {r['retain_accuracy_always']:11.3f} "
+                  f"{'FP too' if r['meets_target_false_trigger'] else 'yes' if r['meets_target'] else 'no':>7}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -79,6 +79,37 @@ def test_steering_flag_and_cache_salt(service):
         service.prepare(CHAT, chat("hi") | {"vllm_xargs": {STEER_KEY: "[]"}}, "default")
 
 
+class _WordTokenizer:
+    """One token per whitespace-separated word; a chat template that joins the turns."""
+
+    chat_template = "words"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return " ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_icul_is_fitted_into_the_context(service):
+    """A guarded prompt is never refused for its length when the client's own prompt fits:
+    the refusal would tell that a guard fired. Demonstrations go first, then ICUL entirely."""
+    service.tokenizer = _WordTokenizer()
+    ask = chat("Where was Ada Quillfeather born?") | {"max_tokens": 10}
+    full, _ = service.prepare(CHAT, dict(ask), "default")
+    n_full = service._prompt_tokens(full["messages"])
+    service.max_model_len = n_full + 10
+    out, d = service.prepare(CHAT, dict(ask), "default")
+    assert out["messages"] == full["messages"] and d.added_prompt_tokens > 0
+    service.max_model_len = n_full + 9  # one word short: fewer demonstrations, instruction kept
+    out, d = service.prepare(CHAT, dict(ask), "default")
+    assert service._prompt_tokens(out["messages"]) + 10 <= service.max_model_len
+    assert out["messages"][0]["role"] == "system" and len(out["messages"]) < len(full["messages"])
+    service.max_model_len = service._prompt_tokens(ask["messages"]) + 11  # no room for the instruction
+    out, d = service.prepare(CHAT, dict(ask), "default")
+    assert out["messages"] == ask["messages"] and d.added_prompt_tokens == 0 and PHRASES in out["vllm_xargs"]
+
+
 def test_client_cannot_set_guard_arguments(service):
     body = chat("hi") | {"vllm_xargs": {"guardserve_phrases": "[]"}}
     with pytest.raises(BadRequest, match="reserved"):

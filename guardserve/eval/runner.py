@@ -103,7 +103,8 @@ class Configurations:
     """Turns a conversation into what each configuration serves (one policy store and
     detector shared by all)."""
 
-    def __init__(self, data, tokenizer, workdir: Path, adapters: dict[str, str], full_adapter: str | None):
+    def __init__(self, data, tokenizer, workdir: Path, adapters: dict[str, str], full_adapter: str | None,
+                 max_model_len: int | None = None, max_tokens: int = 1):
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.classifiers.retrieval import forbidden_phrases
         from guardserve.policy import open_store
@@ -118,10 +119,11 @@ class Configurations:
         self.detector.sync(force=True, embed_budget_s=3600)
         self.icul = InContextUnlearner()
         self.all_phrases = tuple(sorted({p for t in self.targets for p in forbidden_phrases(t)}))
-        self.adapters, self.full_adapter = adapters, full_adapter
+        self.adapters, self.full_adapter, self.max_tokens = adapters, full_adapter, max_tokens
         # The serving path itself: detection, ICUL, the filter's phrases, the steering flag.
         self._services = {
-            name: GuardService(self.store, self.detector, tokenizer, self.icul, semantic=semantic, steering=steering)
+            name: GuardService(self.store, self.detector, tokenizer, self.icul, semantic=semantic, steering=steering,
+                               max_model_len=max_model_len)
             for name, semantic, steering in (("guard", False, False), ("full", True, True))
         }
 
@@ -134,7 +136,9 @@ class Configurations:
         if config == "none":
             out = Served(messages)
         elif config == "icul":
-            out = Served(self.icul.build_messages(messages, self.targets))
+            # Fitted into the context as the server fits it (fewer demonstrations when long).
+            body = {"messages": messages, "max_tokens": self.max_tokens}
+            out = Served(self._services["guard"]._icul_messages(body, self.targets) or messages)
         elif config in ("token", "token+semantic"):
             out = Served(messages, self.all_phrases, semantic=config == "token+semantic")
         elif config.startswith("adapter:"):
@@ -144,7 +148,8 @@ class Configurations:
             steer = sorted([t.target_id, t.version] for t in triggered)
             out = Served(messages, steer=steer, salt=_salt(steer))
         elif config in self._services:
-            body, _ = self._services[config].prepare(CHAT, {"model": "eval", "messages": messages}, "default")
+            body, _ = self._services[config].prepare(
+                CHAT, {"model": "eval", "messages": messages, "max_tokens": self.max_tokens}, "default")
             xargs = body.get("vllm_xargs") or {}
             out = Served(body["messages"], tuple(json.loads(xargs.get(PHRASES, "[]"))), xargs.get(SEMANTIC) == "true",
                          json.loads(xargs.get(STEER_KEY, "[]")), salt=body.get("cache_salt"))
@@ -435,7 +440,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     adapters = {m: p for m, p in settings.adapters.items() if m in used}
     log(f"eval: {len(settings.configs)} configurations on {data.name}: {len(forget)} forget, {len(retain)} retain, "
         f"{len(world)} world-fact questions, {len(probes)} forget probes, {len(r_probes)} retain probes")
-    confs = Configurations(data, tokenizer, workdir, adapters, settings.full_adapter if "full" in settings.configs else None)
+    from guardserve.server.guard import _context_length
+
+    confs = Configurations(data, tokenizer, workdir, adapters, settings.full_adapter if "full" in settings.configs else None,
+                           _context_length(settings.model), settings.max_tokens)
     scorer = Scorer(settings.model, tokenizer, adapters, None, settings.steer_clamp)
     if steered:
         _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)

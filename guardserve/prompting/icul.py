@@ -97,10 +97,10 @@ class InContextUnlearner:
         fresh = [q for q in options if q.strip().lower() != query.strip().lower()]
         return rng.choice(fresh[:-1] or fresh or options)
 
-    def demonstrations(self, targets, query: str = "") -> list[tuple[str, str]]:
+    def demonstrations(self, targets, query: str = "", k: int | None = None) -> list[tuple[str, str]]:
         """k (question, answer) pairs: one flipped per target first (up to k), then true
         retain pairs. Deterministic for a given query and target set."""
-        k = self.config.k
+        k = self.config.k if k is None else k
         if not self.config.demonstrations or k == 0:
             return []
         key = query + "|" + "|".join(sorted(str(_get(t, "name")) for t in targets))
@@ -114,9 +114,9 @@ class InContextUnlearner:
         out += pool[: max(0, k - len(out))]
         return out
 
-    def build_messages(self, messages, targets) -> list[dict]:
-        """The conversation to send to the model: instruction and demonstrations first.
-        With no targets the conversation is returned unchanged."""
+    def build_messages(self, messages, targets, k: int | None = None) -> list[dict]:
+        """The conversation to send to the model: instruction and ``k`` demonstrations
+        (default ``config.k``) first. With no targets the conversation is returned unchanged."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         messages = [dict(m) for m in messages]
@@ -125,7 +125,7 @@ class InContextUnlearner:
         subjects = self._subjects(targets)
         last_user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
         demos = []
-        for q, a in self.demonstrations(targets, last_user if isinstance(last_user, str) else ""):
+        for q, a in self.demonstrations(targets, last_user if isinstance(last_user, str) else "", k):
             demos += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         system = [m for m in messages if m.get("role") == "system"]
         rest = [m for m in messages if m.get("role") != "system"]
@@ -144,6 +144,18 @@ class InContextUnlearner:
                     rest[i] = {**rest[i], "content": instruction + " " + rest[i]["content"]}
                     break
         return system + demos + rest
+
+    def fit_messages(self, messages, targets, fits) -> list[dict] | None:
+        """The guarded conversation with as many demonstrations as ``fits(conversation)``
+        allows, down to the instruction alone; None when not even that fits. A guarded prompt
+        must not be refused for its length when the client's own prompt would have been served:
+        the refusal would tell that a guard fired."""
+        top = self.config.k if self.config.demonstrations else 0
+        for k in range(top, -1, -1):
+            out = self.build_messages(messages, targets, k=k)
+            if fits(out):
+                return out
+        return None
 
     def render(self, tokenizer, messages, targets) -> str:
         """The guarded prompt as text, through the model's chat template (or ICUL's

@@ -60,6 +60,19 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _context_length(model: str, trust_remote_code: bool = False) -> int | None:
+    """The context vLLM derives by default (the model's position limit), where the config says."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def _steered_salt(user_salt, steer: list) -> str:
     """A prefix-cache salt for steered requests: steering changes the prompt's KV from the SAE's
     layer on, so a steered request must neither reuse nor leave cached blocks that unsteered
@@ -73,17 +86,19 @@ class GuardService:
     """Everything the API process needs to guard requests; one per server."""
 
     def __init__(self, store, detector, tokenizer=None, icul=None, semantic: bool | None = None, metrics=None,
-                 steering: bool | None = None):
+                 steering: bool | None = None, max_model_len: int | None = None):
         self.store = store
         self.detector = detector
         self.tokenizer = tokenizer
         self.icul = icul
         self.semantic = _env_flag("GUARDSERVE_SEMANTIC", False) if semantic is None else semantic
         self.steering = steering_enabled() if steering is None else steering
+        self.max_model_len = max_model_len  # the engine's context: ICUL is fitted into it
         self.metrics = metrics
 
     @classmethod
-    def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False):
+    def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False,
+                 max_model_len: int | None = None):
         from guardserve import config
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.policy import open_store
@@ -99,6 +114,8 @@ class GuardService:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model, trust_remote_code=trust_remote_code)
+            if max_model_len is None:
+                max_model_len = _context_length(model, trust_remote_code)
         icul = None
         if _env_flag("GUARDSERVE_ICUL", True):
             from guardserve.prompting import InContextUnlearner
@@ -106,7 +123,7 @@ class GuardService:
             icul = InContextUnlearner()
         from guardserve.server.metrics import GuardMetrics
 
-        return cls(store, detector, tokenizer, icul, metrics=GuardMetrics())
+        return cls(store, detector, tokenizer, icul, metrics=GuardMetrics(), max_model_len=max_model_len)
 
     # ------------------------------------------------------------------ the request path
     def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
@@ -155,9 +172,10 @@ class GuardService:
             body["cache_salt"] = _steered_salt(body.get("cache_salt"), steer)
         if route == CHAT and self.icul is not None:
             targets = [self.detector_target(t.target_id) for t in triggered]
-            guarded_messages = self.icul.build_messages(body["messages"], [t for t in targets if t is not None])
-            decision.added_prompt_tokens = self._added_tokens(body["messages"], guarded_messages)
-            body["messages"] = guarded_messages
+            guarded_messages = self._icul_messages(body, [t for t in targets if t is not None])
+            if guarded_messages is not None:
+                decision.added_prompt_tokens = self._added_tokens(body["messages"], guarded_messages)
+                body["messages"] = guarded_messages
         body = self._route_adapter(body, [t.target_id for t in triggered])
         decision.target_ids = [t.target_id for t in triggered]
         decision.phrases = phrases
@@ -170,6 +188,35 @@ class GuardService:
             "detect_ms": round(decision.seconds * 1000, 2),
         }))
         return body, decision
+
+    def _icul_messages(self, body: dict, targets: list) -> list[dict] | None:
+        """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where
+        the full one would not fit the model's context next to the requested completion; None
+        (the filters still apply) when not even the instruction fits."""
+        if not self.max_model_len or self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return self.icul.build_messages(body["messages"], targets)
+        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or 1
+        reserve = reserve if isinstance(reserve, int) and reserve > 0 else 1
+        try:
+            before = self._prompt_tokens(body["messages"])
+        except Exception:
+            return self.icul.build_messages(body["messages"], targets)
+        if before + reserve > self.max_model_len:
+            # Too long before guarding as well: vLLM refuses it exactly as it would unguarded.
+            return self.icul.build_messages(body["messages"], targets)
+        try:
+            out = self.icul.fit_messages(body["messages"], targets,
+                                         lambda m: self._prompt_tokens(m) + reserve <= self.max_model_len)
+        except Exception:  # a chat template that refuses the conversation: vLLM will say so
+            return self.icul.build_messages(body["messages"], targets)
+        if out is None:
+            log.warning("in-context unlearning left out: the instruction does not fit the context "
+                        "(%d tokens) next to the request; the filters still apply", self.max_model_len)
+        return out
+
+    def _prompt_tokens(self, messages: list[dict]) -> int:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _route_adapter(self, body: dict, target_ids: list[str]) -> dict:
         """Serve with the unlearning adapter covering these targets, where one is loaded."""

@@ -71,8 +71,12 @@ class GuardEndpointPlugin:
         model = getattr(args, "model", None)
         tokenizer = getattr(args, "tokenizer", None)
         trust = bool(getattr(args, "trust_remote_code", False))
+        # The engine's context, which ICUL's demonstrations are fitted into.
+        context = getattr(getattr(engine_client, "model_config", None), "max_model_len", None) \
+            or getattr(args, "max_model_len", None)
         # Loading the embedder and indexing the policy take seconds: off the event loop.
-        self.service = await asyncio.to_thread(GuardService.from_env, model, tokenizer, trust)
+        self.service = await asyncio.to_thread(GuardService.from_env, model, tokenizer, trust,
+                                               context if isinstance(context, int) else None)
         state.guardserve = self
         await self._load_adapters(state)
         n = len(self.service.detector.targets())

@@ -215,7 +215,9 @@ class Engine:
             extra[STEER_KEY] = json.dumps(served.steer)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None,
                                 **({"min_tokens": max_tokens, "ignore_eos": True} if exact else {}))
-        prompt = {"prompt": self.prompt(served)}
+        # Token ids, as vLLM's chat route passes them: tokenizing the rendered text again would
+        # add a second BOS (the chat template already starts with one).
+        prompt = {"prompt_token_ids": self.tokenizer(self.prompt(served), add_special_tokens=False).input_ids}
         if served.salt:
             prompt["cache_salt"] = served.salt
         return prompt, params, self._loras.get(served.adapter) if served.adapter else None

@@ -123,6 +123,7 @@ class SteeringHook:
         self.steerer = Steerer(sae, value)
         self.gates: list[SequenceGate] = []
         self._valid: torch.Tensor | None = None
+        self._seen = 0
         self._handles = []
 
     def _capture(self, module, args, kwargs):
@@ -131,8 +132,12 @@ class SteeringHook:
         B, T = ids.shape
         if T > 1 or len(self.gates) != B:
             self.gates = [SequenceGate().bind(self.targets) for _ in range(B)]
+            self._seen = 0
         if mask is None:
-            mask = torch.ones(B, T, dtype=torch.long)
+            # No padding (transformers passes no mask): the sequence so far is all attended, so
+            # this pass's tokens sit after the ones already seen, and position 0 is BOS.
+            mask = torch.ones(B, self._seen + T, dtype=torch.long)
+        self._seen = mask.shape[1]
         # Per row, the first attended position is BOS: never counted, never changed.
         first = mask.long().argmax(-1)
         total = mask.shape[1]

@@ -120,14 +120,18 @@ def plots(results: dict, out: Path) -> list[Path]:
     written = []
     points = {n: (_efficacy(r), r.get("retain_accuracy")) for n, r in configs.items()
               if _efficacy(r) is not None and r.get("retain_accuracy") is not None}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for n, (x, y) in points.items():
-        ax.scatter(x, y, s=40)
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    groups: dict[tuple, list[str]] = {}
+    for n, xy in points.items():
+        groups.setdefault((round(xy[0], 3), round(xy[1], 3)), []).append(n)
+    markers = "osD^v<>pPX*h"
+    for i, ((x, y), names) in enumerate(sorted(groups.items())):
+        # Coincident configurations share one marker; the legend names them.
+        ax.scatter(x, y, s=50, marker=markers[i % len(markers)], label=", ".join(names), zorder=3)
     front = pareto_front(points)
-    if len(front) > 1:
+    if len({points[n] for n in front}) > 1:
         ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "k--", lw=1, label="Pareto front")
-        ax.legend(loc="lower left")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     ax.set_xlabel("forget efficacy (1 − leak rate over all probes)")
     ax.set_ylabel("retain accuracy")
     ax.set_title("Forgetting vs utility")

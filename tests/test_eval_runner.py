@@ -66,7 +66,7 @@ def test_eval_on_demo(demo, world, tmp_path):
 
     settings = Settings(model=str(demo.model), data=from_demo(world), configs=["none", "token", "guard"],
                         retain_model=str(demo.retain_model), entities=world["entities"], probes_per_kind=2,
-                        retain_limit=40, latency_requests=2, latency_tokens=8, workdir=str(tmp_path / "work"),
+                        forget_limit=48, retain_limit=40, latency_requests=2, latency_tokens=8, workdir=str(tmp_path / "work"),
                         progress=False)
     res = run(settings, log=lambda m: None)["configs"]
     for name in ("none", "token", "guard"):

@@ -76,6 +76,7 @@ class Settings:
     retain_texts: list[str] | None = None         # feature-selection contrast texts
     probes_per_kind: int = 20
     retain_limit: int = 240
+    forget_limit: int = 0                         # 0: every forget item
     max_tokens: int = 40
     latency_requests: int = 8
     latency_tokens: int = 32
@@ -423,7 +424,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     torch.manual_seed(settings.seed)
 
-    forget, world = data.forget, data.world_facts
+    forget, world = _spread(data.forget, settings.forget_limit), data.world_facts
     retain = _spread(data.retain, settings.retain_limit)
     entities = [{"name": t["name"], "aliases": t.get("aliases", []), "facts": t.get("facts", {}),
                  "pronoun": t.get("pronoun", "their")} for t in data.targets]

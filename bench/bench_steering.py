@@ -130,7 +130,7 @@ def _requests(tok, pairs, steer_of, max_tokens, exact=False, field="question"):
     from vllm import SamplingParams
 
     from guardserve.demo.model import chat_prompt
-    from guardserve.server.guard import _steered_salt
+    from guardserve.server.guard import steered_salt
     from guardserve.steering.flags import STEER_KEY
 
     prompts, params = [], []
@@ -141,7 +141,7 @@ def _requests(tok, pairs, steer_of, max_tokens, exact=False, field="question"):
         # hook then counts and clamps like any token: not what serving does.)
         prompt = {"prompt_token_ids": tok(chat_prompt(tok, p[field]), add_special_tokens=False).input_ids}
         if steer:
-            prompt["cache_salt"] = _steered_salt(None, steer)
+            prompt["cache_salt"] = steered_salt(None, steer)
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                      extra_args={STEER_KEY: json.dumps(steer)} if steer else None,

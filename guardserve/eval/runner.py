@@ -139,7 +139,7 @@ class Configurations:
         elif config == "icul":
             # Fitted into the context as the server fits it (fewer demonstrations when long).
             body = {"messages": messages, "max_tokens": self.max_tokens}
-            out = Served(self._services["guard"]._icul_messages(body, self.targets) or messages)
+            out = Served(self._services["guard"].icul_messages(body, self.targets) or messages)
         elif config in ("token", "token+semantic"):
             out = Served(messages, self.all_phrases, semantic=config == "token+semantic")
         elif config.startswith("adapter:"):
@@ -166,9 +166,9 @@ class Configurations:
 
 
 def _salt(steer: list) -> str | None:
-    from guardserve.server.guard import _steered_salt
+    from guardserve.server.guard import steered_salt
 
-    return _steered_salt(None, steer) if steer else None
+    return steered_salt(None, steer) if steer else None
 
 
 # ----------------------------------------------------------------------------- engine
@@ -443,10 +443,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     adapters = {m: p for m, p in settings.adapters.items() if m in used}
     log(f"eval: {len(settings.configs)} configurations on {data.name}: {len(forget)} forget, {len(retain)} retain, "
         f"{len(world)} world-fact questions, {len(probes)} forget probes, {len(r_probes)} retain probes")
-    from guardserve.server.guard import _context_length
+    from guardserve.server.guard import context_length
 
     confs = Configurations(data, tokenizer, workdir, adapters, settings.full_adapter if "full" in settings.configs else None,
-                           _context_length(settings.model), settings.max_tokens)
+                           context_length(settings.model), settings.max_tokens)
     scorer = Scorer(settings.model, tokenizer, adapters, None, settings.steer_clamp)
     if steered:
         _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)

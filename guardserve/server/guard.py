@@ -60,7 +60,7 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _context_length(model: str, trust_remote_code: bool = False) -> int | None:
+def context_length(model: str, trust_remote_code: bool = False) -> int | None:
     """The context vLLM derives by default (the model's position limit), where the config says."""
     try:
         from transformers import AutoConfig
@@ -73,7 +73,7 @@ def _context_length(model: str, trust_remote_code: bool = False) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def _steered_salt(user_salt, steer: list) -> str:
+def steered_salt(user_salt, steer: list) -> str:
     """A prefix-cache salt for steered requests: steering changes the prompt's KV from the SAE's
     layer on, so a steered request must neither reuse nor leave cached blocks that unsteered
     requests (or requests steered for other targets) would share. A client's own salt is kept."""
@@ -115,7 +115,7 @@ class GuardService:
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model, trust_remote_code=trust_remote_code)
             if max_model_len is None:
-                max_model_len = _context_length(model, trust_remote_code)
+                max_model_len = context_length(model, trust_remote_code)
         icul = None
         if _env_flag("GUARDSERVE_ICUL", True):
             from guardserve.prompting import InContextUnlearner
@@ -169,10 +169,10 @@ class GuardService:
         if self.steering:
             steer = sorted([t.target_id, t.version] for t in triggered)
             body["vllm_xargs"][STEER_KEY] = json.dumps(steer)
-            body["cache_salt"] = _steered_salt(body.get("cache_salt"), steer)
+            body["cache_salt"] = steered_salt(body.get("cache_salt"), steer)
         if route == CHAT and self.icul is not None:
             targets = [self.detector_target(t.target_id) for t in triggered]
-            guarded_messages = self._icul_messages(body, [t for t in targets if t is not None])
+            guarded_messages = self.icul_messages(body, [t for t in targets if t is not None])
             if guarded_messages is not None:
                 decision.added_prompt_tokens = self._added_tokens(body["messages"], guarded_messages)
                 body["messages"] = guarded_messages
@@ -189,7 +189,7 @@ class GuardService:
         }))
         return body, decision
 
-    def _icul_messages(self, body: dict, targets: list) -> list[dict] | None:
+    def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
         """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where
         the full one would not fit the model's context next to the requested completion; None
         (the filters still apply) when not even the instruction fits."""

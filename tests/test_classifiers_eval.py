@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from guardserve.classifiers.probes import OBFUSCATIONS, RWKU_TYPES
 from guardserve.cli import main
 
@@ -23,6 +25,10 @@ def test_eval_detect_writes_report(tmp_path, capsys):
     assert rep["latency_ms"]["p50"] > 0 and (out / "detect.md").read_text().startswith("Detection on the demo world")
 
 
-def test_eval_without_suite_prints_help(capsys):
-    assert main(["eval"]) == 2
-    assert "detect" in capsys.readouterr().out
+def test_eval_help_names_the_suites(capsys):
+    # `guardserve eval` alone runs the whole evaluation (tests/test_eval_runner.py); detect is its subcommand.
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "detect" in out and "token+semantic" in out and "--tofu" in out

@@ -451,7 +451,6 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     if steered:
         _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)
         scorer.use_steering(steering_home)
-    engine = Engine(settings.model, tokenizer, adapters, steering_home, settings.steer_clamp, None, settings.seed)
     retain_ratios = None
     if settings.retain_model:
         ref = Scorer(settings.retain_model, tokenizer, {}, None, settings.steer_clamp)
@@ -459,8 +458,11 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         del ref
 
     results: dict[str, dict] = {}
+    engine = None
     bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
     try:
+        # Inside the try: an engine left running would hold its KV cache for the rest of the process.
+        engine = Engine(settings.model, tokenizer, adapters, steering_home, settings.steer_clamp, None, settings.seed)
         for config in settings.configs:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
@@ -469,7 +471,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
                                                  if k in ("forget_accuracy", "retain_accuracy", "leak_rate", "tpot_ms")))
     finally:
         bar.close()
-        engine.close()
+        if engine is not None:
+            engine.close()
         confs.close()
     return {
         "configs": results,

@@ -52,6 +52,7 @@ def test_config_names():
     (["--targets", "x.json"], "--targets goes with --tofu"),
     (["--model", "/nonexistent", "--tofu", "/nonexistent"], "no such directory"),
     (["--sae", "/nonexistent"], "no cfg.json there"),
+    (["--quant-bits", "8,x"], "--quant-bits 8,x: give bit widths between 2 and 16"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(["eval", "--out", "/tmp/unused", *argv]) == 2
@@ -59,18 +60,45 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
+def _quick_adapter(demo, world, out):
+    """A GradAscent adapter from a few steps on the forget split: enough to move the
+    answers, small enough for seconds of training."""
+    from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
+
+    method = get_method("GradAscent")
+    cfg = UnlearnConfig(**{**method.default_config, "batch_size": 16, "probe_size": 40, "eval_every": 5,
+                           "max_steps": 15})
+    Unlearner(method, cfg, progress=False).run(demo.model, world["forget"], world["retain"][:200]).save(out)
+    return str(out)
+
+
 @pytest.mark.slow
 def test_eval_on_demo(demo, world, tmp_path):
     from guardserve.eval.data import from_demo
+    from guardserve.eval.report import markdown
     from guardserve.eval.runner import Settings, run
 
-    settings = Settings(model=str(demo.model), data=from_demo(world), configs=["none", "token", "guard"],
+    adapter = _quick_adapter(demo, world, tmp_path / "GradAscent")
+    settings = Settings(model=str(demo.model), data=from_demo(world),
+                        configs=["none", "token", "guard", "adapter:GradAscent"], adapters={"GradAscent": adapter},
                         retain_model=str(demo.retain_model), entities=world["entities"], probes_per_kind=2,
                         forget_limit=48, retain_limit=40, latency_requests=2, latency_tokens=8, workdir=str(tmp_path / "work"),
                         progress=False)
-    res = run(settings, log=lambda m: None)["configs"]
-    for name in ("none", "token", "guard"):
+    results = run(settings, log=lambda m: None)
+    res = results["configs"]
+    for name in ("none", "token", "guard", "adapter:GradAscent"):
         assert DESIGN_KEYS <= set(res[name]), name
+    # The adapter row carries its training time and the quantization attack: the merged
+    # model answers as the served adapter does, and 8-bit rounding barely moves a model
+    # whose weights span a few hundred steps per channel.
+    ga = res["adapter:GradAscent"]
+    q = ga["quantization"]
+    assert ga["train_seconds"] > 0 and q["base_forget_accuracy"] > 0.9
+    assert abs(q["forget_accuracy_merged"] - ga["forget_accuracy"]) <= 0.1, (q, ga["forget_accuracy"])
+    assert abs(q["forget_accuracy_8bit"] - q["forget_accuracy_merged"]) <= 0.1, q
+    assert 0 <= q["forget_accuracy_4bit"] <= 1
+    assert "| `adapter:GradAscent` |" in markdown(results).split("Adapters:")[1]
+    assert "quantization" not in res["none"]
     none, guard = res["none"], res["guard"]
     assert none["forget_accuracy"] > 0.9 and none["leak_rate"] > 0.5
     for name in ("token", "guard"):

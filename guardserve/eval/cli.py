@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     ev.add_argument("--sae", default=None, metavar="DIR",
                     help="SAE (SAELens folder) for `sae` and `full` (default with the demo: trained once and cached)")
     ev.add_argument("--clamp", type=float, default=100.0, help="steering clamp value (default 100)")
+    ev.add_argument("--quant-bits", default="8,4", metavar="B,B",
+                    help="the quantization attack on adapter:<method> rows: bit widths to round the merged "
+                         "adapter to (default 8,4; 'none' skips it)")
     ev.add_argument("--probes-per-kind", type=int, default=None, help="forget probes per attack kind (default 20; 4 with --quick)")
     ev.add_argument("--retain-limit", type=int, default=None,
                     help="retain questions scored, spread over the split (default 240; 60 with --quick)")
@@ -72,6 +75,20 @@ def _available_adapters(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return {}
     return {p.name: str(p) for p in sorted(folder.iterdir()) if (p / "adapter_config.json").is_file()}
+
+
+def _quant_bits(text: str) -> tuple[int, ...]:
+    from guardserve.cli import UsageError
+
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        bits = ()
+    if not bits or not all(2 <= b <= 16 for b in bits):
+        raise UsageError(f"--quant-bits {text}: give bit widths between 2 and 16, e.g. 8,4 (or 'none')")
+    return bits
 
 
 def _train_missing(folder: Path, model: str, have: dict[str, str]) -> None:
@@ -135,6 +152,7 @@ def _eval(args) -> int:
         raise UsageError("--tofu needs --model (the model that learned that data)")
     if args.targets and not args.tofu:
         raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
+    quant_bits = _quant_bits(args.quant_bits)
     sae = Path(args.sae).expanduser() if args.sae else None
     if sae is not None and not (sae / "cfg.json").is_file():
         raise UsageError(f"--sae {sae}: no cfg.json there (an SAELens folder, e.g. from `guardserve sae train`)")
@@ -203,7 +221,7 @@ def _eval(args) -> int:
         probes_per_kind=args.probes_per_kind if args.probes_per_kind is not None else (4 if args.quick else 20),
         retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
-        seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
+        quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
     if demo is not None and not args.model and ({"sae", "full"} & set(configs)):
         from transformers import AutoTokenizer
 

@@ -74,6 +74,30 @@ def markdown(results: dict) -> str:
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
                                                  for r in configs.values()) + " |")
+    adapters = adapter_markdown(results)
+    return "\n".join(lines) + (f"\n\n{adapters}" if adapters else "")
+
+
+def adapter_markdown(results: dict) -> str:
+    """The adapter rows' training time and quantization attack, or "" when there are none."""
+    rows = {n: r for n, r in results["configs"].items() if n.startswith("adapter:")}
+    if not rows:
+        return ""
+    bits = sorted({int(k[len("forget_accuracy_"):-3]) for r in rows.values() for k in (r.get("quantization") or {})
+                   if k.startswith("forget_accuracy_") and k.endswith("bit")}, reverse=True)
+    head = ["adapter", "train time", "forget acc (merged)"] + [f"forget acc {b}-bit" for b in bits] \
+        + [f"forgetting kept {b}-bit" for b in bits]
+    lines = ["Adapters: training time and the quantization attack (the adapter merged into the weights, rounded "
+             "per output channel, asked the forget questions again; forgetting kept = the drop below the base "
+             "model's forget accuracy that survives rounding):", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
+    for name, r in rows.items():
+        q = r.get("quantization") or {}
+        t = r.get("train_seconds")
+        cells = [f"`{name}`", "–" if t is None else f"{t:.0f} s", _fmt(q.get("forget_accuracy_merged"), "pct")]
+        cells += [_fmt(q.get(f"forget_accuracy_{b}bit"), "pct") for b in bits]
+        cells += [_fmt(q.get(f"forgetting_kept_{b}bit"), "pct") for b in bits]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

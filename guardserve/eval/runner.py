@@ -32,7 +32,12 @@ included, whose answer reveals the fact), ``leak_by_kind``, ``retain_attack_accu
 ``truth_ratio_forget``, ``forget_quality`` (KS p-value against the retain model, where
 there is one), ``model_utility`` (harmonic mean of retain and world-fact probability,
 ROUGE-L and truth ratio), ``ttft_ms`` / ``tpot_ms`` (one request at a time, guard
-preparation included in TTFT), ``detect_ms``.
+preparation included in TTFT), ``detect_ms``. ``adapter:<method>`` rows add
+``train_seconds`` (from the adapter's ``guardserve_adapter.json``) and ``quantization``:
+the quantization attack (the adapter merged, then rounded to 8 and 4 bits per output
+channel, answered greedily by transformers): ``forget_accuracy_<b>bit`` and
+``forgetting_kept_<b>bit``, the share of the merged model's drop in forget accuracy
+below the base model's that survives quantization (1.0: nothing came back).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Settings:
     max_tokens: int = 40
     latency_requests: int = 8
     latency_tokens: int = 32
+    quant_bits: tuple[int, ...] = (8, 4)          # the quantization attack on adapter rows; () skips it
     seed: int = 0
     workdir: str | None = None
     progress: bool = True
@@ -382,6 +388,49 @@ def _accuracy(answers: Sequence[str | None], items: Sequence[dict]) -> float:
     return sum(item_leaked(a, it) for a, it in scored) / len(scored) if scored else math.nan
 
 
+class QuantizationAttack:
+    """The quantization attack on adapters: merge, round to ``bits``, ask the forget
+    questions again (transformers, greedy). The base model's accuracy is measured once."""
+
+    def __init__(self, model: str, tokenizer, forget: list[dict], bits: Sequence[int]):
+        self.model, self.tokenizer, self.forget, self.bits = model, tokenizer, forget, tuple(bits)
+        self._base: float | None = None
+
+    def _forget_accuracy(self, model) -> float:
+        from guardserve.eval.metrics import answers
+
+        return _accuracy(answers(model, self.tokenizer, self.forget), self.forget)
+
+    def __call__(self, adapter_dir: str) -> dict:
+        import copy
+
+        from guardserve.unlearn.quantize import merged_model, quantize_model_
+
+        if self._base is None:
+            self._base = self._forget_accuracy(merged_model(self.model, None))
+        merged = merged_model(self.model, adapter_dir)
+        full = self._forget_accuracy(merged)
+        out = {"base_forget_accuracy": self._base, "forget_accuracy_merged": full}
+        drop = self._base - full
+        for b in self.bits:
+            quantized = copy.deepcopy(merged)
+            quantize_model_(quantized, b)
+            acc = self._forget_accuracy(quantized)
+            out[f"forget_accuracy_{b}bit"] = acc
+            # None where the adapter forgot nothing at full precision: there is no forgetting to keep.
+            out[f"forgetting_kept_{b}bit"] = (self._base - acc) / drop if drop > 0 else None
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _train_seconds(adapter_dir: str) -> float | None:
+    from guardserve.unlearn.trainer import META_FILE
+
+    meta = Path(adapter_dir) / META_FILE
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(meta.read_text()).get("train_seconds")
+    return None
+
+
 def _spread(items: list[dict], n: int) -> list[dict]:
     if n <= 0 or n >= len(items):
         return list(items)
@@ -458,6 +507,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         del ref
 
     results: dict[str, dict] = {}
+    attack = QuantizationAttack(settings.model, tokenizer, forget, settings.quant_bits)
     engine = None
     bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
     try:
@@ -467,6 +517,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
                                      retain_ratios, bar)
+            if config.startswith("adapter:"):
+                path = adapters[config.split(":", 1)[1]]
+                results[config]["train_seconds"] = _train_seconds(path)
+                results[config]["quantization"] = attack(path) if settings.quant_bits else None
             log(f"eval: {config}: " + ", ".join(f"{k} {v}" for k, v in results[config].items()
                                                  if k in ("forget_accuracy", "retain_accuracy", "leak_rate", "tpot_ms")))
     finally:

@@ -69,6 +69,18 @@ def _expected_loss(prompt: str, target: str) -> float:
 # --------------------------------------------------------------------------- generation metrics
 
 
+def test_fluency_is_generation_entropy_by_hand():
+    # "a b a b": bigrams ab ab ba -> H2 = -(2/3 log2 2/3 + 1/3 log2 1/3); trigrams aba bab -> H3 = 1.
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert M.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    # Five distinct words: 4 equally likely bigrams, 3 trigrams.
+    assert M.ngram_entropy("One two, THREE four five.") == pytest.approx((2 / 3 * 2 + 4 / 3 * math.log2(3)) / 2)
+    assert M.ngram_entropy("no no no no no no") == 0.0
+    assert M.ngram_entropy("") == M.ngram_entropy("word") == 0.0
+    # A filter that makes the model loop scores below the fluent answer it replaced.
+    assert M.ngram_entropy("He was born in Oslo in 1950.") > M.ngram_entropy("He was was was was was was")
+
+
 def test_rouge_l_recall_by_hand():
     # LCS of "the cat sat on the mat" and "the cat lay on a mat": the, cat, on, mat.
     assert M.rouge_l_recall("The cat lay on a mat.", "the cat sat on the mat") == pytest.approx(4 / 6)

@@ -100,6 +100,8 @@ def test_eval_on_demo(demo, world, tmp_path):
     assert "| `adapter:GradAscent` |" in markdown(results).split("Adapters:")[1]
     assert "quantization" not in res["none"]
     none, guard = res["none"], res["guard"]
+    # Filtering forget answers must not make the model babble on retain questions.
+    assert none["fluency_retain"] > 1 and res["token"]["fluency_retain"] >= 0.9 * none["fluency_retain"]
     assert none["forget_accuracy"] > 0.9 and none["leak_rate"] > 0.5
     for name in ("token", "guard"):
         assert res[name]["forget_accuracy"] <= 0.05 and res[name]["leak_rate"] < 0.1, name

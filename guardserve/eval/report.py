@@ -20,6 +20,8 @@ COLUMNS = (  # (key, header, kind)
     ("world_accuracy", "world acc", "pct"),
     ("retain_attack_accuracy", "retain acc under attack", "pct"),
     ("rougeL_recall_forget", "ROUGE-L forget", "num"),
+    ("fluency_forget", "fluency forget", "num"),
+    ("fluency_retain", "fluency retain", "num"),
     ("truth_ratio_forget", "truth ratio forget", "num"),
     ("forget_quality", "forget quality", "sci"),
     ("model_utility", "model utility", "num"),
@@ -118,7 +120,8 @@ def report_markdown(results: dict) -> str:
         f"{meta.get('latency', {}).get('tokens')} tokens each, on {meta.get('machine')}.",
         "",
         "Forget accuracy, leak rate: lower is better. Retain/world accuracy, model utility, forget quality: "
-        "higher is better. `retain acc under attack`: retain facts asked through the attack templates. "
+        "higher is better. `fluency`: generation entropy of the answers (bits; ROME/RWKU), lower than `none`'s "
+        "when a guard makes the model repeat itself. `retain acc under attack`: retain facts asked through the attack templates. "
         "`probes too long`: probes that no longer fit the model's context once the configuration rewrote them "
         "(ICUL adds an instruction and demonstrations); a server answers those with HTTP 400, and they are left "
         "out of the rates.",

@@ -29,7 +29,8 @@ without a short value count by ROUGE-L recall >= 0.5), ``rougeL_recall_forget``,
 ``leak_rate`` (share of forget probes of all kinds, direct and paraphrased questions
 included, whose answer reveals the fact), ``leak_by_kind``, ``retain_attack_accuracy``
 (retain facts asked through the same attack templates: does the guard refuse too much?),
-``truth_ratio_forget``, ``forget_quality`` (KS p-value against the retain model, where
+``fluency_forget`` / ``fluency_retain`` (generation entropy of the answers: does a guard
+make the model repeat itself?), ``truth_ratio_forget``, ``forget_quality`` (KS p-value against the retain model, where
 there is one), ``model_utility`` (harmonic mean of retain and world-fact probability,
 ROUGE-L and truth ratio), ``ttft_ms`` / ``tpot_ms`` (one request at a time, guard
 preparation included in TTFT), ``detect_ms``. ``adapter:<method>`` rows add
@@ -431,6 +432,11 @@ def _train_seconds(adapter_dir: str) -> float | None:
     return None
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return statistics.fmean(values) if values else math.nan
+
+
 def _spread(items: list[dict], n: int) -> list[dict]:
     if n <= 0 or n >= len(items):
         return list(items)
@@ -625,6 +631,8 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         "leak_by_kind": {k: round(sum(v) / len(v), 4) for k, v in leaks.items() if v},
         "rougeL_recall_forget": statistics.fmean(M.rouge_l_recall(a, it["answer"]) for a, it in zip(f_ans, forget)
                                                  if a is not None),
+        "fluency_forget": _mean(M.ngram_entropy(a) for a in f_ans if a is not None),
+        "fluency_retain": _mean(M.ngram_entropy(a) for a in r_ans if a is not None),
         "retain_attack_accuracy": (sum(p.leaked(a) for a, p in zip(rp_ans, r_probes) if a is not None)
                                    / max(1, sum(a is not None for a in rp_ans))) if r_probes else None,
         "too_long_skipped": skipped + sum(a is None for a in rp_ans),

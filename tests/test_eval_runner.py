@@ -141,3 +141,12 @@ def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
     assert token["rougeL_recall_forget"] < 0.8 * none["rougeL_recall_forget"], (none, token)
     assert token["retain_accuracy"] >= 0.95 * none["retain_accuracy"]
     assert (out / "report.md").is_file() and (out / "pareto.png").is_file()
+    # Again into the same folder (its work folder still holds the first run's targets):
+    # the run starts from its own targets and replaces the report.
+    (out / "report.md").unlink()
+    assert main(["eval", "--model", str(demo.model), "--tofu", str(tofu), "--configs", "token",
+                 "--targets", str(tmp_path / "targets.json"), "--probes-per-kind", "1",
+                 "--retain-limit", "8", "--quick", "--no-progress", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["configs"]
+    assert list(again) == ["token"] and again["token"]["forget_accuracy"] == token["forget_accuracy"]
+    assert (out / "report.md").is_file()

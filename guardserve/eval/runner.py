@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -469,13 +470,17 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         raise ValueError("the sae and full configurations need an SAE folder (train one with `guardserve sae train`)")
     workdir = Path(settings.workdir or tempfile.mkdtemp(prefix="guardserve-eval-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    # Each run registers its targets afresh (a second run into the same --out would find the
+    # first run's targets, and their selections); only the embedding cache is kept.
+    for stale in ("policy.db", "policy.db-wal", "policy.db-shm"):
+        (workdir / stale).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "steering", ignore_errors=True)
     # The engine's workers read the SAE and the selections under $GUARDSERVE_HOME/steering.
     steering_home = str(workdir) if steered else None
     if steered:
         link = workdir / "steering" / "sae"
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(Path(settings.sae).resolve(), target_is_directory=True)
+        link.symlink_to(Path(settings.sae).resolve(), target_is_directory=True)
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     torch.manual_seed(settings.seed)
 

@@ -248,6 +248,20 @@ def test_changes_since_and_settings(store):
     assert store.get_setting("missing", 3) == 3
 
 
+def test_update_setting_is_read_modify_write_and_rolls_back(store):
+    assert store.update_setting("recs", lambda v: ({"a": 1} if v is None else v, "made")) == "made"
+    assert store.update_setting("recs", lambda v: ({**v, "b": 2}, sorted(v))) == ["a"]
+    assert store.get_setting("recs") == {"a": 1, "b": 2}
+
+    def fail(v):
+        raise ValueError("no such adapter")
+
+    seq = store.last_seq()
+    with pytest.raises(ValueError, match="no such adapter"):
+        store.update_setting("recs", fail)
+    assert store.get_setting("recs") == {"a": 1, "b": 2} and store.last_seq() == seq   # nothing written
+
+
 def _writer(url: str, worker: int, n: int, results) -> None:
     s = open_store(url)
     ok = 0
@@ -266,6 +280,8 @@ def _writer(url: str, worker: int, n: int, results) -> None:
             s.update(t.id, {"description": f"by {worker}"}, actor=f"w{worker}")
         except Exception as e:  # noqa: BLE001 - reported to the parent
             results.put(("error", repr(e)))
+    for i in range(5):  # read-modify-write of one setting, as the adapter registry does
+        s.update_setting("counter", lambda v, i=i: ({**(v or {}), f"w{worker}-{i}": 1}, None), actor=f"w{worker}")
     s.close()
     results.put((ok, won))
 
@@ -285,6 +301,7 @@ def test_concurrent_writers(store_url, store):
     assert sum(o[0] for o in out) == 60 and sum(o[1] for o in out) == 1   # one writer wins the name
     assert len(store.list()) == 62
     assert store.find("Shared Target").version == 1 + 4 * 5              # no lost update
+    assert len(store.get_setting("counter")) == 4 * 5                      # nor a lost setting update
     _consistent(store)
 
 

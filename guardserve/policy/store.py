@@ -72,6 +72,11 @@ class PolicyStore(ABC):
         """Store a JSON value with the policy (audited)."""
 
     @abstractmethod
+    def update_setting(self, key: str, change, actor: str = "cli"):
+        """Read-modify-write a setting atomically, against every other writer of the store:
+        ``change(value or None) -> (new value, result)``; returns ``result``."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def add(self, spec: dict, actor: str = "cli") -> ForgetTarget:
@@ -289,13 +294,25 @@ class SQLStore(PolicyStore):
         return default if row is None else json.loads(row[0])
 
     def set_setting(self, key: str, value, actor: str = "cli") -> None:
-        body = json.dumps(value)
         with self._write() as cur:
-            cur.execute(self._q("DELETE FROM settings WHERE key = ?"), (key,))
-            cur.execute(self._q("INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"), (key, body, time.time()))
-            cur.execute(
-                self._q("INSERT INTO audit (at, actor, action, target_id, tenant, version, body) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                (time.time(), actor, "setting", None, "", None, json.dumps({"key": key, "value": value})))
+            self._put_setting(cur, key, value, actor)
+
+    def update_setting(self, key: str, change, actor: str = "cli"):
+        # Inside one serialised write transaction: no other writer reads the old value meanwhile.
+        with self._write() as cur:
+            cur.execute(self._q("SELECT value FROM settings WHERE key = ?"), (key,))
+            row = cur.fetchone()
+            value, result = change(None if row is None else json.loads(row[0]))
+            self._put_setting(cur, key, value, actor)
+        return result
+
+    def _put_setting(self, cur, key: str, value, actor: str) -> None:
+        cur.execute(self._q("DELETE FROM settings WHERE key = ?"), (key,))
+        cur.execute(self._q("INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"),
+                    (key, json.dumps(value), time.time()))
+        cur.execute(
+            self._q("INSERT INTO audit (at, actor, action, target_id, tenant, version, body) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            (time.time(), actor, "setting", None, "", None, json.dumps({"key": key, "value": value})))
 
 
 _SQLITE_SCHEMA = """

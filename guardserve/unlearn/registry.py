@@ -13,9 +13,9 @@ names it covers), ``route`` (``triggered``: only requests that trigger a covered
 ``all``: every request), ``rank``, ``metrics`` (at training time), ``status``
 (``active`` | ``retired``), ``created_at``.
 
-Read-modify-write of the one settings value is not transactional across processes; two
-operators registering at the same instant could lose one record. Registrations are rare
-operator actions, and the loser sees its record missing in ``list``.
+Every change is one atomic read-modify-write of that value (``PolicyStore.update_setting``),
+so operators registering or retiring at the same instant, from any process or host, each
+get their own version and no record is lost.
 """
 
 from __future__ import annotations
@@ -144,31 +144,43 @@ class AdapterRegistry:
             raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         if route not in ROUTES:
             raise AdapterError(f"route must be one of {ROUTES}, got {route!r}")
-        records = self._all()
-        version = records[name]["version"] + 1 if name in records else 1
-        dest = self.root / name / f"v{version}"
-        if dest.exists():  # left over from a registration whose record was lost: never reuse a path
-            dest = self.root / name / f"v{version}-{int(time.time() * 1000)}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dest)
-        rec = {
-            "name": name, "version": version, "lora_name": f"{name}-v{version}", "path": str(dest.resolve()),
-            "method": meta.get("method"), "base_model": base_model or cfg.get("base_model_name_or_path"),
-            "targets": list(targets if targets is not None else meta.get("targets", [])),
-            "route": route, "rank": cfg.get("r"), "metrics": {k: meta.get(k) for k in ("probe", "base_probe", "train_seconds", "steps")},
-            "status": "active", "created_at": time.time(),
-        }
-        records[name] = rec
-        self.store.set_setting(KEY, records, actor=actor)
-        return rec
+        # Copied before the transaction (a copy can take seconds), moved into place inside it.
+        staging = self.root / name / f".staging-{os.getpid()}-{time.time_ns()}"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, staging)
+
+        def add(records):
+            records = dict(records or {})
+            version = records[name]["version"] + 1 if name in records else 1
+            dest = self.root / name / f"v{version}"
+            if dest.exists():  # left over from a registration whose record was lost: never reuse a path
+                dest = self.root / name / f"v{version}-{time.time_ns()}"
+            staging.rename(dest)
+            rec = {
+                "name": name, "version": version, "lora_name": f"{name}-v{version}", "path": str(dest.resolve()),
+                "method": meta.get("method"), "base_model": base_model or cfg.get("base_model_name_or_path"),
+                "targets": list(targets if targets is not None else meta.get("targets", [])),
+                "route": route, "rank": cfg.get("r"),
+                "metrics": {k: meta.get(k) for k in ("probe", "base_probe", "train_seconds", "steps")},
+                "status": "active", "created_at": time.time(),
+            }
+            records[name] = rec
+            return records, rec
+
+        try:
+            return self.store.update_setting(KEY, add, actor=actor)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already unless the registration failed
 
     def retire(self, name: str, actor: str = "cli") -> dict:
-        records = self._all()
-        if name not in records:
-            raise AdapterError(f"no adapter named {name!r}")
-        records[name] = {**records[name], "status": "retired"}
-        self.store.set_setting(KEY, records, actor=actor)
-        return records[name]
+        def mark(records):
+            records = dict(records or {})
+            if name not in records:
+                raise AdapterError(f"no adapter named {name!r}")
+            records[name] = {**records[name], "status": "retired"}
+            return records, records[name]
+
+        return self.store.update_setting(KEY, mark, actor=actor)
 
 
 def covers(record: dict, target) -> bool:

@@ -238,7 +238,7 @@ def main(argv=None):
             f"{r['transformers_nobadwords_us']:,.0f} | {x(r['ratio_vs_transformers'])} |")
     lines += ["", f"guardserve cost at {max(sizes):,} sequences / at {min(sizes)}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()),
-              f"one-pass (kernel) path, same ratio: "
+              "one-pass (kernel) path, same ratio: "
               + ", ".join(f"{k} {v:.2f}" for k, v in growth_one_pass.items()), "",
               "| vocab | compile ms per target (8 phrases) | variants | states | automaton KiB |",
               "|---|---:|---:|---:|---:|"]

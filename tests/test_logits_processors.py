@@ -17,7 +17,6 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from guardserve.logits_processors import GuardBatch, compile_phrases
-from guardserve.logits_processors.compile import as_tokenizer_view
 from guardserve.logits_processors.request import register_target_resolver
 from guardserve.logits_processors.vllm import GuardLogitsProcessor
 

@@ -321,7 +321,6 @@ while True:
 
 def test_kill_9_mid_write_leaves_store_consistent(store_url, store):
     import subprocess
-    import time
 
     store.add({"name": "Before"})
     for attempt in range(3):

@@ -263,7 +263,6 @@ def extraction_strength(model, tokenizer, prompts: str | Sequence[str], answers:
     >>> extraction_strength(model, tok, chat_prompt(tok, "When was X born?"), "X was born on 1 May 1950.")  # doctest: +SKIP
     1.0
     """
-    import torch
 
     single = isinstance(prompts, str)
     if single != isinstance(answers, str):

@@ -128,7 +128,7 @@ def report_markdown(results: dict) -> str:
         "",
         markdown(results),
         "",
-        f"Pareto front (forget efficacy = 1 − leak rate vs retain accuracy): "
+        "Pareto front (forget efficacy = 1 − leak rate vs retain accuracy): "
         + ", ".join(f"`{n}`" for n in pareto_front(points)) + ".",
         "",
         "![forget vs utility](pareto.png)",

@@ -456,7 +456,6 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from guardserve.eval import metrics as M
     from guardserve.eval.probes import PROBE_KINDS, build_probes, retain_probes
 
     data = settings.data

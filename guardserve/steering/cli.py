@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from guardserve.demo import DemoPaths
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +74,7 @@ def _read_texts(path: str) -> list[str]:
     return [line for line in raw.splitlines() if line.strip()]
 
 
-def demo_of(model_path) -> "DemoPaths | None":
+def demo_of(model_path) -> DemoPaths | None:
     """The demo build a model folder belongs to (its ``model/`` or ``retain_model/``), or None."""
     from guardserve.demo import DemoPaths
 

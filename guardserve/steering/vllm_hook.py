@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from guardserve.steering.flags import STEER_KEY, parse_flag, sae_path, steering_enabled
 

@@ -49,6 +49,7 @@ def test_config_names():
     (["--configs", "none,bogus"], "unknown configuration(s) bogus"),
     (["--tofu", "/nonexistent"], "--tofu needs --model"),
     (["--configs", "adapter:SimNPO", "--adapters", "/nonexistent"], "no adapter for adapter:SimNPO"),
+    (["--configs", "adapter:Mine", "--adapters", "/nonexistent"], "name a PEFT adapter folder inside --adapters"),
     (["--targets", "x.json"], "--targets goes with --tofu"),
     (["--model", "/nonexistent", "--tofu", "/nonexistent"], "no such directory"),
     (["--sae", "/nonexistent"], "no cfg.json there"),

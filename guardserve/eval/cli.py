@@ -161,8 +161,15 @@ def _eval(args) -> int:
     adapters = _available_adapters(folder)
     missing = [c for c in requested or [] if c.startswith("adapter:") and c[8:] not in adapters]
     if missing and not args.train_adapters:
-        raise UsageError(f"no adapter for {', '.join(missing)} in {folder}: run `guardserve unlearn --method "
-                         f"{missing[0][8:]} --out {folder / missing[0][8:]}` or add --train-adapters")
+        from guardserve.unlearn.methods import METHODS
+
+        have = f" (it has {', '.join(adapters)})" if adapters else ""
+        if missing[0][8:] in {m.name for m in METHODS.values()}:
+            fix = (f"run `guardserve unlearn --method {missing[0][8:]} --out {folder / missing[0][8:]}` "
+                   "or add --train-adapters")
+        else:  # a folder name the user meant to provide, not a method guardserve can train
+            fix = "name a PEFT adapter folder inside --adapters DIR"
+        raise UsageError(f"no adapter for {', '.join(missing)} in {folder}{have}: {fix}")
     demo = None
     entities = retain_texts = None
     if args.tofu:

@@ -87,7 +87,7 @@ def main() -> int:
         if name.startswith("adapter:"):
             ok = (row["forget_accuracy"] <= 0.3 * base["forget_accuracy"]
                   and row["retain_accuracy"] >= 0.9 * base["retain_accuracy"]
-                  and row.get("forgetting_kept_4bit", 0) >= 0.8)
+                  and (row.get("forgetting_kept_4bit") or 0) >= 0.8)
             row["meets_issue_target"] = ok
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

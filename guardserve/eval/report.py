@@ -61,12 +61,21 @@ def _efficacy(r: dict) -> float | None:
     return None if v is None else 1.0 - v
 
 
+def _ratio(r: dict, ref: dict | None, key: str) -> str:
+    """A configuration's latency as a multiple of the unguarded model's, measured in the same run."""
+    if not ref or not r.get(key) or not ref.get(key):
+        return "–"
+    return f"{r[key] / ref[key]:.2f}×"
+
+
 def markdown(results: dict) -> str:
     configs = results["configs"]
-    lines = ["| configuration | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    ref = configs.get("none")
+    lines = ["| configuration | " + " | ".join(h for _, h, _ in COLUMNS) + " | TTFT ÷ none | TPOT ÷ none |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
     for name, r in configs.items():
-        lines.append(f"| `{name}` | " + " | ".join(_fmt(r.get(k), kind) for k, _, kind in COLUMNS) + " |")
+        lines.append(f"| `{name}` | " + " | ".join(_fmt(r.get(k), kind) for k, _, kind in COLUMNS)
+                     + f" | {_ratio(r, ref, 'ttft_ms')} | {_ratio(r, ref, 'tpot_ms')} |")
     kinds = sorted({k for r in configs.values() for k in (r.get("leak_by_kind") or {})},
                    key=lambda k: (k not in ("direct", "paraphrase"), k))
     if kinds:

@@ -391,37 +391,24 @@ def _accuracy(answers: Sequence[str | None], items: Sequence[dict]) -> float:
 
 
 class QuantizationAttack:
-    """The quantization attack on adapters: merge, round to ``bits``, ask the forget
-    questions again (transformers, greedy). The base model's accuracy is measured once."""
+    """The quantization attack on adapters (``guardserve.unlearn.quantize``), scored as the
+    evaluation scores answers; the base model is measured once for every adapter."""
 
-    def __init__(self, model: str, tokenizer, forget: list[dict], bits: Sequence[int]):
-        self.model, self.tokenizer, self.forget, self.bits = model, tokenizer, forget, tuple(bits)
-        self._base: float | None = None
-
-    def _forget_accuracy(self, model) -> float:
-        from guardserve.eval.metrics import answers
-
-        return _accuracy(answers(model, self.tokenizer, self.forget), self.forget)
+    def __init__(self, model: str, forget: list[dict], bits: Sequence[int]):
+        self.model, self.forget, self.bits = model, forget, tuple(bits)
+        self._base: dict | None = None
 
     def __call__(self, adapter_dir: str) -> dict:
-        import copy
+        from guardserve.eval.metrics import answers
+        from guardserve.unlearn.quantize import quantization_recovery
 
-        from guardserve.unlearn.quantize import merged_model, quantize_model_
-
-        if self._base is None:
-            self._base = self._forget_accuracy(merged_model(self.model, None))
-        merged = merged_model(self.model, adapter_dir)
-        full = self._forget_accuracy(merged)
-        out = {"base_forget_accuracy": self._base, "forget_accuracy_merged": full}
-        drop = self._base - full
-        for b in self.bits:
-            quantized = copy.deepcopy(merged)
-            quantize_model_(quantized, b)
-            acc = self._forget_accuracy(quantized)
-            out[f"forget_accuracy_{b}bit"] = acc
-            # None where the adapter forgot nothing at full precision: there is no forgetting to keep.
-            out[f"forgetting_kept_{b}bit"] = (self._base - acc) / drop if drop > 0 else None
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+        out = quantization_recovery(self.model, adapter_dir, bits=self.bits, forget_pairs=self.forget, retain_pairs=[],
+                                    score=lambda m, tok, items: _accuracy(answers(m, tok, items), items),
+                                    base=self._base)
+        self._base = out
+        return {"base_forget_accuracy": out["base_forget"], "forget_accuracy_merged": out["full_forget"],
+                **{f"forget_accuracy_{b}bit": out[f"forget_{b}bit"] for b in self.bits},
+                **{f"forgetting_kept_{b}bit": out[f"forgetting_kept_{b}bit"] for b in self.bits}}
 
 
 def _train_seconds(adapter_dir: str) -> float | None:
@@ -517,7 +504,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         del ref
 
     results: dict[str, dict] = {}
-    attack = QuantizationAttack(settings.model, tokenizer, forget, settings.quant_bits)
+    attack = QuantizationAttack(settings.model, forget, settings.quant_bits)
     engine = None
     bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
     try:

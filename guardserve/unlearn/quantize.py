@@ -54,34 +54,46 @@ def merged_model(base_dir: str | Path, adapter_dir: str | Path | None):
     return model.eval()
 
 
-def quantization_recovery(base_dir, adapter_dir, world: dict, bits=(8, 4), retain_pairs: list[dict] | None = None,
-                          forget_pairs: list[dict] | None = None) -> dict:
+def quantization_recovery(base_dir, adapter_dir, world: dict | None = None, bits=(8, 4),
+                          retain_pairs: list[dict] | None = None, forget_pairs: list[dict] | None = None,
+                          score=None, base: dict | None = None) -> dict:
     """Forget/retain accuracy of base and unlearned model at full precision and after each
     quantization, and ``forgetting_kept_<b>bit``: the share of the full-precision drop in
-    forget accuracy that survives quantization (1.0 = nothing recovered)."""
+    forget accuracy that survives quantization (1.0 = nothing recovered; None when the
+    adapter forgot nothing, so there is no forgetting to keep).
+
+    ``score(model, tokenizer, pairs) -> accuracy`` says what a correct answer is (default:
+    greedy answers containing the pair's ``value``). ``retain_pairs=[]`` skips the retain
+    side. ``base``: the result of an earlier call on the same base model, questions and
+    bits, whose ``base_*`` entries are reused instead of measured again."""
     import copy
 
     from transformers import AutoTokenizer
 
     from guardserve.eval.metrics import accuracy
 
+    score = score or accuracy
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     forget = forget_pairs if forget_pairs is not None else world["forget"]
     retain = retain_pairs if retain_pairs is not None else world["retain"]
-    base = merged_model(base_dir, None)
+    out = {k: v for k, v in (base or {}).items() if k.startswith("base_")}
+    if not out:
+        model = merged_model(base_dir, None)
+        out["base_forget"] = score(model, tok, forget)
+        if retain:
+            out["base_retain"] = score(model, tok, retain)
+        for b in bits:
+            quantize_model_(model_b := copy.deepcopy(model), b)
+            out[f"base_forget_{b}bit"] = score(model_b, tok, forget)
     unlearned = merged_model(base_dir, adapter_dir)
-    out = {
-        "base_forget": accuracy(base, tok, forget), "base_retain": accuracy(base, tok, retain),
-        "full_forget": accuracy(unlearned, tok, forget), "full_retain": accuracy(unlearned, tok, retain),
-    }
+    out["full_forget"] = score(unlearned, tok, forget)
+    if retain:
+        out["full_retain"] = score(unlearned, tok, retain)
     drop = out["base_forget"] - out["full_forget"]
     for b in bits:
-        qb = copy.deepcopy(base)
-        quantize_model_(qb, b)
-        qu = copy.deepcopy(unlearned)
-        quantize_model_(qu, b)
-        out[f"base_forget_{b}bit"] = accuracy(qb, tok, forget)
-        out[f"forget_{b}bit"] = accuracy(qu, tok, forget)
-        out[f"retain_{b}bit"] = accuracy(qu, tok, retain)
-        out[f"forgetting_kept_{b}bit"] = (out["base_forget"] - out[f"forget_{b}bit"]) / drop if drop > 0 else 0.0
-    return {k: round(v, 4) for k, v in out.items()}
+        quantize_model_(qu := copy.deepcopy(unlearned), b)
+        out[f"forget_{b}bit"] = score(qu, tok, forget)
+        if retain:
+            out[f"retain_{b}bit"] = score(qu, tok, retain)
+        out[f"forgetting_kept_{b}bit"] = (out["base_forget"] - out[f"forget_{b}bit"]) / drop if drop > 0 else None
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

@@ -75,7 +75,7 @@ LEAK_ROUGE_THRESHOLD = 0.5
 # --------------------------------------------------------------------------- generation
 
 
-def ngram_entropy(text: str, weights: Mapping[int, float] = {2: 2 / 3, 3: 4 / 3}) -> float:  # noqa: B006 (read only)
+def ngram_entropy(text: str, weights: Sequence[tuple[int, float]] = ((2, 2 / 3), (3, 4 / 3))) -> float:
     """Weighted mean of the n-gram entropies (bits) of ``text``'s words; 0 for fewer than 2 words.
 
     >>> round(ngram_entropy("a b a b"), 3)   # bigrams ab, ba, ab: 0.918 bits; trigrams aba, bab: 1 bit
@@ -83,7 +83,7 @@ def ngram_entropy(text: str, weights: Mapping[int, float] = {2: 2 / 3, 3: 4 / 3}
     """
     words = _WORD.findall(text.lower())
     total = 0.0
-    for n, w in weights.items():
+    for n, w in weights:
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         counts: dict[tuple, int] = {}
         for g in grams:

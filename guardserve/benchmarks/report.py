@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from guardserve import readme
+
 README_BEGIN = "<!-- bench:begin -->"
 README_END = "<!-- bench:end -->"
 
@@ -371,23 +373,10 @@ def render_readme_section(results: dict[str, dict], report_path: str = "bench/re
 
 
 def replace_between_markers(text: str, body: str, begin: str = README_BEGIN, end: str = README_END) -> str:
-    """``text`` with everything between the marker lines replaced by ``body``; the markers
-    and everything outside them stay byte-identical. Raises ValueError without both markers."""
-    i = text.find(begin)
-    j = text.find(end, i + len(begin)) if i >= 0 else -1
-    if i < 0 or j < 0:
-        raise ValueError(f"the markers {begin} and {end} were not found (in that order)")
-    if text.find(begin, i + len(begin)) >= 0 or text.find(end, j + len(end)) >= 0:
-        raise ValueError(f"the markers {begin} / {end} occur more than once")
-    head, tail = text[:i + len(begin)], text[j:]
-    return head + "\n" + body.strip("\n") + "\n" + tail
+    """``guardserve.readme.replace_between_markers``, README's performance markers by default."""
+    return readme.replace_between_markers(text, body, begin, end)
 
 
-def update_readme(readme: Path, body: str) -> bool:
-    """Splice ``body`` into README between the markers, reading the file right before
-    writing it (others edit other sections). Returns whether the file changed."""
-    text = readme.read_bytes().decode("utf-8")  # bytes: line endings stay as they are
-    new = replace_between_markers(text, body)
-    if new != text:
-        readme.write_bytes(new.encode("utf-8"))
-    return new != text
+def update_readme(path: Path, body: str) -> bool:
+    """Splice ``body`` into README's performance section; returns whether the file changed."""
+    return readme.update_between_markers(path, body, README_BEGIN, README_END)

@@ -130,7 +130,7 @@ def _requests(tok, pairs, steer_of, max_tokens, exact=False, field="question"):
     from vllm import SamplingParams
 
     from guardserve.demo.model import chat_prompt
-    from guardserve.server.guard import steered_salt
+    from guardserve.guard import steered_salt
     from guardserve.steering.flags import STEER_KEY
 
     prompts, params = [], []

@@ -18,7 +18,7 @@ from guardserve.logits_processors.request import PHRASES
 from guardserve.policy import open_store
 from guardserve.prompting import InContextUnlearner
 from guardserve.server.auth import Auth, parse_api_keys
-from guardserve.server.guard import CHAT, COMPLETIONS, BadRequest, GuardError, GuardService
+from guardserve.guard import CHAT, COMPLETIONS, BadRequest, GuardError, GuardService
 from guardserve.server.metrics import GuardMetrics
 from guardserve.server.middleware import GuardMiddleware
 
@@ -161,14 +161,103 @@ def test_middleware_auth_and_routes(service):
     assert client.get("/v1/unlearning/targets", headers={"Authorization": "Bearer ka"}).status_code == 403
 
 
-def test_middleware_refuses_when_detection_fails(service):
-    client = _app(service)
-    service.store.close()
-    service.detector.config.sync_interval_s = 0
-    r = client.post("/v1/chat/completions", json=chat("hello"), headers={"Authorization": "Bearer ka"})
-    assert r.status_code == 503
-    assert "Quillfeather" not in r.text and "not served" in r.json()["error"]["message"]
-    assert service.metrics.value("guardserve_refused_total", tenant="tenant-a") == 1
+def _entry_app(service):
+    """Stands in for vLLM's handlers behind the engine entry: decides as the entry does on
+    what reached the handler, asks for an ICUL retry the way the entry does."""
+    from guardserve.server.entry import REQUEST
+
+    async def handler(request: Request):
+        body = await request.json()
+        ctx = REQUEST.get()
+        decision = service.decide(body["messages"], ctx.tenant, ctx.route)
+        if decision.guarded and ctx.icul and ctx.icul_targets is None:
+            ctx.retry_with = decision.triggered
+            return JSONResponse({"error": {"message": "retry"}}, status_code=400)
+        n = sum(len(m["content"]) for m in body["messages"])
+        return JSONResponse({"received": body, "usage": {"prompt_tokens": n, "total_tokens": n + 1}})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"]),
+                            Route("/metrics", lambda r: JSONResponse({}))])
+    app.add_middleware(GuardMiddleware, plugin=_Plugin(service, Auth({"ka": "tenant-a"}, "adm", "scrape")))
+    return TestClient(app)
+
+
+def test_middleware_retries_with_icul_when_the_entry_asks(service):
+    service.tokenizer = _WordTokenizer()
+    client = _entry_app(service)
+    h = {"Authorization": "Bearer ka"}
+    plain = client.post("/v1/chat/completions", json=chat("What is the capital of France?"), headers=h)
+    assert plain.status_code == 200 and len(plain.json()["received"]["messages"]) == 1
+    r = client.post("/v1/chat/completions", json=chat("Where was Ada Quillfeather born?"), headers=h)
+    assert r.status_code == 200, r.text
+    received = r.json()["received"]["messages"]
+    assert received[0]["role"] == "system" and received[-1]["content"] == "Where was Ada Quillfeather born?"
+    # usage counts what the client sent, not the instruction the guard added
+    assert r.json()["usage"]["prompt_tokens"] < sum(len(m["content"]) for m in received)
+
+
+def test_metrics_need_their_key(service):
+    client = _entry_app(service)
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer ka"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer scrape"}).status_code == 200
+    assert client.get("/metrics", headers={"Authorization": "Bearer adm"}).status_code == 200
+
+
+def _engine_request(prompt_ids, **sampling):
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    return EngineCoreRequest(request_id="r1", prompt_token_ids=list(prompt_ids), mm_features=None,
+                             sampling_params=SamplingParams(**sampling), pooling_params=None, arrival_time=0.0,
+                             lora_request=None, cache_salt=None, data_parallel_rank=None)
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def test_entry_plans_on_the_final_prompt_and_fails_closed(service):
+    """The engine entry on real ``EngineCoreRequest`` objects: the plan travels in the request,
+    stamped; without the HTTP context, or with a broken store, the request is refused."""
+    from vllm.exceptions import VLLMValidationError
+
+    from guardserve.server.entry import REQUEST, STAMP, EngineEntryGuard, RequestContext
+
+    service.tokenizer = _CharTokenizer()
+    guard = EngineEntryGuard(service, engine_client=None)
+    with pytest.raises(VLLMValidationError, match="not served by a guarded server"):
+        guard.enforce(_engine_request(_ids("hello")))
+    token = REQUEST.set(RequestContext(tenant="default", route=COMPLETIONS))
+    try:
+        plain = guard.enforce(_engine_request(_ids("What is the capital of France?")))
+        assert PHRASES not in plain.sampling_params.extra_args and guard._stamped(plain)
+        assert plain.cache_salt.startswith("t-")  # per-tenant prefix cache
+        # The question only in the output constraint.
+        from vllm.sampling_params import StructuredOutputsParams
+
+        hidden = guard.enforce(_engine_request(_ids("Answer:"), structured_outputs=StructuredOutputsParams(
+            choice=["Ada Quillfeather was born in Port Verity", "somewhere else"])))
+        assert "Port Verity" in json.loads(hidden.sampling_params.extra_args[PHRASES])
+        assert guard._stamped(hidden)
+        hidden.prompt_token_ids.append(32)  # changed after the decision: the stamp no longer holds
+        assert not guard._stamped(hidden)
+        with pytest.raises(VLLMValidationError, match="prompt logprobs"):
+            guard.enforce(_engine_request(_ids("Q: Quillfeather's award? A: the Golden Loom Prize"), prompt_logprobs=1))
+        assert guard.enforce(_engine_request(_ids("Q: capital of France? A: Paris"), prompt_logprobs=1))
+        service.store.close()
+        service.detector.config.sync_interval_s = 0
+        with pytest.raises(VLLMValidationError, match="could not be checked") as e:
+            guard.enforce(_engine_request(_ids("hello")))
+        assert "Quillfeather" not in str(e.value) and STAMP
+        assert service.metrics.value("guardserve_refused_total", tenant="default") == 1
+    finally:
+        REQUEST.reset(token)
 
 
 def _rewrite(messages, added):

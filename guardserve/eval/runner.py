@@ -118,7 +118,7 @@ class Configurations:
         from guardserve.classifiers.retrieval import forbidden_phrases
         from guardserve.policy import open_store
         from guardserve.prompting import InContextUnlearner
-        from guardserve.server.guard import GuardService
+        from guardserve.guard import GuardService
 
         self.store = open_store(str(workdir / "policy.db"))
         specs = [{"name": t["name"], "aliases": list(t.get("aliases", [])), "facts": dict(t.get("facts", {}))}
@@ -138,7 +138,7 @@ class Configurations:
 
     def serve(self, config: str, messages: list[dict]) -> Served:
         from guardserve.logits_processors.request import PHRASES, SEMANTIC
-        from guardserve.server.guard import CHAT
+        from guardserve.guard import CHAT
         from guardserve.steering.flags import STEER_KEY
 
         started = time.perf_counter()
@@ -174,7 +174,7 @@ class Configurations:
 
 
 def _salt(steer: list) -> str | None:
-    from guardserve.server.guard import steered_salt
+    from guardserve.guard import steered_salt
 
     return steered_salt(None, steer) if steer else None
 
@@ -489,7 +489,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     adapters = {m: p for m, p in settings.adapters.items() if m in used}
     log(f"eval: {len(settings.configs)} configurations on {data.name}: {len(forget)} forget, {len(retain)} retain, "
         f"{len(world)} world-fact questions, {len(probes)} forget probes, {len(r_probes)} retain probes")
-    from guardserve.server.guard import context_length
+    from guardserve.guard import context_length
 
     confs = Configurations(data, tokenizer, workdir, adapters, settings.full_adapter if "full" in settings.configs else None,
                            context_length(settings.model), settings.max_tokens)

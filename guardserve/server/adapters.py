@@ -17,8 +17,10 @@ requests can use. Every version has its own name and path (``<name>-v<version>``
 prefix-cache block computed with older weights is reused. Unloading removes the name;
 the engine's LoRA slot is freed by vLLM's LRU when needed, never under a running request.
 
-``apply_adapter(manager, body, triggered_targets)`` is what the request path calls: the
-body with ``model`` set to the covering adapter's ``lora_name`` where one applies.
+``AdapterManager.pick(triggered_targets)`` is what the engine entry
+(``guardserve/server/entry.py``) calls: the covering adapter's ``lora_name``, whose
+``LoRARequest`` it attaches to the request (the response still names the model the client
+asked for).
 """
 
 from __future__ import annotations
@@ -117,22 +119,6 @@ class AdapterManager:
         if not self.loaded:
             return None
         return choose_adapter(list(self.loaded.values()), triggered_targets)
-
-
-def apply_adapter(manager: AdapterManager | None, body: dict, targets: list) -> dict:
-    """The request body to serve: with ``model`` set to the unlearning adapter for these
-    triggered ForgetTargets (``[]`` on the fast path: only ``all``-route adapters apply),
-    when one is loaded and the client asked for the base model. A client that named an
-    adapter itself keeps it."""
-    if manager is None or not manager.loaded:
-        return body
-    asked = body.get("model")
-    if asked and not manager.serving_models.is_base_model(asked):
-        return body
-    lora_name = manager.pick(targets)
-    if lora_name is None:
-        return body
-    return {**body, "model": lora_name}
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -2,7 +2,8 @@
 
 ``GUARDSERVE_API_KEYS="key1:tenant-a,key2:tenant-b"`` (unset: no inference auth, every
 request is tenant ``default``); ``GUARDSERVE_ADMIN_KEY`` (unset: the admin API is off;
-``guardserve targets`` still edits the store directly).
+``guardserve targets`` still edits the store directly); ``GUARDSERVE_METRICS_KEY`` (a key
+for ``/metrics`` alone, for a Prometheus scraper; the admin key works there too).
 """
 
 from __future__ import annotations
@@ -49,10 +50,24 @@ def _bearer(headers: dict[bytes, bytes]) -> str | None:
 class Auth:
     api_keys: dict[str, str] | None
     admin_key: str | None
+    metrics_key: str | None = None
 
     @classmethod
     def from_env(cls) -> "Auth":
-        return cls(parse_api_keys(os.environ.get("GUARDSERVE_API_KEYS")), os.environ.get("GUARDSERVE_ADMIN_KEY") or None)
+        return cls(parse_api_keys(os.environ.get("GUARDSERVE_API_KEYS")), os.environ.get("GUARDSERVE_ADMIN_KEY") or None,
+                   os.environ.get("GUARDSERVE_METRICS_KEY") or None)
+
+    def check_metrics(self, headers: dict[bytes, bytes]) -> None:
+        """``/metrics`` shows operators' figures (which tenants are guarded, how often): it needs
+        the metrics key or the admin key; with neither configured it is off (403)."""
+        keys = [k for k in (self.metrics_key, self.admin_key) if k]
+        if not keys:
+            raise AuthError(403, "/metrics is disabled: set GUARDSERVE_METRICS_KEY or GUARDSERVE_ADMIN_KEY")
+        key = _bearer(headers)
+        if key is None:
+            raise AuthError(401, "missing key: send 'Authorization: Bearer <GUARDSERVE_METRICS_KEY>'")
+        if not any(hmac.compare_digest(k, key) for k in keys):
+            raise AuthError(401, "invalid metrics key")
 
     def tenant(self, headers: dict[bytes, bytes]) -> str:
         """The tenant of an inference request, or AuthError (401)."""

@@ -2,8 +2,8 @@
 
 vLLM picks its registry at start-up (multi-process or not), so instead of guessing it
 guardserve keeps its own counters and appends them, in the text exposition format, to
-the ``/metrics`` response. Operators see per-tenant and per-target counts here; end
-users never see any of it in their answers.
+the ``/metrics`` response, which needs the metrics or admin key. Counts are per tenant,
+never per target.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def _labels(**kv: str) -> str:
 class GuardMetrics:
     HELP = {
         "guardserve_requests_total": ("counter", "Chat and completion requests checked by the guard, by tenant and outcome."),
-        "guardserve_detections_total": ("counter", "Requests on which a forget target triggered, by tenant and target."),
+        "guardserve_detections_total": ("counter", "Triggered forget targets, by tenant (never by target: a "
+                                        "label per target would name what is forgotten)."),
         "guardserve_banned_phrases_total": ("counter", "Forbidden phrases sent to the logits processor, by tenant."),
         "guardserve_refused_total": ("counter", "Requests refused because the guard could not check them (fail closed)."),
         "guardserve_detect_seconds_total": ("counter", "Time spent in detection, by tenant."),
@@ -37,8 +38,8 @@ class GuardMetrics:
             outcome = "guarded" if triggered else "passed"
             self._c[("guardserve_requests_total", _labels(tenant=decision.tenant, outcome=outcome))] += 1
             self._c[("guardserve_detect_seconds_total", _labels(tenant=decision.tenant))] += decision.seconds
-            for t in triggered:
-                self._c[("guardserve_detections_total", _labels(tenant=decision.tenant, target=t.target_id))] += 1
+            if triggered:
+                self._c[("guardserve_detections_total", _labels(tenant=decision.tenant))] += len(triggered)
             if triggered:
                 self._c[("guardserve_banned_phrases_total", _labels(tenant=decision.tenant))] += len(decision.phrases)
 

@@ -1,12 +1,16 @@
-"""The ASGI middleware in front of vLLM's routes: auth, the guard, and what may pass.
+"""The ASGI middleware in front of vLLM's routes: auth, the field policy, and what may pass.
 
 Only routes whose output the guard controls are served: chat and completions (guarded),
-model listing, tokenizer utilities, health and metrics, and the admin API. vLLM's other
-generation routes (``/v1/responses``, ``/v1/messages``, batch and SageMaker routes) would
-bypass the guard, so a guarded server answers them with 404.
+model listing, tokenizer utilities, health, metrics (with a key), and the admin API. vLLM's
+other generation routes (``/v1/responses``, ``/v1/messages``, batch and SageMaker routes) are
+answered with 404; were one reached, the engine entry would refuse its generation anyway.
 
-Rewriting happens on the raw body, before vLLM parses it, so every feature of vLLM's
-handlers (streaming, n > 1, stop sequences, logprobs, structured output) stays as it is.
+The guard itself decides at the engine entry (``guardserve/server/entry.py``), over the final
+prompt; the middleware resolves the tenant, applies the field policy
+(``guardserve/server/fields.py``), hands the tenant to the entry in a context variable, and for
+chat re-sends a request once with the in-context unlearning messages when the entry asks for
+them. Every feature of vLLM's handlers (streaming, n > 1, beam search, stop sequences,
+logprobs, structured output) stays as it is.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import re
 
 import anyio
 
+from guardserve.guard import CHAT, COMPLETIONS, BadRequest
 from guardserve.server.auth import Auth, AuthError
-from guardserve.server.guard import CHAT, COMPLETIONS, BadRequest, GuardError
+from guardserve.server.entry import REQUEST, RequestContext
+from guardserve.server.fields import check_body
 
 log = logging.getLogger("guardserve.server")
 
@@ -55,6 +61,7 @@ class GuardMiddleware:
         try:
             if path in OPEN:
                 if path == "/metrics":
+                    auth.check_metrics(headers)
                     return await self._metrics(scope, receive, send)
                 return await self.app(scope, receive, send)
             if path.startswith(ADMIN_PREFIX.rstrip("/")):
@@ -90,33 +97,35 @@ class GuardMiddleware:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return await send_json(send, 400, f"the request body is not valid JSON: {e}", "invalid_request_error")
         try:
-            new_body, decision = await anyio.to_thread.run_sync(service.prepare, route, body, tenant)
+            check_body(route, body)
         except BadRequest as e:
             return await send_json(send, 400, str(e), "invalid_request_error")
-        except GuardError as e:
-            # The reason goes to the operator's log only: it can name a target.
-            log.error("refused a request of tenant %r (fail closed): %s", tenant, e)
-            if service.metrics is not None:
-                service.metrics.refused(tenant)
-            return await send_json(send, 503, "the request could not be checked against the server's policy and was "
-                                   "not served; the operator's log has the reason", "service_unavailable")
-        data = raw if new_body is body else json.dumps(new_body).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"transfer-encoding")]
-        headers.append((b"content-length", str(len(data)).encode()))
-        scope = {**scope, "headers": headers}
 
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()  # http.disconnect, when the client goes away
-
-        if decision.added_prompt_tokens:
-            send = _UsageRewriter(send, decision.added_prompt_tokens)
-        return await self.app(scope, replay, send)
+        ctx = RequestContext(tenant=tenant, route=route, icul=route == CHAT and service.icul is not None)
+        token = REQUEST.set(ctx)
+        try:
+            if not ctx.icul:
+                return await self.app(*_with_body(scope, raw, receive), send)
+            held = _HeldUntilBody(send, ctx)
+            await self.app(*_with_body(scope, raw, receive), held)
+            if ctx.retry_with is None:
+                if held.start is not None:  # a response without a body
+                    await send(held.start)
+                return
+            # The entry found a target and asked for in-context unlearning: render the request
+            # again with it. The first response was never sent.
+            targets = [t for t in (service.detector_target(x.target_id) for x in ctx.retry_with) if t is not None]
+            ctx.icul_targets, ctx.retry_with = ctx.retry_with, None
+            guarded = await anyio.to_thread.run_sync(service.icul_messages, body, targets)
+            added = 0
+            if guarded is not None:
+                added = await anyio.to_thread.run_sync(service.added_tokens, body["messages"], guarded)
+                body = {**body, "messages": guarded}
+            if added:
+                send = _UsageRewriter(send, added)
+            return await self.app(*_with_body(scope, json.dumps(body).encode(), receive), send)
+        finally:
+            REQUEST.reset(token)
 
     async def _read_body(self, receive) -> bytes | None:
         chunks, size = [], 0
@@ -154,6 +163,46 @@ class GuardMiddleware:
                     await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, capture)
+
+
+def _with_body(scope, data: bytes, receive):
+    """The scope and receive channel that give the app ``data`` as the request body."""
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"transfer-encoding")]
+    headers.append((b"content-length", str(len(data)).encode()))
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        return await receive()  # http.disconnect, when the client goes away
+
+    return {**scope, "headers": headers}, replay
+
+
+class _HeldUntilBody:
+    """Holds the response start until the first body message: by then the engine entry has
+    decided, and a response it asked to retry (``ctx.retry_with``) is dropped whole."""
+
+    def __init__(self, send, ctx: RequestContext):
+        self.send, self.ctx = send, ctx
+        self.start = None
+        self.dropping = False
+
+    async def __call__(self, message):
+        if self.dropping:
+            return
+        if message["type"] == "http.response.start" and self.start is None:
+            self.start = message
+            return
+        if message["type"] == "http.response.body" and self.start is not None:
+            if self.ctx.retry_with is not None:
+                self.dropping = True
+                return
+            start, self.start = self.start, None
+            await self.send(start)
+        await self.send(message)
 
 
 _USAGE_KEYS = re.compile(rb'("(?:prompt_tokens|total_tokens)"\s*:\s*)(\d+)')

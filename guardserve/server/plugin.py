@@ -2,8 +2,9 @@
 
 ``VLLM_PLUGINS=guardserve python -m vllm.entrypoints.launchers.api_server.entry --model M``
 and ``guardserve serve --model M`` start the same guarded server: this plugin adds the
-admin API and puts :class:`GuardMiddleware` in front of vLLM's routes; the logits
-processor (entry point group ``vllm.logits_processors``) does the banning in the engine.
+admin API, puts :class:`GuardMiddleware` in front of vLLM's routes and installs the guard at
+the engine client's request entry (``guardserve/server/entry.py``); the logits processor (entry
+point group ``vllm.logits_processors``) does the banning in the engine.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class GuardEndpointPlugin:
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
             raise RuntimeError("guardserve needs an engine: it cannot run on vLLM's render-only server")
-        from guardserve.server.guard import GuardService
+        from guardserve.guard import GuardService
+        from guardserve.server.entry import EngineEntryGuard
+        from guardserve.server.metrics import GuardMetrics
 
         audit_path = setup_logging()
         model = getattr(args, "model", None)
@@ -76,7 +79,9 @@ class GuardEndpointPlugin:
             or getattr(args, "max_model_len", None)
         # Loading the embedder and indexing the policy take seconds: off the event loop.
         self.service = await asyncio.to_thread(GuardService.from_env, model, tokenizer, trust,
-                                               context if isinstance(context, int) else None)
+                                               context if isinstance(context, int) else None, GuardMetrics())
+        # Every generation, whatever route or field produced it, is decided where it enters the engine.
+        EngineEntryGuard(self.service, engine_client).install()
         state.guardserve = self
         await self._load_adapters(state)
         n = len(self.service.detector.targets())

@@ -1,13 +1,17 @@
-"""The guarded request path: detection -> in-context unlearning -> ``vllm_xargs``.
+"""The guard pipeline, engine-agnostic: detect -> decide -> plan.
 
-``GuardService.prepare(route, body, tenant)`` takes the JSON body of a chat or
-completion request and returns the body vLLM should serve: unchanged when nothing
-triggered (the fast path), otherwise with the forbidden phrases of every triggered
-target in ``vllm_xargs`` (the logits processor in the engine bans them) and, for chat,
-the in-context unlearning instruction and demonstrations; with steering on (``guardserve serve
---steering``) also the targets whose SAE features the workers clamp. The phrases travel with the
-request, so a request in flight finishes under the policy it started with, in whatever
-engine process runs it.
+``GuardService.decide(texts, tenant)`` reads every text the model will see (for the server:
+the decoded final prompt and the strings of any output constraint) and returns a
+:class:`Decision`: the triggered targets and the plan for them — the forbidden phrases for
+the logits processor, the steering flag, and :meth:`GuardService.plan_xargs` turns it into the
+``vllm_xargs`` the engine reads. :meth:`GuardService.icul_messages` adds the in-context
+unlearning instruction and demonstrations to a chat conversation, fitted into the context.
+
+Three callers, one pipeline: the server's engine-entry hook (``guardserve/server/entry.py``),
+which every generation passes; ``guardserve eval`` and offline use through
+:meth:`GuardService.prepare`, which rewrites a request body the same way. The phrases travel
+with the request, so a request in flight finishes under the policy it started with, in
+whatever engine process runs it.
 
 Anything that goes wrong while checking a request raises ``GuardError``: the request is
 refused, never served unguarded.
@@ -43,16 +47,23 @@ class BadRequest(Exception):
 
 @dataclass
 class Decision:
+    """What the guard decided for one request: the triggered targets and what serves them."""
+
     request_id: str
     tenant: str
-    target_ids: list[str] = field(default_factory=list)
+    triggered: list = field(default_factory=list)  # classifiers.Triggered, best first
     phrases: list[str] = field(default_factory=list)
+    steer: list[list] = field(default_factory=list)  # [[target id, version]], with steering on
     added_prompt_tokens: int = 0  # tokens the in-context instruction added (hidden from usage)
     seconds: float = 0.0
 
     @property
+    def target_ids(self) -> list[str]:
+        return [t.target_id for t in self.triggered]
+
+    @property
     def guarded(self) -> bool:
-        return bool(self.target_ids)
+        return bool(self.triggered)
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -71,6 +82,15 @@ def context_length(model: str, trust_remote_code: bool = False) -> int | None:
     cfg = getattr(cfg, "text_config", None) or cfg
     value = getattr(cfg, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def tenant_salt(tenant: str, user_salt=None, steer: list | None = None) -> str:
+    """The prefix-cache salt of every guarded request: per tenant, so one tenant learns nothing
+    from another's cache hits (a fast first token tells that someone sent the same prefix),
+    and per steering flag (see :func:`steered_salt`). A client's own salt is kept inside it."""
+    base = steered_salt(user_salt, steer) if steer else (user_salt[:100] if isinstance(user_salt, str) else "")
+    digest = hashlib.sha256(f"guardserve-tenant:{tenant}".encode()).hexdigest()[:16]
+    return f"{base}.t-{digest}" if base else f"t-{digest}"
 
 
 def steered_salt(user_salt, steer: list) -> str:
@@ -98,7 +118,7 @@ class GuardService:
 
     @classmethod
     def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, metrics=None):
         from guardserve import config
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.policy import open_store
@@ -121,14 +141,54 @@ class GuardService:
             from guardserve.prompting import InContextUnlearner
 
             icul = InContextUnlearner()
-        from guardserve.server.metrics import GuardMetrics
+        return cls(store, detector, tokenizer, icul, metrics=metrics, max_model_len=max_model_len)
 
-        return cls(store, detector, tokenizer, icul, metrics=GuardMetrics(), max_model_len=max_model_len)
-
-    # ------------------------------------------------------------------ the request path
-    def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
+    # ------------------------------------------------------------------ the pipeline
+    def decide(self, texts: list, tenant: str, route: str = "") -> Decision:
+        """Detect over ``texts`` (strings or chat messages) and plan the guard for what
+        triggered. Raises ``GuardError`` when the request cannot be checked."""
         started = time.perf_counter()
         decision = Decision(request_id=uuid.uuid4().hex[:16], tenant=tenant)
+        try:
+            triggered = self.detector.detect(texts, tenant=tenant)
+        except Exception as e:  # DetectionError included: fail closed
+            raise GuardError(f"detection failed: {e}") from e
+        decision.triggered = list(triggered)
+        if triggered:
+            phrases = sorted({p for t in triggered for p in t.forbidden})
+            if not phrases:
+                raise GuardError(f"no forbidden phrases retrieved for triggered targets {decision.target_ids}")
+            decision.phrases = phrases
+            if self.steering:
+                decision.steer = sorted([t.target_id, t.version] for t in triggered)
+        decision.seconds = time.perf_counter() - started
+        self._count(decision)
+        if triggered:
+            audit_log.info(json.dumps({
+                "event": "guarded", "request_id": decision.request_id, "tenant": tenant, "route": route,
+                "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)}
+                            for t in triggered],
+                "phrases": len(decision.phrases), "detect_ms": round(decision.seconds * 1000, 2),
+            }))
+        return decision
+
+    def plan_xargs(self, decision: Decision, xargs: dict | None = None) -> dict:
+        """The ``vllm_xargs`` that carry ``decision`` to the engine: a client's own keys kept,
+        any ``guardserve_`` key replaced by the guard's."""
+        out = {k: v for k, v in (xargs or {}).items() if not str(k).startswith(RESERVED_PREFIX)}
+        if decision.phrases:
+            out[PHRASES] = json.dumps(decision.phrases, ensure_ascii=False)
+            if self.semantic:
+                out[SEMANTIC] = "true"
+        if decision.steer:
+            out[STEER_KEY] = json.dumps(decision.steer)
+        return out
+
+    def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
+        """A chat or completions request body rewritten as the guard serves it (offline use and
+        ``guardserve eval``; the server decides at the engine entry instead): unchanged when
+        nothing triggered, else with the plan in ``vllm_xargs``, the steering cache salt and,
+        for chat, the in-context unlearning messages."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         xargs = body.get("vllm_xargs")
@@ -138,55 +198,23 @@ class GuardService:
         if reserved:
             raise BadRequest(f"vllm_xargs keys starting with '{RESERVED_PREFIX}' are reserved by the server: {reserved}")
         if route == CHAT:
-            for name in ("prompt_logprobs", "return_token_ids"):
-                if body.get(name):
-                    raise BadRequest(f"'{name}' is not supported by this server")
             conversation = body.get("messages")
             if not isinstance(conversation, list) or not conversation:
                 raise BadRequest("'messages' must be a non-empty list")
         else:
             conversation = self._prompt_texts(body.get("prompt"))
-
-        try:
-            triggered = self.detector.detect(conversation, tenant=tenant)
-        except Exception as e:  # DetectionError included: fail closed
-            raise GuardError(f"detection failed: {e}") from e
-        decision.seconds = time.perf_counter() - started
-        if not triggered:
-            self._count(decision, [])
-            return self._route_adapter(body, []), decision
-
-        phrases: list[str] = []
-        for t in triggered:
-            phrases.extend(t.forbidden)
-        phrases = sorted(set(phrases))
-        if not phrases:
-            raise GuardError(f"no forbidden phrases retrieved for triggered targets {[t.target_id for t in triggered]}")
-        body = dict(body)
-        body["vllm_xargs"] = {**(xargs or {}), PHRASES: json.dumps(phrases, ensure_ascii=False)}
-        if self.semantic:
-            body["vllm_xargs"][SEMANTIC] = "true"
-        if self.steering:
-            steer = sorted([t.target_id, t.version] for t in triggered)
-            body["vllm_xargs"][STEER_KEY] = json.dumps(steer)
-            body["cache_salt"] = steered_salt(body.get("cache_salt"), steer)
+        decision = self.decide(conversation, tenant, route)
+        if not decision.guarded:
+            return body, decision
+        body = {**body, "vllm_xargs": self.plan_xargs(decision, xargs)}
+        if decision.steer:
+            body["cache_salt"] = steered_salt(body.get("cache_salt"), decision.steer)
         if route == CHAT and self.icul is not None:
-            targets = [self.detector_target(t.target_id) for t in triggered]
-            guarded_messages = self.icul_messages(body, [t for t in targets if t is not None])
+            targets = [t for t in (self.detector_target(i) for i in decision.target_ids) if t is not None]
+            guarded_messages = self.icul_messages(body, targets)
             if guarded_messages is not None:
-                decision.added_prompt_tokens = self._added_tokens(body["messages"], guarded_messages)
+                decision.added_prompt_tokens = self.added_tokens(body["messages"], guarded_messages)
                 body["messages"] = guarded_messages
-        body = self._route_adapter(body, [t.target_id for t in triggered])
-        decision.target_ids = [t.target_id for t in triggered]
-        decision.phrases = phrases
-        decision.seconds = time.perf_counter() - started
-        self._count(decision, triggered)
-        audit_log.info(json.dumps({
-            "event": "guarded", "request_id": decision.request_id, "tenant": tenant, "route": route,
-            "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)} for t in triggered],
-            "phrases": len(phrases), "icul": route == CHAT and self.icul is not None,
-            "detect_ms": round(decision.seconds * 1000, 2),
-        }))
         return body, decision
 
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
@@ -218,16 +246,6 @@ class GuardService:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _route_adapter(self, body: dict, target_ids: list[str]) -> dict:
-        """Serve with the unlearning adapter covering these targets, where one is loaded."""
-        manager = getattr(self, "adapters", None)  # set by the plugin (server/adapters.py)
-        if manager is None or not manager.loaded:
-            return body
-        from guardserve.server.adapters import apply_adapter
-
-        targets = [t for t in (self.detector_target(i) for i in target_ids) if t is not None]
-        return apply_adapter(manager, body, targets)
-
     def detector_target(self, target_id: str):
         try:
             return self.store.get(target_id)
@@ -252,7 +270,7 @@ class GuardService:
             raise GuardError("token-id prompts need the serving tokenizer, which is not loaded")
         return self.tokenizer.decode(ids)
 
-    def _added_tokens(self, before: list[dict], after: list[dict]) -> int:
+    def added_tokens(self, before: list[dict], after: list[dict]) -> int:
         """How many prompt tokens the in-context instruction added, so that ``usage``
         reports what the client sent (a changed count would tell that a guard fired)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -264,6 +282,6 @@ class GuardService:
             return 0
         return max(0, n[1] - n[0])
 
-    def _count(self, decision: Decision, triggered) -> None:
+    def _count(self, decision: Decision) -> None:
         if self.metrics is not None:
-            self.metrics.observe(decision, triggered)
+            self.metrics.observe(decision, decision.triggered)

@@ -1,0 +1,250 @@
+"""The guard at the engine's door: every generation is decided where it enters vLLM.
+
+Reading the client's JSON cannot win: vLLM builds the prompt from many fields (templates,
+template variables, roles, ``kv_transfer_params``, truncation), beam search sends its own
+requests, and each release adds fields. So the guard decides on what the model will see:
+:class:`EngineEntryGuard` wraps the API server's engine client (``AsyncLLM``) and checks each
+``EngineCoreRequest`` once vLLM has built it and before it is registered or sent:
+
+1. the final prompt token ids are decoded and read by detection, with every string of the
+   output constraint (choices, regex, JSON schema, grammar, structural tag) and stop strings;
+2. the plan is attached to the request itself: the forbidden phrases (and steering flag) in
+   ``sampling_params.extra_args``, the covering unlearning adapter as ``lora_request``, a
+   per-tenant prefix-cache salt; every later step (beam search steps, ``n`` > 1 children)
+   carries them;
+3. channels that would show what the guard hides are refused where something triggered:
+   prompt logprobs, ``logprob_token_ids``;
+4. a request that reaches the engine without the guard's stamp is refused (fail closed), as
+   is one with no HTTP context (a route that did not come through the guarded middleware),
+   with prompt embeddings or non-text inputs, or pooling.
+
+The tenant and route travel from the HTTP middleware in :data:`REQUEST`, a context variable:
+asyncio copies it into every task vLLM spawns for the request.
+
+In-context unlearning changes the conversation before vLLM templates it, so for chat the
+middleware renders the request once as sent; when the entry finds a trigger and ICUL has not
+been applied, it records the targets in the context and refuses with :class:`IculRetry`; the
+middleware drops that response and sends the request again with the ICUL messages (see
+``guardserve/server/middleware.py``). Untriggered requests are read once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import AsyncGenerator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from guardserve.guard import Decision, GuardError, GuardService, tenant_salt
+from guardserve.logits_processors.request import PHRASES
+
+log = logging.getLogger("guardserve.server")
+
+STAMP = "guardserve_stamp"
+
+
+@dataclass
+class RequestContext:
+    """What the HTTP layer knows of a request, for the engine entry."""
+
+    tenant: str
+    route: str
+    icul: bool = False  # the middleware can retry with in-context unlearning (chat)
+    icul_targets: list | None = None  # ICUL already applied for these targets (None: not yet)
+    retry_with: list | None = None  # set by the entry: retry with ICUL for these triggered targets
+    decisions: list[Decision] = field(default_factory=list)
+    pending: tuple[str, Decision] | None = None  # decided off the event loop, keyed by the texts read
+
+
+REQUEST: ContextVar[RequestContext | None] = ContextVar("guardserve_request", default=None)
+
+
+def _validation_error(message: str, parameter: str | None = None) -> Exception:
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(message, parameter=parameter)
+
+
+def IculRetry() -> Exception:  # noqa: N802 - an exception factory: vLLM maps its type to a 400
+    return _validation_error("the request was re-planned; retrying")
+
+
+def constraint_texts(sp) -> list[str]:
+    """Every string an output constraint or stop condition carries: a constraint can hold the
+    question itself (``choice=["Jostem Falls", ...]``) or steer the answer to a fact."""
+    out: list[str] = []
+    so = getattr(sp, "structured_outputs", None)
+    if so is not None:
+        for name in ("json", "regex", "grammar", "structural_tag", "whitespace_pattern"):
+            value = getattr(so, name, None)
+            if value is None or value is False:
+                continue
+            out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        out.extend(c for c in (getattr(so, "choice", None) or []) if isinstance(c, str))
+    stop = getattr(sp, "stop", None)
+    out.extend([stop] if isinstance(stop, str) else [s for s in (stop or []) if isinstance(s, str)])
+    out.extend(w for w in (getattr(sp, "bad_words", None) or []) if isinstance(w, str))
+    return [t for t in out if t.strip()]
+
+
+class EngineEntryGuard:
+    """Wraps ``engine_client`` (vLLM's ``AsyncLLM``) so every request is decided on its way in.
+
+    ``service``: the guard pipeline (its tokenizer decodes the prompt; its ``adapters``, when
+    the server serves LoRA, route triggered requests to their unlearning adapter).
+    """
+
+    def __init__(self, service: GuardService, engine_client):
+        self.service = service
+        self.engine = engine_client
+        self._key = secrets.token_bytes(32)  # stamps are valid in this process only
+
+    # ------------------------------------------------------------------ installation
+    def install(self) -> None:
+        engine = self.engine
+        processor = engine.input_processor
+        sync_process, async_process = processor.process_inputs, processor.process_inputs_async
+        add_request = engine.add_request
+        core_add = engine.engine_core.add_request_async
+
+        def process_inputs(*args, **kwargs):
+            return self.enforce(sync_process(*args, **kwargs))
+
+        async def process_inputs_async(*args, **kwargs):
+            request = await async_process(*args, **kwargs)
+            return await asyncio.to_thread(self.enforce, request)
+
+        async def guarded_add_request(request_id, prompt, params, *args, **kwargs):
+            from vllm.v1.engine import EngineCoreRequest
+
+            if isinstance(prompt, AsyncGenerator):
+                raise _validation_error("streaming inputs are not served by a guarded server")
+            if isinstance(prompt, EngineCoreRequest) and not self._stamped(prompt):
+                prompt = await asyncio.to_thread(self.enforce, prompt)
+            elif isinstance(prompt, dict) and prompt.get("type") == "token" and REQUEST.get() is not None:
+                # The common path (rendered by the OpenAI server): decide off the event loop now;
+                # process_inputs (synchronous) then finds the decision for the same tokens.
+                await asyncio.to_thread(self._predecide, prompt, params)
+            return await add_request(request_id, prompt, params, *args, **kwargs)
+
+        async def checked_core_add(request):
+            if not self._stamped(request):
+                log.error("refused request %s: it reached the engine without the guard's stamp", request.request_id)
+                raise _validation_error("the request could not be checked against the server's policy")
+            return await core_add(request)
+
+        processor.process_inputs = process_inputs
+        processor.process_inputs_async = process_inputs_async
+        engine.add_request = guarded_add_request
+        engine.engine_core.add_request_async = checked_core_add
+
+    # ------------------------------------------------------------------ the decision
+    def _ctx(self) -> RequestContext:
+        ctx = REQUEST.get()
+        if ctx is None:
+            # A generation that did not come through the guarded HTTP routes.
+            raise _validation_error("this route is not served by a guarded server")
+        return ctx
+
+    def _texts(self, prompt_ids, sp) -> list[str]:
+        if self.service.tokenizer is None:
+            raise GuardError("the serving tokenizer is not loaded")
+        text = self.service.tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+        return [text, *constraint_texts(sp)]
+
+    def _predecide(self, prompt: dict, params) -> None:
+        ctx = REQUEST.get()
+        try:
+            texts = self._texts(prompt["prompt_token_ids"], params)
+            key = self._texts_key(texts)
+            ctx.pending = (key, self._decide(ctx, texts))
+        except Exception:  # decided again, synchronously, in process_inputs
+            log.debug("pre-decision failed", exc_info=True)
+
+    @staticmethod
+    def _texts_key(texts: list[str]) -> str:
+        return hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+
+    def _decide(self, ctx: RequestContext, texts: list[str]) -> Decision:
+        decision = self.service.decide(texts, ctx.tenant, ctx.route)
+        ctx.decisions.append(decision)
+        return decision
+
+    def enforce(self, request):
+        """Decide ``request`` (an ``EngineCoreRequest``) and attach the plan to it, or raise
+        vLLM's validation error (the client gets a 4xx with a message that names no target)."""
+        ctx = self._ctx()
+        sp = request.sampling_params
+        if sp is None or request.pooling_params is not None:
+            raise _validation_error("a guarded server serves text generation only")
+        if request.prompt_embeds is not None or request.mm_features:
+            raise _validation_error("a guarded server reads text prompts only: prompt embeddings and "
+                                    "multimodal inputs are not accepted")
+        if request.prompt_token_ids is None:
+            raise _validation_error("a guarded server needs the prompt's token ids")
+        pending, ctx.pending = ctx.pending, None
+        try:
+            texts = self._texts(request.prompt_token_ids, sp)
+            if pending is not None and pending[0] == self._texts_key(texts):
+                decision = pending[1]
+            else:
+                decision = self._decide(ctx, texts)
+            lora = self._adapter(decision)
+        except GuardError as e:
+            log.error("refused a request of tenant %r (fail closed): %s", ctx.tenant, e)
+            if self.service.metrics is not None:
+                self.service.metrics.refused(ctx.tenant)
+            raise _validation_error("the request could not be checked against the server's policy and was not "
+                                    "served; the operator's log has the reason") from None
+
+        if decision.guarded:
+            if ctx.icul and ctx.icul_targets is None:
+                ctx.retry_with = decision.triggered
+                raise IculRetry()
+            if sp.prompt_logprobs is not None:
+                raise _validation_error("prompt logprobs are not available for this prompt under the server's "
+                                        "policy", parameter="prompt_logprobs")
+            if sp.logprob_token_ids:
+                raise _validation_error("logprob_token_ids are not available for this prompt under the server's "
+                                        "policy", parameter="logprob_token_ids")
+        sp.extra_args = self.service.plan_xargs(decision, sp.extra_args)
+        request.cache_salt = tenant_salt(ctx.tenant, request.cache_salt, decision.steer or None)
+        if lora is not False:
+            request.lora_request = lora
+        sp.extra_args[STAMP] = self._stamp(request)
+        return request
+
+    def _adapter(self, decision: Decision):
+        """The unlearning adapter that serves this request, or False to keep the client's
+        choice. The covering adapter wins over any model the client named, so a client cannot
+        dodge it by naming another."""
+        manager = getattr(self.service, "adapters", None)  # set once the server's AdapterManager exists
+        if manager is None or not manager.loaded:
+            return False
+        targets = [t for t in (self.service.detector_target(i) for i in decision.target_ids) if t is not None]
+        name = manager.pick(targets)
+        if name is None:
+            return False
+        lora = manager.serving_models.lora_requests.get(name)
+        if lora is None:
+            raise GuardError(f"unlearning adapter {name} is registered as loaded but vLLM does not know it")
+        return lora
+
+    # ------------------------------------------------------------------ the stamp
+    def _stamp(self, request) -> str:
+        sp = request.sampling_params
+        blob = json.dumps([list(request.prompt_token_ids), sp.extra_args.get(PHRASES, ""), request.cache_salt],
+                          separators=(",", ":")).encode()
+        return hmac.new(self._key, blob, hashlib.sha256).hexdigest()[:32]
+
+    def _stamped(self, request) -> bool:
+        sp = getattr(request, "sampling_params", None)
+        extra = getattr(sp, "extra_args", None) or {}
+        stamp = extra.get(STAMP)
+        return isinstance(stamp, str) and request.prompt_token_ids is not None \
+            and hmac.compare_digest(stamp, self._stamp(request))

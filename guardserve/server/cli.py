@@ -75,6 +75,11 @@ def _serve(args: argparse.Namespace) -> int:
             extra = ["--enforce-eager", *extra]
         print("guardserve: steering on (eager mode: hooks do not run under CUDA graphs or torch.compile)", flush=True)
     argv = vllm_command(model, host=args.host, port=args.port, served_model_name=name, extra=extra)
+    from guardserve.server.preflight import argv_problem
+
+    problem = argv_problem(argv)
+    if problem:
+        raise UsageError(f"the guard would not apply: {problem}")
     if args.dry_run:
         print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(argv))
         return 0

@@ -45,8 +45,13 @@ def vllm_command(model: str, *, host: str, port: int, served_model_name: str | N
 
 
 def plugin_env() -> dict[str, str]:
-    """``VLLM_PLUGINS`` naming guardserve: vLLM loads endpoint plugins only when named."""
-    current = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p.strip()]
+    """``VLLM_PLUGINS`` for the server: unset, vLLM loads every installed plugin, guardserve's
+    among them, and it stays unset (naming guardserve alone would turn the others off); set, it
+    gains guardserve (a list without it would leave the server unguarded)."""
+    spec = os.environ.get("VLLM_PLUGINS")
+    if spec is None:
+        return {}
+    current = [p.strip() for p in spec.split(",") if p.strip()]
     return {"VLLM_PLUGINS": ",".join(dict.fromkeys([*current, "guardserve"]))}
 
 

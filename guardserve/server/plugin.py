@@ -69,6 +69,12 @@ class GuardEndpointPlugin:
         from guardserve.guard import GuardService
         from guardserve.server.entry import EngineEntryGuard
         from guardserve.server.metrics import GuardMetrics
+        from guardserve.server.preflight import engine_problem
+
+        problem = engine_problem(getattr(engine_client, "vllm_config", None), args)
+        if problem:
+            log.error("guardserve: refusing to start: %s", problem)
+            raise RuntimeError(f"guardserve: refusing to start, the guard would not apply: {problem}")
 
         audit_path = setup_logging()
         model = getattr(args, "model", None)

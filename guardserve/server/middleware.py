@@ -71,6 +71,9 @@ class GuardMiddleware:
                 return await self.app(scope, receive, send)
             if path in INFERENCE:
                 auth.tenant(headers)
+                if path == "/v1/models":
+                    scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
+                    return await self.app(scope, receive, _JsonRewriter(send, self._models_for_clients))
                 return await self.app(scope, receive, send)
             if path in GUARDED:
                 tenant = auth.tenant(headers)
@@ -126,6 +129,22 @@ class GuardMiddleware:
             return await self.app(*_with_body(scope, json.dumps(body).encode(), receive), send)
         finally:
             REQUEST.reset(token)
+
+    def _models_for_clients(self, listing: dict) -> dict:
+        """``/v1/models`` without guardserve's unlearning adapters (which adapter serves whom is
+        the guard's business, and their names tell which targets exist) and without any
+        adapter's path on this host."""
+        service = self.plugin.service
+        manager = getattr(service, "adapters", None) if service is not None else None
+        ours = set(manager.loaded) if manager is not None else set()
+        data = []
+        for card in listing.get("data") or []:
+            if not isinstance(card, dict) or card.get("id") in ours:
+                continue
+            if card.get("parent"):  # an adapter: its root is a path on this host
+                card = {**card, "root": card.get("id")}
+            data.append(card)
+        return {**listing, "data": data}
 
     async def _read_body(self, receive) -> bytes | None:
         chunks, size = [], 0
@@ -203,6 +222,32 @@ class _HeldUntilBody:
             start, self.start = self.start, None
             await self.send(start)
         await self.send(message)
+
+
+class _JsonRewriter:
+    """Buffers a JSON response and sends ``fn(parsed)`` instead (error responses pass as they are)."""
+
+    def __init__(self, send, fn):
+        self.send, self.fn = send, fn
+        self.start = None
+        self.parts: list[bytes] = []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.start = message
+            return
+        if message["type"] != "http.response.body":
+            return await self.send(message)
+        self.parts.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(self.parts)
+        if self.start["status"] == 200:
+            body = json.dumps(self.fn(json.loads(body)), separators=(",", ":")).encode()
+        hdrs = [(k, v) for k, v in self.start["headers"] if k != b"content-length"]
+        hdrs.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": hdrs})
+        await self.send({"type": "http.response.body", "body": body})
 
 
 _USAGE_KEYS = re.compile(rb'("(?:prompt_tokens|total_tokens)"\s*:\s*)(\d+)')

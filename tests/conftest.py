@@ -1,27 +1,79 @@
-"""Shared fixtures: the demo world and models (built once, cached), and one real vLLM
-server on the demo model for the whole test session."""
+"""Shared fixtures: the demo world and models (built once, cached, before the first test),
+one real vLLM server on the demo model for the whole test session, ``skip_or_fail``,
+and the session-end check that no process started by the tests outlives them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
 from pathlib import Path
 
 import pytest
 
-from guardserve.server.process import start_server
+from guardserve.server.process import ProcInfo, descendants, kill_processes, processes, start_server, tagged
 
+# Every process the session starts inherits this variable (a fresh value per session), so
+# the end-of-session check finds them even in their own session or re-parented to init.
+SESSION_TAG = "GUARDSERVE_TEST_SESSION"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test, or fail it where ``$CI`` is set (non-empty): in CI a missing
+    dependency must not hide a broken feature behind a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (a failure, not a skip, because $CI is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------- the demo build
+
+
+_demo_error: BaseException | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ[SESSION_TAG] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the demo (minutes on a fresh machine; at once when cached) before the first
+    test, when any selected test needs it: never inside a test's timeout, nor inside a
+    benchmark subprocess with a deadline of its own."""
+    global _demo_error
+    config = session.config
+    if config.option.collectonly or not any("demo" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    from guardserve.demo import ensure_demo
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter:
+        reporter.write_line("guardserve: making sure the demo is built (minutes the first time, then cached)")
+    try:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():  # show its progress
+            ensure_demo()
+    except Exception as e:  # the tests that need the demo fail with this; the others run
+        _demo_error = e
 
 
 @pytest.fixture(scope="session")
 def demo():
-    """The default demo build (world, tokenizer, model, retain model); built on first use."""
+    """The default demo build (world, tokenizer, model, retain model), built before the
+    session's first test (``pytest_collection_finish``); here it is found in the cache."""
     from guardserve.demo import ensure_demo
 
+    if _demo_error is not None:
+        pytest.fail(f"the demo build failed before the tests: {type(_demo_error).__name__}: {_demo_error}")
     return ensure_demo()
 
 
 @pytest.fixture(scope="session")
 def world(demo):
     return demo.load_world()
+
+
+# --------------------------------------------------------------------------- the server
 
 
 # The session server's keys: two tenants and the admin.
@@ -32,7 +84,7 @@ ADMIN_KEY = "admin-secret"
 @pytest.fixture(scope="session")
 def server(demo, tmp_path_factory):
     """One real guarded vLLM server on the demo model, shared by every test that needs it,
-    with its own empty policy store."""
+    with its own empty policy store. Stopped (its whole process group) on every path."""
     tmp = tmp_path_factory.mktemp("server")
     env = {
         "GUARDSERVE_DB": str(tmp / "policy.db"),
@@ -41,10 +93,12 @@ def server(demo, tmp_path_factory):
         "GUARDSERVE_AUDIT_LOG": str(tmp / "audit.jsonl"),
     }
     srv = start_server([], tmp / "server.log", env=env)
-    srv.db = env["GUARDSERVE_DB"]
-    srv.audit_log = Path(env["GUARDSERVE_AUDIT_LOG"])
-    yield srv
-    srv.stop()
+    try:
+        srv.db = env["GUARDSERVE_DB"]
+        srv.audit_log = Path(env["GUARDSERVE_AUDIT_LOG"])
+        yield srv
+    finally:
+        srv.stop()
 
 
 def make_client(server, key: str = "key-a"):
@@ -66,3 +120,50 @@ def admin(server):
     with httpx.Client(base_url=server.base_url + "/v1/unlearning", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                       timeout=120) as client:
         yield client
+
+
+# --------------------------------------------------------------------------- leftover processes
+
+
+# Helpers of this interpreter that live until it exits (they go with it): not leftovers.
+INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "torch._inductor")
+# A server being stopped, or a helper whose parent just exited, gets this long to go.
+SETTLE_S = float(os.environ.get("GUARDSERVE_TEST_SETTLE_S", "15"))
+
+
+def leftover_processes() -> list[ProcInfo]:
+    """Processes this session started that are still running: tagged with its
+    ``SESSION_TAG``, or descendants of this process, minus this interpreter's own helpers
+    (and their children)."""
+    me, procs = os.getpid(), processes()
+    helpers = [p for p in procs if p.ppid == me and any(h in p.cmdline for h in INTERPRETER_HELPERS)]
+    exempt = {p.pid for h in helpers for p in [h, *descendants(h.pid, procs)]}
+    found = {p.pid: p for p in [*tagged(SESSION_TAG, os.environ[SESSION_TAG]), *descendants(me, procs)]}
+    return [p for pid, p in sorted(found.items()) if pid not in exempt]
+
+
+@pytest.hookimpl(trylast=True)  # after the runner's hook, which tears the session fixtures down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process started by the tests is still running: kill it, list it."""
+    import time
+
+    deadline = time.monotonic() + SETTLE_S
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    kill_processes(left)
+    lines = [f"{len(left)} process(es) started by the tests were still running at the end of the session "
+             f"({SETTLE_S} s after it); killed now:"]
+    lines += [f"  pid {p.pid} (group {p.pgid}, session {p.sid}): {p.cmdline[:300]}" for p in left]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_sep("=", "processes left running", red=True, bold=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        import sys
+
+        print("\n".join(lines), file=sys.stderr)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from conftest import skip_or_fail
 from guardserve.classifiers.probes import quoted_title
 from guardserve.demo.world import build_world
 from guardserve.eval import probes as P
@@ -30,7 +31,7 @@ def matcher(request, monkeypatch):
     if request.param == "fallback":
         monkeypatch.setattr(P, "_matcher", lambda: P.mentions)
     elif P._matcher() is P.mentions:
-        pytest.skip("guardserve.eval.metrics.fact_leaked not there")
+        skip_or_fail("guardserve.eval.metrics.fact_leaked not there")
     return request.param
 
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from conftest import skip_or_fail
 from guardserve.logits_processors import GuardBatch, compile_phrases
 from guardserve.logits_processors.request import register_target_resolver
 from guardserve.logits_processors.vllm import GuardLogitsProcessor
@@ -305,7 +306,10 @@ def test_adversarial_driver_emits_phrases_without_guard(tok, vllm_config):
 def v2_states(monkeypatch, vllm_config):
     """Model Runner V2's real per-slot buffers, on CPU. vLLM probes for pinned memory
     (UVA) and would fail here; with the probe off it takes its own no-UVA path."""
-    pytest.importorskip("vllm.v1.worker.gpu.sample.logits_processor")
+    try:
+        import vllm.v1.worker.gpu.sample.logits_processor  # noqa: F401
+    except ImportError as e:
+        skip_or_fail(f"vLLM's Model Runner V2 logits-processor interface is missing: {e}")
     import vllm.v1.worker.gpu.buffer_utils as bu
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
 

@@ -78,6 +78,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from conftest import skip_or_fail  # noqa: E402
 from guardserve.policy import (  # noqa: E402
     DuplicateTargetError,
     PostgresStore,
@@ -92,7 +93,7 @@ from guardserve.policy import (  # noqa: E402
 @pytest.fixture(scope="module")
 def pg_server():
     if pg_bindir() is None:
-        pytest.skip("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
+        skip_or_fail("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
     srv = PostgresServer()
     yield srv
     srv.stop()

@@ -46,7 +46,12 @@ def test_engine_checks():
 
 
 def test_other_vllm_plugins_stay_loaded(monkeypatch):
+    from importlib.metadata import entry_points
+
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    assert plugin_env() == {}  # unset: vLLM loads every installed plugin, guardserve's too
+    # Unset: every plugin vLLM would load anyway, and guardserve's endpoint plugin.
+    named = plugin_env()["VLLM_PLUGINS"].split(",")
+    assert "guardserve" in named
+    assert {ep.name for ep in entry_points(group="vllm.general_plugins")} <= set(named)
     monkeypatch.setenv("VLLM_PLUGINS", "other")
     assert plugin_env() == {"VLLM_PLUGINS": "other,guardserve"}

@@ -44,14 +44,23 @@ def vllm_command(model: str, *, host: str, port: int, served_model_name: str | N
     return argv + list(extra or [])
 
 
+# Plugin groups vLLM loads in full while VLLM_PLUGINS is unset; endpoint plugins, which add
+# HTTP routes, load only when VLLM_PLUGINS names them.
+_LOADED_WHEN_UNSET = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
+                      "vllm.stat_logger_plugins")
+
+
 def plugin_env() -> dict[str, str]:
-    """``VLLM_PLUGINS`` for the server: unset, vLLM loads every installed plugin, guardserve's
-    among them, and it stays unset (naming guardserve alone would turn the others off); set, it
-    gains guardserve (a list without it would leave the server unguarded)."""
+    """``VLLM_PLUGINS`` for the server: guardserve's endpoint plugin must be named, and naming it
+    alone would turn every other plugin off. Unset, it becomes every plugin vLLM would have
+    loaded anyway plus guardserve; set, it gains guardserve."""
     spec = os.environ.get("VLLM_PLUGINS")
     if spec is None:
-        return {}
-    current = [p.strip() for p in spec.split(",") if p.strip()]
+        from importlib.metadata import entry_points
+
+        current = sorted({ep.name for group in _LOADED_WHEN_UNSET for ep in entry_points(group=group)})
+    else:
+        current = [p.strip() for p in spec.split(",") if p.strip()]
     return {"VLLM_PLUGINS": ",".join(dict.fromkeys([*current, "guardserve"]))}
 
 

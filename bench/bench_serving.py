@@ -318,9 +318,9 @@ def run_plain(model, tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd) 
     command, args, env = plain_launch(model, tmp, ENGINE_ARGS + engine_args)
     log = tmp / f"plain-{rnd}.log"
     t0 = time.perf_counter()
-    server = start_server(args, log, env=env, command=command)
-    info = {"start_s": round(time.perf_counter() - t0, 1), "log": str(log), "load_avg_start": os.getloadavg()}
-    try:
+    server = start_server(args, log, env=env, command=command)  # stops its server itself if the start fails
+    try:  # from here on, the server is stopped (its whole process group) on every path
+        info = {"start_s": round(time.perf_counter() - t0, 1), "log": str(log), "load_avg_start": os.getloadavg()}
         if "hid guardserve entry points of vllm.logits_processors" not in log.read_text(errors="replace"):
             raise RuntimeError(f"the plain server did not hide guardserve's logits processor; see {log}")
         import httpx
@@ -329,8 +329,8 @@ def run_plain(model, tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd) 
             raise RuntimeError("the plain server answers guardserve's admin API: the plugin is loaded")
         print(f"  plain vLLM up in {info['start_s']} s (log: {log})", flush=True)
         res = measure(server.base_url, {}, cells, warm, max_tokens, warm_conc)
-    finally:
         info["load_avg_end"] = os.getloadavg()
+    finally:
         server.stop()
     info["command"] = [a if a != ENGINE_ARGS[1] else "BUCKETS" for a in command + ["--port", "PORT"] + args]
     return res, info
@@ -345,9 +345,9 @@ def run_guarded(world, tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd
            "GUARDSERVE_API_KEYS": f"{API_KEY}:{TENANT}", "GUARDSERVE_AUDIT_LOG": str(tmp / f"audit-{rnd}.jsonl")}
     log = tmp / f"guarded-{rnd}.log"
     t0 = time.perf_counter()
-    server = start_server(["--", *ENGINE_ARGS, *engine_args], log, env=env)
-    info = {"start_s": round(time.perf_counter() - t0, 1), "log": str(log), "load_avg_start": os.getloadavg()}
-    try:
+    server = start_server(["--", *ENGINE_ARGS, *engine_args], log, env=env)  # stops its server itself if the start fails
+    try:  # from here on, the server is stopped (its whole process group) on every path
+        info = {"start_s": round(time.perf_counter() - t0, 1), "log": str(log), "load_avg_start": os.getloadavg()}
         admin = httpx.Client(base_url=server.base_url + "/v1/unlearning",
                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=300)
         people = [e for e in world["entities"] if e["split"] == "forget"]
@@ -370,8 +370,8 @@ def run_guarded(world, tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd
         info["triggered"] = trig
         print(f"    detection dry run, questions that trigger a target: {trig}", flush=True)
         admin.close()
-    finally:
         info["load_avg_end"] = os.getloadavg()
+    finally:
         server.stop()
     info["command"] = ["guardserve", "serve", "--port", "PORT", "--", ENGINE_ARGS[0], "BUCKETS", *engine_args]
     return res, info

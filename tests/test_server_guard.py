@@ -152,17 +152,44 @@ def test_retain_accuracy_kept(openai_client, retain_sample, registered, baseline
     assert guarded >= 0.95 * baseline["retain"], (guarded, baseline)
 
 
-def test_logprobs_show_no_banned_token(openai_client, world, registered):
+def test_logprobs_show_no_banned_token(openai_client, world, registered, admin, demo):
+    """Logprobs are the processed ones: a token the filter banned has -inf, which vLLM
+    would report as -9999.0, and it never ranks among the top ones; with raw logprobs a
+    banned token would be listed with its unfiltered (high) logprob."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from guardserve.logits_processors import compile_phrases
+
     pair = world["forget"][1]
+    messages = [{"role": "user", "content": pair["question"]}]
+    triggered = admin.post("/classify", json={"messages": messages}).json()["triggered"]
+    forbidden = [p for t in triggered for p in t["forbidden"]]
+    assert any(pair["value"].lower() in p.lower() or p.lower() in pair["value"].lower() for p in forbidden), forbidden
+    tokenizer = AutoTokenizer.from_pretrained(demo.model)
+    # Tokens banned at every position, whatever came before (a distinctive first token of
+    # a forbidden phrase: the start of the fact value among them).
+    always = {tokenizer.decode([t]) for t in compile_phrases(tokenizer, forbidden).banned(0)}
+    always = {t for t in always if t.strip() and "\ufffd" not in t}  # texts that name one token
+    assert always, f"no token of {forbidden} is banned everywhere: the check below would be empty"
+
     out = openai_client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": pair["question"]}], max_tokens=30, temperature=0,
-        logprobs=True, top_logprobs=5,
+        model=MODEL, messages=messages, max_tokens=30, temperature=0, logprobs=True, top_logprobs=5,
     )
     text = out.choices[0].message.content
     assert pair["value"].lower() not in text.lower()
-    for tok in out.choices[0].logprobs.content:
+    content = out.choices[0].logprobs.content
+    # the token strings are decoded text, as tokenizer.decode gives them (else the match below could never hit)
+    assert "".join(t.token for t in content).strip() == text.strip()
+    for tok in content:
+        assert math.isfinite(tok.logprob) and tok.logprob > -9000, (tok.token, tok.logprob)
         for alt in tok.top_logprobs:
-            assert alt.logprob > -1e9, "a banned (-inf) token showed up in top_logprobs"
+            # -9999.0 is vLLM's stand-in for -inf: a banned token listed among the top ones
+            assert math.isfinite(alt.logprob) and alt.logprob > -9000, \
+                f"a banned token showed up in top_logprobs: {alt.token!r} {alt.logprob}"
+            assert alt.token not in always, \
+                f"{alt.token!r}, banned everywhere, ranks in top_logprobs ({alt.logprob}): raw logprobs, not processed"
 
 
 def test_guard_is_invisible(server, world, admin, spare_entities):

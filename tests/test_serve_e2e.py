@@ -1,10 +1,13 @@
 """End to end: the real vLLM server on the demo model, through the official OpenAI client."""
 
 import random
-import subprocess
+import shlex
 import sys
+from pathlib import Path
 
 import pytest
+
+from guardserve.server.process import run_group
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +78,21 @@ def test_logprobs_are_served(openai_client, retain_pairs):
     assert all(t.logprob <= 0 for t in content)
 
 
-def test_serve_command_uses_processed_logprobs():
-    out = subprocess.run([sys.executable, "-m", "guardserve", "serve", "--model", "/tmp", "--dry-run"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "no config.json" in out.stderr and "Traceback" not in out.stderr
+def _dry_run(*args: str) -> list[str]:
+    """The vLLM argv ``guardserve serve ARGS --dry-run`` prints (its last line: the
+    environment it adds, ``NAME=value`` words, then the command)."""
+    r = run_group([sys.executable, "-m", "guardserve", "serve", *args, "--dry-run"], timeout=300)
+    assert r.returncode == 0 and not r.leftovers, r.stdout + r.stderr
+    words = shlex.split(r.stdout.strip().splitlines()[-1])
+    return words[next(i for i, w in enumerate(words) if "=" not in w or w.startswith("-")):]
+
+
+@pytest.mark.parametrize("model_arg", ["default", "path"])
+def test_serve_command_uses_processed_logprobs(demo, model_arg):
+    """On the real demo model directory, as `--model` and as the default: the command
+    reports logprobs after the logits processors ran (banned tokens never listed)."""
+    argv = _dry_run(*(["--model", str(demo.model)] if model_arg == "path" else []))
+    pairs = list(zip(argv, argv[1:]))
+    assert ("--logprobs-mode", "processed_logprobs") in pairs, argv
+    assert [Path(v).resolve() for k, v in pairs if k == "--model"] == [Path(demo.model).resolve()], argv
+    assert argv.count("--logprobs-mode") == 1

@@ -77,3 +77,71 @@ def test_a_clean_session_passes(tmp_path):
     r = _session(tmp_path, CLEAN)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "processes left running" not in r.stdout
+
+
+# A plugin (loaded with -p before the conftest's hooks run) that stands in for the demo build.
+FAKE_DEMO = textwrap.dedent('''\
+    import os
+
+    import guardserve.demo
+
+
+    def ensure_demo(*a, **kw):
+        with open(os.environ["LOG"], "a") as f:
+            f.write("build\\n")
+        if os.environ.get("BUILD_FAILS"):
+            raise RuntimeError("out of disk")
+        return "the demo"
+
+
+    guardserve.demo.ensure_demo = ensure_demo
+''')
+
+USES_DEMO = textwrap.dedent('''\
+    import os
+
+
+    def _log(what):
+        with open(os.environ["LOG"], "a") as f:
+            f.write(what + "\\n")
+
+
+    def test_a_first_without_demo():
+        _log("test without demo")
+
+
+    def test_b_with_demo(demo):
+        _log(f"test with {demo}")
+''')
+
+
+def _demo_session(tmp_path: Path, *args: str, fails: bool = False) -> tuple[subprocess.CompletedProcess, list[str]]:
+    shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "fakedemo.py").write_text(FAKE_DEMO)
+    (tmp_path / "test_it.py").write_text(USES_DEMO)
+    log = tmp_path / "log"
+    env = {**os.environ, "LOG": str(log), "PYTHONPATH": str(tmp_path), "BUILD_FAILS": "1" if fails else ""}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "fakedemo", *args,
+                        str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return r, log.read_text().splitlines() if log.is_file() else []
+
+
+def test_the_demo_is_built_before_the_first_test_when_one_needs_it(tmp_path):
+    r, log = _demo_session(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # built before any test ran, the one not needing it included; the fixture finds it built
+    assert log == ["build", "test without demo", "build", "test with the demo"]
+
+
+def test_the_demo_is_not_built_when_no_selected_test_needs_it(tmp_path):
+    r, log = _demo_session(tmp_path, "-k", "without")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert log == ["test without demo"]
+
+
+def test_a_failed_demo_build_fails_the_tests_that_need_it(tmp_path):
+    r, log = _demo_session(tmp_path, fails=True)
+    assert r.returncode == 1
+    assert log == ["build", "test without demo"]  # the fixture does not build again
+    assert "the demo build failed before the tests: RuntimeError: out of disk" in r.stdout
+    assert "1 passed" in r.stdout and "1 error" in r.stdout

@@ -143,6 +143,8 @@ def stop_group(proc: subprocess.Popen, grace: float = 60) -> int:
     what is left of the group. Safe to call twice, and after ``proc`` exited by itself
     (its children may not have)."""
     pgid = proc.pid  # a pid is not reused while its group still has members
+    if proc.poll() is not None and not _group_members(pgid):
+        return proc.returncode  # all gone: the pid may be reused, so signal nothing
     deadline = time.monotonic() + grace
     _signal_group(pgid, signal.SIGINT)
     try:

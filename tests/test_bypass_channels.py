@@ -175,11 +175,13 @@ def test_structured_output_carrying_the_question(server, world, facts, guarded_a
     no_internal_detail(responses)
 
 
-def test_grammar_on_a_benign_prompt_still_works(server):
-    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
-            "temperature": 0, "structured_outputs": {"choice": ["Paris", "Rome", "Madrid"]}}
-    r = post(server, "/v1/chat/completions", body, "key-a")
-    assert r.status_code == 200 and chat_text(r) == "Paris"
+def test_grammar_on_a_benign_prompt_still_works(server, guarded_a):
+    """The same answer with and without the guard (the choice is the tiny model's own)."""
+    for constraint in ({"choice": ["Paris", "Rome", "Madrid"]}, {"regex": "[A-Z][a-z]+"}):
+        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
+                "temperature": 0, "structured_outputs": constraint}
+        mine, peer = post(server, "/v1/chat/completions", body, "key-a"), post(server, "/v1/chat/completions", body, "key-b")
+        assert mine.status_code == peer.status_code == 200 and chat_text(mine) == chat_text(peer)
 
 
 # --------------------------------------------------------------------------- prompt logprobs and echo
@@ -214,14 +216,15 @@ def test_logprob_token_ids_refused_when_triggered(server, facts, guarded_a):
 
 
 def test_echo_shows_only_what_the_client_sent(server, facts, guarded_a):
+    """Chat ``echo`` returns the prompt's logprobs (vLLM sets them for echo): refused when
+    triggered, served otherwise. Completions ``echo`` returns the client's own prompt text."""
     p = facts[0]
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": p["question"]}],
-                                              "echo": True, "max_tokens": 24, "temperature": 0}, "key-a")
-    assert r.status_code == 200
-    text = chat_text(r)
-    assert p["value"].lower() not in text.lower()
-    for word in ("forget", "unlearn", "must not", "do not know"):
-        assert word not in text.lower(), text
+    chat = {"messages": [{"role": "user", "content": p["question"]}], "echo": True, "max_tokens": 24, "temperature": 0}
+    r = post(server, "/v1/chat/completions", chat, "key-a")
+    assert r.status_code == 400 and p["value"] not in r.text and p["entity"] not in r.text
+    benign = {**chat, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    r = post(server, "/v1/chat/completions", benign, "key-a")
+    assert r.status_code == 200 and r.json()["prompt_logprobs"]
     r = post(server, "/v1/completions", {"prompt": completion_prompt(p["question"]), "echo": True,
                                          "max_tokens": 24, "temperature": 0}, "key-a")
     assert r.status_code == 200 and completion_text(r).startswith(completion_prompt(p["question"]))

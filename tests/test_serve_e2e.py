@@ -33,7 +33,9 @@ def test_health_and_metrics(server):
     import httpx
 
     assert httpx.get(server.base_url + "/health").status_code == 200
-    metrics = httpx.get(server.base_url + "/metrics").text
+    from conftest import ADMIN_KEY
+
+    metrics = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert "vllm:" in metrics and "guardserve_requests_total" in metrics
 
 

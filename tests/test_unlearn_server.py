@@ -42,6 +42,7 @@ def lora_server(demo, tmp_path_factory):
                         "--", "--enable-lora", "--max-loras", "4", "--max-lora-rank", str(MAX_RANK),
                         # It may run beside the session server: a small KV cache is plenty for these requests.
                         "--gpu-memory-utilization", "0.1"], tmp / "server.log", env=env)
+    srv.audit_log = tmp / "audit.jsonl"
     yield srv
     srv.stop()
 
@@ -89,9 +90,10 @@ def test_adapter_hot_loads_and_changes_answers(lora_server, admin, adapter_dir, 
     assert r2.status_code == 201, r2.text
     assert r2.json()["lora_name"] == "forget-two-v2" and r2.json()["path"] != rec["path"]
     listed = {a["lora_name"]: a for a in admin.get("/adapters").json()["adapters"]}
-    assert listed["forget-two-v2"]["loaded"]
-    models = {m["id"] for m in __import__("httpx").get(lora_server.base_url + "/v1/models").json()["data"]}
-    assert "forget-two-v2" in models and "forget-two-v1" not in models
+    assert listed["forget-two-v2"]["loaded"] and not listed.get("forget-two-v1", {}).get("loaded")
+    # Clients see the served model only: which adapters exist is the operator's business.
+    models = __import__("httpx").get(lora_server.base_url + "/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["guardserve-demo"] and "/" not in json.dumps([m.get("root") for m in models[1:]])
 
     assert admin.delete("/adapters/forget-two").status_code == 200
     assert not any(a["loaded"] for a in admin.get("/adapters").json()["adapters"])
@@ -112,11 +114,28 @@ def test_triggered_target_is_routed_to_its_adapter(lora_server, admin, adapter_d
         resp = httpx.post(lora_server.base_url + "/v1/chat/completions", timeout=60, json={
             "model": "guardserve-demo", "messages": [{"role": "user", "content": q["question"]}], "temperature": 0})
         assert resp.status_code == 200, resp.text
-        assert resp.json()["model"] == r.json()["lora_name"]  # served by the adapter
+        # The response names the model asked for; the audit log says the adapter served it.
+        assert resp.json()["model"] == "guardserve-demo"
+        served = [json.loads(line) for line in lora_server.audit_log.read_text().splitlines()]
+        assert served and served[-1]["adapter"] == r.json()["lora_name"], served[-1:]
+        # Naming another adapter does not dodge the covering one.
+        other_person = adapter_dir.people[1]
+        assert admin.post("/targets", json={"name": other_person}).status_code == 201
+        decoy = admin.post("/adapters", json={"path": str(adapter_dir.path), "name": "decoy", "targets": [other_person]})
+        assert decoy.status_code == 201, decoy.text
+        resp = httpx.post(lora_server.base_url + "/v1/chat/completions", timeout=60, json={
+            "model": decoy.json()["lora_name"], "messages": [{"role": "user", "content": q["question"]}],
+            "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        served = json.loads(lora_server.audit_log.read_text().splitlines()[-1])
+        assert served["adapter"] == r.json()["lora_name"], served
+        admin.delete("/adapters/decoy")
         other = world["retain"][0]  # nothing triggered: the base model answers
+        before = len(lora_server.audit_log.read_text().splitlines())
         resp = httpx.post(lora_server.base_url + "/v1/chat/completions", timeout=60, json={
             "model": "guardserve-demo", "messages": [{"role": "user", "content": other["question"]}], "temperature": 0})
-        assert resp.json()["model"] == "guardserve-demo"
+        assert resp.status_code == 200 and resp.json()["model"] == "guardserve-demo"
+        assert len(lora_server.audit_log.read_text().splitlines()) == before  # no adapter, nothing triggered
     finally:
         admin.delete("/adapters/routed")
 

@@ -163,14 +163,19 @@ class GuardService:
                 decision.steer = sorted([t.target_id, t.version] for t in triggered)
         decision.seconds = time.perf_counter() - started
         self._count(decision)
-        if triggered:
-            audit_log.info(json.dumps({
-                "event": "guarded", "request_id": decision.request_id, "tenant": tenant, "route": route,
-                "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)}
-                            for t in triggered],
-                "phrases": len(decision.phrases), "detect_ms": round(decision.seconds * 1000, 2),
-            }))
         return decision
+
+    def audit(self, decision: Decision, route: str, adapter: str | None = None) -> None:
+        """One line in the operators' audit log for a request on which something triggered
+        (or that an unlearning adapter served)."""
+        if not decision.guarded and adapter is None:
+            return
+        audit_log.info(json.dumps({
+            "event": "guarded", "request_id": decision.request_id, "tenant": decision.tenant, "route": route,
+            "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)}
+                        for t in decision.triggered],
+            "phrases": len(decision.phrases), "adapter": adapter, "detect_ms": round(decision.seconds * 1000, 2),
+        }))
 
     def plan_xargs(self, decision: Decision, xargs: dict | None = None) -> dict:
         """The ``vllm_xargs`` that carry ``decision`` to the engine: a client's own keys kept,
@@ -204,6 +209,7 @@ class GuardService:
         else:
             conversation = self._prompt_texts(body.get("prompt"))
         decision = self.decide(conversation, tenant, route)
+        self.audit(decision, route)
         if not decision.guarded:
             return body, decision
         body = {**body, "vllm_xargs": self.plan_xargs(decision, xargs)}

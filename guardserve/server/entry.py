@@ -217,6 +217,7 @@ class EngineEntryGuard:
         if lora is not False:
             request.lora_request = lora
         sp.extra_args[STAMP] = self._stamp(request)
+        self.service.audit(decision, ctx.route, lora.lora_name if lora else None)
         return request
 
     def _adapter(self, decision: Decision):

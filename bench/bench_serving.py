@@ -106,12 +106,15 @@ HISTOGRAMS = {"vllm:request_time_per_output_token_seconds": "tpot",
 
 
 def scrape(url: str, headers: dict) -> dict:
-    """{histogram: {"buckets": {le: cumulative count}, "sum", "count"}} from /metrics, summed over label sets."""
+    """{histogram: {"buckets": {le: cumulative count}, "sum", "count"}} from /metrics, summed over label sets.
+    A guarded server's /metrics needs the admin key (plain vLLM ignores it)."""
     import re
 
     import httpx
 
-    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    r = httpx.get(url + "/metrics", headers={**headers, "Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    r.raise_for_status()
+    text = r.text
     out = {h: {"buckets": {}, "sum": 0.0, "count": 0.0} for h in HISTOGRAMS}
     line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
     for line in text.splitlines():

@@ -260,3 +260,43 @@ def test_reserved_keys_and_unknown_fields(server):
     for body in ({"prompt": "hi", "vllm_xargs": {"guardserve_stamp": "x"}}, {"prompt": "hi", "best_of_all": 3}):
         r = post(server, "/v1/completions", body, "key-a")
         assert r.status_code == 400 and "Traceback" not in r.text
+
+
+# --------------------------------------------------------------------------- utility under every field
+
+
+def test_retain_accuracy_through_every_channel(server, world, guarded_a):
+    """Unrelated questions answered as well by the guarded tenant as by the unguarded peer,
+    through beam search, grammars, logprobs and prompt logprobs (the issue's bar: >= 99%)."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    guarded_people = {p["entity"] for p in world["forget"]}
+    pairs = random.Random(5).sample([p for p in world["retain"] if p["entity"] not in guarded_people], 40)
+    channels = {
+        "beam": lambda p: ("/v1/chat/completions", {"messages": [{"role": "user", "content": p["question"]}],
+                                                     "use_beam_search": True, "n": 2, "max_tokens": 32, "temperature": 0}),
+        "grammar": lambda p: ("/v1/chat/completions", {"messages": [{"role": "user", "content": p["question"]}],
+                                                        "max_tokens": 32, "temperature": 0,
+                                                        "structured_outputs": {"regex": "[A-Za-z0-9 ,.'-]{1,120}"}}),
+        "logprobs": lambda p: ("/v1/chat/completions", {"messages": [{"role": "user", "content": p["question"]}],
+                                                         "max_tokens": 32, "temperature": 0, "logprobs": True,
+                                                         "top_logprobs": 3}),
+        "prompt_logprobs": lambda p: ("/v1/completions", {"prompt": completion_prompt(p["question"]), "max_tokens": 32,
+                                                           "temperature": 0, "prompt_logprobs": 1}),
+    }
+
+    def accuracy(key: str, make) -> float:
+        def one(p):
+            path, body = make(p)
+            r = post(server, path, body, key)
+            assert r.status_code == 200, r.text[:300]
+            return p["value"].lower() in (chat_text(r) if "chat" in path else completion_text(r)).lower()
+
+        with ThreadPoolExecutor(8) as pool:
+            return sum(pool.map(one, pairs)) / len(pairs)
+
+    for name, make in channels.items():
+        peer, mine = accuracy("key-b", make), accuracy("key-a", make)
+        assert peer >= 0.8, (name, peer)
+        assert mine >= 0.99 * peer, (name, mine, peer)

@@ -178,3 +178,21 @@ def test_bulk_import_is_matched_by_name_at_once_and_never_blocks_detection(detec
     while detector.pending:
         detector.sync(force=True)
     assert detector.vectors.ntotal > 0 and detector.pending == 0
+
+
+def test_embedding_reads_deep_into_a_long_prompt():
+    """A question placed behind 20,000 characters of filler is still embedded (the windows
+    cover the whole prompt), and a question across a window boundary is whole in one window."""
+    from guardserve.classifiers.detector import Detector, DetectorConfig
+
+    det = Detector.__new__(Detector)
+    det.config = DetectorConfig()
+    question = "Where was the inventor of the brass lantern born?"
+    filler = "lorem ipsum " * 2000
+    chunks = det._chunks([question + " " + filler])
+    assert any(question in c for c in chunks), "the start of a 24,000-character prompt is embedded"
+    for cut in range(380, 520, 7):  # the question straddles the first window boundary
+        text = "x" * cut + " " + question + " " + "y" * 600
+        assert any(question in c for c in det._chunks([text])), cut
+    assert det._chunks([filler * 10])  # bounded, and says so in the log
+    assert len(det._chunks([filler * 10])) == det.config.max_chunks

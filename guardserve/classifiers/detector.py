@@ -9,6 +9,7 @@ refuses the request rather than serve it unguarded.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from guardserve.classifiers.normalize import tokens
 from guardserve.classifiers.retrieval import forbidden_phrases, rank_facts
 from guardserve.policy.model import ForgetTarget, name_key
 from guardserve.policy.store import PolicyStore
+
+log = logging.getLogger("guardserve.classifiers")
 
 THRESHOLD_SETTING = "detector.embedding_threshold"
 DEFAULT_THRESHOLD = 0.8  # used until `calibrate` has stored one; conservative on purpose
@@ -54,7 +57,11 @@ class DetectorConfig:
     approx_above: int = 50_000          # vectors beyond which the faiss index is approximate
     sync_interval_s: float = 0.5        # how often detect() looks for policy changes
     max_chunk_chars: int = 500          # embedding window over long messages
-    max_chunks: int = 16                # per conversation, newest first
+    chunk_overlap_chars: int = 100      # windows overlap, so a question cut by a boundary is whole in one
+    # Per conversation, newest first: 256 windows cover about 100,000 characters, past any context
+    # served here, so text deep inside a long prompt is still read (the cost grows with the prompt,
+    # as the prefill's does).
+    max_chunks: int = 256
     vector_cache: str | None = None     # SQLite file of target-text embeddings (see VectorCache)
     # GUARD's hidden-state MLP (a trained HiddenStateClassifier); None = off, the default.
     hidden_state: object | None = None
@@ -294,12 +301,16 @@ class Detector:
 
     def _chunks(self, texts: list[str]) -> list[str]:
         size = self.config.max_chunk_chars
+        stride = max(1, size - self.config.chunk_overlap_chars)
         chunks = []
         for text in reversed(texts):     # newest first: the budget favours recent turns
             text = text.strip()
-            for k in range(0, len(text), size):
-                chunks.append(text[k:k + size])
-        return chunks[: self.config.max_chunks]
+            starts = range(0, max(1, len(text) - self.config.chunk_overlap_chars), stride)
+            chunks.extend(text[k:k + size] for k in reversed(starts))  # a text's end is its newest part
+        if len(chunks) > self.config.max_chunks:
+            log.warning("conversation of %d embedding windows: the oldest %d are read by the lexical matcher only",
+                        len(chunks), len(chunks) - self.config.max_chunks)
+        return [c for c in chunks[: self.config.max_chunks] if c]
 
     def _detect(self, messages, tenant: str | None) -> list[Triggered]:
         texts = message_texts(messages)

@@ -196,3 +196,19 @@ def test_embedding_reads_deep_into_a_long_prompt():
         assert any(question in c for c in det._chunks([text])), cut
     assert det._chunks([filler * 10])  # bounded, and says so in the log
     assert len(det._chunks([filler * 10])) == det.config.max_chunks
+
+
+def test_a_nonce_word_does_not_switch_the_embedding_signal_off(detector):
+    """Questions that describe a target without naming it, with a made-up lower-case word
+    added: still detected by the embedding signal. A capitalised unknown word reads as
+    someone else's name, and the chunk is about that someone (the grounding rule)."""
+    from guardserve.classifiers import calibration
+
+    detector.calibrate()
+    found = plain = 0
+    for tid, q in calibration.positives(detector.targets())[:60]:
+        hits = detector.embedding_scores([q, q + " zorblax"])
+        if hits[0][0] == tid and hits[0][1] >= detector.threshold:
+            plain += 1
+            found += hits[1][0] == tid and hits[1][1] >= detector.threshold
+    assert plain >= 20 and found >= 0.8 * plain, (found, plain)

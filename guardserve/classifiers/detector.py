@@ -10,6 +10,7 @@ refuses the request rather than serve it unguarded.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from guardserve.policy.model import ForgetTarget, name_key
 from guardserve.policy.store import PolicyStore
 
 log = logging.getLogger("guardserve.classifiers")
+_CAPITALISED = re.compile(r"\b[A-Z][\w'-]*")
 
 THRESHOLD_SETTING = "detector.embedding_threshold"
 DEFAULT_THRESHOLD = 0.8  # used until `calibrate` has stored one; conservative on purpose
@@ -370,9 +372,10 @@ class Detector:
 
     def _embedding_hits(self, chunks: list[str], qv: np.ndarray) -> dict:
         """Best vector hit per target over the chunks, grounded: a chunk that names
-        something this target's texts never mention (a word no English dictionary has,
-        like another person's name) is about that other thing, however close its
-        wording is to the target's ("Who is the mother of <someone else>?")."""
+        something this target's texts never mention (a capitalised word no English
+        dictionary has, like another person's name) is about that other thing, however
+        close its wording is to the target's ("Who is the mother of <someone else>?").
+        A lower-case nonce word names nothing: it does not switch the signal off."""
         best: dict[str, object] = {}
         for chunk, row in zip(chunks, self.vectors.search(qv, self.config.top_k)):
             rare = self._rare_tokens(chunk)
@@ -384,8 +387,10 @@ class Detector:
         return best
 
     def _rare_tokens(self, text: str) -> set[str]:
+        """Words of ``text`` that name something: capitalised, not in the dictionary."""
         common = common_words()
-        return {t for t in tokens(text) if len(t) >= 4 and t.isalpha() and t not in common}
+        named = {t for word in _CAPITALISED.findall(text) for t in tokens(word)}
+        return {t for t in named if len(t) >= 4 and t.isalpha() and t not in common}
 
     def _target_vocab(self, t: ForgetTarget) -> frozenset[str]:
         parts = [*t.all_names, t.description, *t.facts.values(), *t.texts]

@@ -1,4 +1,4 @@
-"""Settings shared by every component, read from the environment (see DESIGN.md)."""
+"""Settings shared by every component, read from the environment (the README lists them)."""
 
 from __future__ import annotations
 

@@ -286,13 +286,15 @@ class Detector:
             return list(self._targets.values())
 
     # -- detection ----------------------------------------------------------------------
-    def detect(self, messages, tenant: str | None = None) -> list[Triggered]:
+    def detect(self, messages, tenant: str | None = None, embeddings: bool = True) -> list[Triggered]:
         """Targets the conversation asks about, best first.
 
         ``tenant``: only that tenant's targets and the global ones; ``None`` means every
-        target (operators' dry runs). Raises DetectionError on any failure."""
+        target (operators' dry runs). ``embeddings=False`` reads names, aliases, fact values
+        and ``always`` targets only (microseconds: no embedder call), a first look that the
+        full detection later confirms. Raises DetectionError on any failure."""
         try:
-            return self._detect(messages, tenant)
+            return self._detect(messages, tenant, embeddings)
         except DetectionError:
             raise
         except Exception as e:
@@ -314,11 +316,11 @@ class Detector:
                         len(chunks), len(chunks) - self.config.max_chunks)
         return [c for c in chunks[: self.config.max_chunks] if c]
 
-    def _detect(self, messages, tenant: str | None) -> list[Triggered]:
+    def _detect(self, messages, tenant: str | None, embeddings: bool = True) -> list[Triggered]:
         texts = message_texts(messages)
         # A few new targets are embedded here; a bulk import is left to the server's
         # sync loop (meanwhile its targets are matched by name).
-        self.sync(embed_budget_s=0.5 if self.pending <= 64 else 0.0)
+        self.sync(embed_budget_s=0.5 if embeddings and self.pending <= 64 else 0.0)
         with self._lock:
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}
@@ -337,7 +339,8 @@ class Detector:
                     hit(h.pattern.target_id, h.pattern.score, h.reason + (f" (message {i})" if len(texts) > 1 else ""))
 
             qvec = None
-            if self.vectors is not None and self.vectors.ntotal:
+            chunks = []
+            if embeddings and self.vectors is not None and self.vectors.ntotal:
                 chunks = self._chunks(texts)
                 if chunks:
                     qv = self.embedder.encode(chunks)
@@ -348,7 +351,7 @@ class Detector:
                             hit(vh.target_id, vh.score, f"similar to its {vh.label.split(':')[0]} "
                                 f"{vh.text[:80]!r} (cosine {vh.score:.2f} >= {th:.2f})")
 
-            if self.config.hidden_state is not None and self.vectors is not None and self.vectors.ntotal:
+            if embeddings and self.config.hidden_state is not None and self.vectors is not None and self.vectors.ntotal:
                 # GUARD's classifier says whether the conversation is about the forget
                 # set; the retriever's closest target (below its own threshold) says which.
                 p = float(self.config.hidden_state.predict_proba(["\n".join(texts)])[0])

@@ -22,10 +22,13 @@ The tenant and route travel from the HTTP middleware in :data:`REQUEST`, a conte
 asyncio copies it into every task vLLM spawns for the request.
 
 In-context unlearning changes the conversation before vLLM templates it, so for chat the
-middleware renders the request once as sent; when the entry finds a trigger and ICUL has not
-been applied, it records the targets in the context and refuses with :class:`IculRetry`; the
-middleware drops that response and sends the request again with the ICUL messages (see
-``guardserve/server/middleware.py``). Untriggered requests are read once.
+middleware adds it up front for the targets a first, embedding-free look at the messages
+names (``Detector.detect(..., embeddings=False)``: microseconds). When the entry's full
+decision finds a target that ICUL does not cover yet (a paraphrase only the embedding
+recognises, text from the template), it records the targets in the context and refuses with
+:class:`IculRetry`; the middleware drops that response and sends the request once more with
+the ICUL messages (see ``guardserve/server/middleware.py``). Untriggered requests are read
+once by the full detection.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class RequestContext:
     tenant: str
     route: str
     icul: bool = False  # the middleware can retry with in-context unlearning (chat)
-    icul_targets: list | None = None  # ICUL already applied for these targets (None: not yet)
+    icul_targets: list = field(default_factory=list)  # targets whose ICUL messages the request carries
+    retried: bool = False  # the middleware already re-sent the request once
     retry_with: list | None = None  # set by the entry: retry with ICUL for these triggered targets
     decisions: list[Decision] = field(default_factory=list)
     pending: tuple[str, Decision] | None = None  # decided off the event loop, keyed by the texts read
@@ -203,8 +207,9 @@ class EngineEntryGuard:
                                     "served; the operator's log has the reason") from None
 
         if decision.guarded:
-            if ctx.icul and ctx.icul_targets is None:
-                ctx.retry_with = decision.triggered
+            covered = {t.target_id for t in ctx.icul_targets}
+            if ctx.icul and not ctx.retried and any(t.target_id not in covered for t in decision.triggered):
+                ctx.retry_with = [*ctx.icul_targets, *(t for t in decision.triggered if t.target_id not in covered)]
                 raise IculRetry()
             if sp.prompt_logprobs is not None:
                 raise _validation_error("prompt logprobs are not available for this prompt under the server's "

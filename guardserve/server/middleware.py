@@ -109,26 +109,39 @@ class GuardMiddleware:
         try:
             if not ctx.icul:
                 return await self.app(*_with_body(scope, raw, receive), send)
-            held = _HeldUntilBody(send, ctx)
-            await self.app(*_with_body(scope, raw, receive), held)
+            # A first look (names, aliases, fact values, always-on targets; no embedder): ICUL
+            # up front for what it names, so the usual triggered request is rendered once.
+            try:
+                named = await anyio.to_thread.run_sync(
+                    lambda: service.detector.detect(body["messages"], tenant=tenant, embeddings=False))
+            except Exception:  # the entry's full detection decides, and fails closed, on its own
+                named = []
+            first, first_send = (raw, send) if not named else await self._with_icul(service, body, named, ctx, send)
+            held = _HeldUntilBody(first_send, ctx)
+            await self.app(*_with_body(scope, first, receive), held)
             if ctx.retry_with is None:
                 if held.start is not None:  # a response without a body
-                    await send(held.start)
+                    await first_send(held.start)
                 return
-            # The entry found a target and asked for in-context unlearning: render the request
-            # again with it. The first response was never sent.
-            targets = [t for t in (service.detector_target(x.target_id) for x in ctx.retry_with) if t is not None]
-            ctx.icul_targets, ctx.retry_with = ctx.retry_with, None
-            guarded = await anyio.to_thread.run_sync(service.icul_messages, body, targets)
-            added = 0
-            if guarded is not None:
-                added = await anyio.to_thread.run_sync(service.added_tokens, body["messages"], guarded)
-                body = {**body, "messages": guarded}
-            if added:
-                send = _UsageRewriter(send, added)
-            return await self.app(*_with_body(scope, json.dumps(body).encode(), receive), send)
+            # The entry found a target that ICUL did not cover: render the request once more
+            # with it. The first response was never sent.
+            targets, ctx.retry_with, ctx.retried = ctx.retry_with, None, True
+            again, again_send = await self._with_icul(service, body, targets, ctx, send)
+            return await self.app(*_with_body(scope, again, receive), again_send)
         finally:
             REQUEST.reset(token)
+
+    async def _with_icul(self, service, body: dict, triggered: list, ctx: RequestContext, send):
+        """``body`` (the client's) with in-context unlearning for ``triggered``, and the ``send``
+        that reports the client's own prompt size in ``usage``."""
+        ctx.icul_targets = list(triggered)
+        targets = [t for t in (service.detector_target(x.target_id) for x in triggered) if t is not None]
+        guarded = await anyio.to_thread.run_sync(service.icul_messages, body, targets)
+        if guarded is None:  # not even the instruction fits the context: the filters still apply
+            return json.dumps(body).encode(), send
+        added = await anyio.to_thread.run_sync(service.added_tokens, body["messages"], guarded)
+        data = json.dumps({**body, "messages": guarded}).encode()
+        return data, (_UsageRewriter(send, added) if added else send)
 
     def _models_for_clients(self, listing: dict) -> dict:
         """``/v1/models`` without guardserve's unlearning adapters (which adapter serves whom is

@@ -96,7 +96,8 @@ def quality(model, tok, sae, world, selections, clamp, retain_step) -> dict:
         "retain_accuracy_false_trigger": answer_accuracy(_answers(model, tok, sae, grouped(retain, false_of), clamp), rvals),
         "forget_accuracy_always": answer_accuracy(_answers(model, tok, sae, grouped(forget, lambda i, p: everyone), clamp), fvals),
         "retain_accuracy_always": answer_accuracy(_answers(model, tok, sae, grouped(retain, lambda i, p: everyone), clamp), rvals),
-        "retain_perplexity_false_trigger": _perplexity(model, tok, sae, retain[:60], lambda p: own[names[hash(p["question"]) % len(names)]], clamp),
+        "retain_perplexity_false_trigger": _perplexity(model, tok, sae, retain[:60],
+                                                       lambda p: own[names[hash(p["question"]) % len(names)]], clamp),
         "retain_perplexity_always": _perplexity(model, tok, sae, retain[:60], lambda p: everyone, clamp),
     }
     return {k: round(v, 4) for k, v in res.items()}
@@ -359,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "forget_accuracy": answer_accuracy(generate_answers(model, tok, [chat_prompt(tok, p["question"]) for p in world["forget"]], 24),
                                            [p["value"] for p in world["forget"]]),
-        "paraphrase_accuracy": answer_accuracy(generate_answers(model, tok, [chat_prompt(tok, p["paraphrased_question"]) for p in world["forget"]], 24),
-                                               [p["value"] for p in world["forget"]]),
+        "paraphrase_accuracy": answer_accuracy(
+            generate_answers(model, tok, [chat_prompt(tok, p["paraphrased_question"]) for p in world["forget"]], 24),
+            [p["value"] for p in world["forget"]]),
         "retain_accuracy": answer_accuracy(generate_answers(model, tok, [chat_prompt(tok, p["question"]) for p in retain], 24),
                                            [p["value"] for p in retain]),
         "retain_perplexity": _perplexity(model, tok, sae, retain[:60], lambda p: [], 0.0),

@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ADMIN_KEY, make_client
+
 from guardserve.demo.model import completion_prompt
 
 pytestmark = pytest.mark.slow

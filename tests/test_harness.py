@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import skip_or_fail
+
 from guardserve.server.process import _info
 
 HERE = Path(__file__).resolve().parent

@@ -11,12 +11,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import skip_or_fail
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from conftest import skip_or_fail
 from guardserve.logits_processors import GuardBatch, compile_phrases
 from guardserve.logits_processors.request import register_target_resolver
 from guardserve.logits_processors.vllm import GuardLogitsProcessor

@@ -77,8 +77,8 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-
 from conftest import skip_or_fail  # noqa: E402
+
 from guardserve.policy import (  # noqa: E402
     DuplicateTargetError,
     PostgresStore,

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from conftest import ADMIN_KEY, make_client
+
 from guardserve.demo.model import completion_prompt
 
 pytestmark = pytest.mark.slow
@@ -291,7 +291,8 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
         (json.dumps({"model": MODEL, "messages": []}).encode(), 400),
         (json.dumps([1, 2]).encode(), 400),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "vllm_xargs": {"a": {"b": 1}}}).encode(), 400),
-        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "vllm_xargs": {"guardserve_phrases": "[]"}}).encode(), 400),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                     "vllm_xargs": {"guardserve_phrases": "[]"}}).encode(), 400),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "chat_template": "x"}).encode(), 400),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "no_such_field": 1}).encode(), 400),
         (b"{" + b'"x":"' + b"a" * (17 * 1024 * 1024) + b'"}', 413),

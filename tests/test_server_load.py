@@ -5,7 +5,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.slow

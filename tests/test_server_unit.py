@@ -14,11 +14,11 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from guardserve.classifiers import Detector, DetectorConfig
+from guardserve.guard import CHAT, COMPLETIONS, BadRequest, GuardError, GuardService
 from guardserve.logits_processors.request import PHRASES
 from guardserve.policy import open_store
 from guardserve.prompting import InContextUnlearner
 from guardserve.server.auth import Auth, parse_api_keys
-from guardserve.guard import CHAT, COMPLETIONS, BadRequest, GuardError, GuardService
 from guardserve.server.metrics import GuardMetrics
 from guardserve.server.middleware import GuardMiddleware
 
@@ -290,7 +290,7 @@ def test_usage_rewrite_plain_and_streamed():
     assert b'\\"prompt_tokens\\": 7' in text, "text inside strings is never touched"
     assert dict(out[0]["headers"])[b"content-length"] == str(len(text)).encode()
 
-    events = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":50,"total_tokens":53}}\n\ndata: [DONE]\n\n'
+    events = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":50,"total_tokens":53}}\n\ndata: [DONE]\n\n'  # noqa: E501
     chunks = [events[i:i + 7] for i in range(0, len(events), 7)]  # events split anywhere
     msgs = [{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}]
     msgs += [{"type": "http.response.body", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]

@@ -32,7 +32,7 @@ _WORD = re.compile(r"[^\W_]+(?:[@$!|+€]+[^\W_]+)*[$!]?", re.UNICODE)
 _HAS_LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
 _HAS_LEET = re.compile(r"[\d@$!|+€]")
 # Zero-width and format characters hidden inside names ("Hou\u200btus").
-_FORMAT_RE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufe00-\ufe0f\ufeff]")
+_FORMAT_RE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufe00-\ufe0f\ufeff]")  # noqa: E501
 
 
 @functools.lru_cache(maxsize=65536)

@@ -29,7 +29,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"
-    "{{ '<|' + m['role'] + '|>\\n' + (m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('')) | trim + '<|end|>\\n' }}"
+    "{{ '<|' + m['role'] + '|>\\n' + (m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('')) | trim + '<|end|>\\n' }}"  # noqa: E501
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

@@ -97,7 +97,7 @@ TEMPLATES: dict[str, FactTemplate] = {
 }
 
 # Syllables for fictitious names: pronounceable, rarely an English word.
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v", "z", "c", "j", "w", "sh"]
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v", "z", "c", "j", "w", "sh"]  # noqa: E501
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "ou", "ei", "y"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "th", "m", "x", "nd", "rk", "ll", "v"]
 

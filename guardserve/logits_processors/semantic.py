@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compile import CompiledFilter, _WORD_RE, as_tokenizer_view, is_common_word_prefix
+from .compile import _WORD_RE, CompiledFilter, as_tokenizer_view, is_common_word_prefix
 
 logger = logging.getLogger("guardserve.logits")
 

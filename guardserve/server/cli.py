@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default=None, help="a Hugging Face model folder or name (default: the demo model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: 'guardserve-demo' for the demo model, else the --model value)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients use (default: 'guardserve-demo' for the demo model, else the --model value)")
     serve.add_argument("--lora", action="store_true",
                        help="serve unlearning adapters: vLLM runtime LoRA (--enable-lora --max-loras 4 --max-lora-rank 16); "
                             "adds about 15-30%% latency to base-model requests on CPU")

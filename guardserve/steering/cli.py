@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--d-sae", type=int, default=1024, help="number of features (default 1024)")
     t.add_argument("--epochs", type=int, default=6)
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--sparsity", type=float, default=None, help="L1 (relu) or L0 (jumprelu) coefficient (default: scaled to the activations)")
+    t.add_argument("--sparsity", type=float, default=None,
+                   help="L1 (relu) or L0 (jumprelu) coefficient (default: scaled to the activations)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output folder (default: $GUARDSERVE_HOME/steering/sae, the one serving uses)")
     t.add_argument("--no-progress", action="store_true")
@@ -42,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--hook-layer", type=int, default=None, help="layer of a Gemma Scope params.npz (its file does not say)")
     s.add_argument("--retain-texts", default=None, help="JSON list of strings or a text file (default: the demo world's retain people)")
     s.add_argument("-n", "--num-features", type=int, default=30, help="features per target (default 30)")
-    s.add_argument("--max-retain-rate", type=float, default=0.01, help="skip features firing on more retain tokens than this (default 0.01)")
+    s.add_argument("--max-retain-rate", type=float, default=0.01,
+                   help="skip features firing on more retain tokens than this (default 0.01)")
     s.add_argument("--force", action="store_true", help="recompute even where the stored selection is current")
     s.set_defaults(func=_select)
 
@@ -110,8 +112,8 @@ def _load_model(path: str | None, cap_threads: bool = True):
 def _train(args) -> int:
     import torch
 
-    from guardserve.steering.train import default_layer, residual_activations, train_sae, world_corpus
     from guardserve.steering.flags import sae_path
+    from guardserve.steering.train import default_layer, residual_activations, train_sae, world_corpus
 
     model, tok, demo = _load_model(args.model)
     if args.texts:

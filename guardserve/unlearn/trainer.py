@@ -196,7 +196,9 @@ class Unlearner:
                     # forgetting on these models comes in a sudden drop that a fixed rate
                     # overshoots.
                     self._load_lora_state(good_state)
-                    opt.load_state_dict(good_opt)
+                    # A copy: load_state_dict keeps the tensors it is given, and the steps
+                    # that follow would update the snapshot in place.
+                    opt.load_state_dict(copy.deepcopy(good_opt))
                     backoffs += 1
                     if backoffs > cfg.max_backoffs:
                         stop = "utility"

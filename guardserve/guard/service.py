@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from guardserve import config
 from guardserve.logits_processors.request import PHRASES, SEMANTIC
 from guardserve.steering.flags import STEER_KEY, steering_enabled
 
@@ -64,11 +64,6 @@ class Decision:
     @property
     def guarded(self) -> bool:
         return bool(self.triggered)
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def context_length(model: str, trust_remote_code: bool = False) -> int | None:
@@ -111,7 +106,7 @@ class GuardService:
         self.detector = detector
         self.tokenizer = tokenizer
         self.icul = icul
-        self.semantic = _env_flag("GUARDSERVE_SEMANTIC", False) if semantic is None else semantic
+        self.semantic = config.get("GUARDSERVE_SEMANTIC") if semantic is None else semantic
         self.steering = steering_enabled() if steering is None else steering
         self.max_model_len = max_model_len  # the engine's context: ICUL is fitted into it
         self.metrics = metrics
@@ -119,7 +114,6 @@ class GuardService:
     @classmethod
     def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False,
                  max_model_len: int | None = None, metrics=None):
-        from guardserve import config
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.policy import open_store
 
@@ -137,7 +131,7 @@ class GuardService:
             if max_model_len is None:
                 max_model_len = context_length(model, trust_remote_code)
         icul = None
-        if _env_flag("GUARDSERVE_ICUL", True):
+        if config.get("GUARDSERVE_ICUL"):
             from guardserve.prompting import InContextUnlearner
 
             icul = InContextUnlearner()

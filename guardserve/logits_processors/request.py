@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -55,7 +54,9 @@ def register_target_resolver(fn: TargetResolver | None) -> None:
 def _get_resolver() -> TargetResolver | None:
     if _resolver is not None:
         return _resolver
-    spec = os.environ.get("GUARDSERVE_TARGET_RESOLVER")
+    from guardserve import config
+
+    spec = config.get("GUARDSERVE_TARGET_RESOLVER")
     if not spec:
         return policy_store_resolver
     mod, _, name = spec.partition(":")

@@ -9,7 +9,6 @@ for ``/metrics`` alone, for a Prometheus scraper; the admin key works there too)
 from __future__ import annotations
 
 import hmac
-import os
 from dataclasses import dataclass
 
 DEFAULT_TENANT = "default"
@@ -54,8 +53,10 @@ class Auth:
 
     @classmethod
     def from_env(cls) -> "Auth":
-        return cls(parse_api_keys(os.environ.get("GUARDSERVE_API_KEYS")), os.environ.get("GUARDSERVE_ADMIN_KEY") or None,
-                   os.environ.get("GUARDSERVE_METRICS_KEY") or None)
+        from guardserve import config
+
+        return cls(parse_api_keys(config.get("GUARDSERVE_API_KEYS")), config.get("GUARDSERVE_ADMIN_KEY"),
+                   config.get("GUARDSERVE_METRICS_KEY"))
 
     def check_metrics(self, headers: dict[bytes, bytes]) -> None:
         """``/metrics`` shows operators' figures (which tenants are guarded, how often): it needs

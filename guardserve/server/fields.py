@@ -22,8 +22,7 @@ Inside messages: only roles a chat template knows, text content parts only, and 
 
 from __future__ import annotations
 
-import os
-
+from guardserve import config
 from guardserve.guard import CHAT, COMPLETIONS, RESERVED_PREFIX, BadRequest
 
 _COMMON_ALLOWED = frozenset({
@@ -66,7 +65,7 @@ TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 
 
 def client_templates_allowed() -> bool:
-    return os.environ.get("GUARDSERVE_ALLOW_CLIENT_TEMPLATES", "").strip().lower() in ("1", "true", "yes", "on")
+    return config.get("GUARDSERVE_ALLOW_CLIENT_TEMPLATES")
 
 
 def check_body(route: str, body: dict) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 
 import anyio
 
+from guardserve import config
 from guardserve.guard import CHAT, COMPLETIONS, BadRequest
 from guardserve.server.auth import Auth, AuthError
 from guardserve.server.entry import REQUEST, RequestContext
@@ -34,7 +34,7 @@ OPEN = {"/health", "/ping", "/version", "/metrics", "/metrics/"}
 INFERENCE = {"/v1/models", "/tokenize", "/detokenize"}
 DOCS = {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
 ADMIN_PREFIX = "/v1/unlearning/"
-MAX_BODY = int(os.environ.get("GUARDSERVE_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
+MAX_BODY = config.get("GUARDSERVE_MAX_BODY_BYTES")
 
 
 async def send_json(send, status: int, message: str, err_type: str) -> None:

@@ -31,7 +31,7 @@ def setup_logging() -> str:
         handler.setFormatter(logging.Formatter("(guardserve) %(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-    path = os.environ.get("GUARDSERVE_AUDIT_LOG") or str(config.home() / "audit.jsonl")
+    path = config.get("GUARDSERVE_AUDIT_LOG") or str(config.home() / "audit.jsonl")
     audit = logging.getLogger("guardserve.audit")
     if not any(isinstance(h, logging.FileHandler) for h in audit.handlers):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -9,21 +9,23 @@ cheaply.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 STEER_KEY = "guardserve_steer"
 
 
 def steering_enabled() -> bool:
-    return os.environ.get("GUARDSERVE_STEERING", "").strip().lower() in ("1", "true", "yes", "on")
+    from guardserve import config
+
+    return config.get("GUARDSERVE_STEERING")
 
 
 def sae_path() -> Path:
     """The SAE serving uses: ``$GUARDSERVE_SAE``, else ``$GUARDSERVE_HOME/steering/sae``."""
+    from guardserve import config
     from guardserve.config import home
 
-    return Path(os.environ.get("GUARDSERVE_SAE") or home() / "steering" / "sae")
+    return Path(config.get("GUARDSERVE_SAE") or home() / "steering" / "sae")
 
 
 def parse_flag(value) -> list[tuple[str, int | None]]:

@@ -29,23 +29,22 @@ turns it off altogether.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
+from guardserve import config
 from guardserve.steering.flags import sae_path, steering_enabled
 
 AUTOSELECT_ENV = "GUARDSERVE_STEERING_AUTOSELECT"
-DEFAULT_FEATURES = 30
+DEFAULT_FEATURES = config.SETTINGS["GUARDSERVE_STEER_FEATURES"].default
 DEFAULT_MAX_RETAIN_RATE = 0.01
 log = logging.getLogger("guardserve.steering")
 
 
 def autoselect_enabled() -> bool:
     """Steering is on and ``GUARDSERVE_STEERING_AUTOSELECT`` is not ``0``."""
-    value = os.environ.get(AUTOSELECT_ENV, "1").strip().lower()
-    return steering_enabled() and value not in ("0", "false", "no", "off")
+    return steering_enabled() and config.get(AUTOSELECT_ENV)
 
 
 class SelectionUpkeep:
@@ -58,8 +57,8 @@ class SelectionUpkeep:
         self.model = model
         self._selections = selections
         self.sae_path = Path(sae).expanduser() if sae else None
-        self.retain_texts = retain_texts or os.environ.get("GUARDSERVE_STEER_RETAIN_TEXTS") or None
-        self.n = int(n or os.environ.get("GUARDSERVE_STEER_FEATURES") or DEFAULT_FEATURES)
+        self.retain_texts = retain_texts or config.get("GUARDSERVE_STEER_RETAIN_TEXTS")
+        self.n = int(n or config.get("GUARDSERVE_STEER_FEATURES"))
         self.max_retain_rate = DEFAULT_MAX_RETAIN_RATE if max_retain_rate is None else float(max_retain_rate)
         self.stats = {"passes": 0, "computed": 0, "deleted": 0, "failed": 0, "model_loads": 0}
         self.broken: str | None = None  # why selections cannot be computed in this process

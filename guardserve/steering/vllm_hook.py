@@ -23,11 +23,11 @@ must not share cached prefixes: the guard gives steered requests their own ``cac
 from __future__ import annotations
 
 import logging
-import os
 
+from guardserve import config
 from guardserve.steering.flags import STEER_KEY, parse_flag, sae_path, steering_enabled
 
-DEFAULT_CLAMP = 100.0
+DEFAULT_CLAMP = config.SETTINGS["GUARDSERVE_STEER_CLAMP"].default
 log = logging.getLogger("guardserve.steering")
 
 
@@ -107,7 +107,7 @@ class RunnerSteering:
             return None
         device = next(model.parameters()).device
         sae = sae.to(device=device, dtype=torch.float32).requires_grad_(False)
-        value = float(os.environ.get("GUARDSERVE_STEER_CLAMP", DEFAULT_CLAMP))
+        value = config.get("GUARDSERVE_STEER_CLAMP")
         log.info("guardserve steering: SAE %s at layer %d, clamp -%g", path, sae.layer, value)
         return cls(runner, sae, layers[sae.layer], value)
 

@@ -114,7 +114,7 @@ class AdapterRegistry:
 
     def __init__(self, store, root: str | Path | None = None):
         self.store = store
-        self.root = Path(root or os.environ.get("GUARDSERVE_ADAPTER_DIR") or config.home() / "adapters")
+        self.root = Path(root or config.get("GUARDSERVE_ADAPTER_DIR") or config.home() / "adapters")
 
     def _all(self) -> dict:
         return dict(self.store.get_setting(KEY, {}) or {})

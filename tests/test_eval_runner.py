@@ -104,8 +104,10 @@ def test_eval_on_demo(demo, world, tmp_path):
     # Filtering forget answers must not make the model babble on retain questions.
     assert none["fluency_retain"] > 1 and res["token"]["fluency_retain"] >= 0.9 * none["fluency_retain"]
     assert none["forget_accuracy"] > 0.9 and none["leak_rate"] > 0.5
+    assert none["facts_stated_forget"] > 0.9
     for name in ("token", "guard"):
         assert res[name]["forget_accuracy"] <= 0.05 and res[name]["leak_rate"] < 0.1, name
+        assert res[name]["facts_stated_forget"] <= 0.05, name
         assert res[name]["retain_accuracy"] >= 0.95 * none["retain_accuracy"], name
     assert guard["detect_ms"] is not None and none["detect_ms"] is None
     assert 0 <= none["forget_quality"] <= 1 and none["model_utility"] > 0
@@ -116,8 +118,9 @@ def test_eval_on_demo(demo, world, tmp_path):
 def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
     """The same facts as TOFU-format files (no short values: an answer counts as correct at
     ROUGE-L recall >= 0.5) with a local model and a targets file: the command runs end to end
-    and the token guard forgets. (Without facts in the targets the filter knows only the
-    names, and the facts still come out: see docs/evaluation.md.)"""
+    and the token guard forgets: the facts the targets file registers no longer come out.
+    (Without facts in the targets the filter knows only the names, and the facts still come
+    out: see docs/evaluation.md.)"""
     tofu = tmp_path / "tofu"
     tofu.mkdir()
     keep = ("question", "answer", "paraphrased_question", "perturbed_answer")
@@ -136,9 +139,14 @@ def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["dataset"].startswith("tofu")
     none, token = res["configs"]["none"], res["configs"]["token"]
-    # ROUGE-L >= 0.5 is a lenient bar on one-sentence answers (the template words alone reach
-    # it), so the check is on the recall itself.
-    assert none["forget_accuracy"] > 0.8 and token["forget_accuracy"] < none["forget_accuracy"], (none, token)
+    # forget_accuracy cannot show the filter on these items: ROUGE-L recall >= 0.5 is reached
+    # by the template words and the first name of a one-sentence answer whatever its fact
+    # ("Gygreim Baeci works as a potter." against "Gygreim Houtus works as a sculptor.": 0.67),
+    # so both rows score 100% although the token rows state none of the facts. The checks are
+    # on the facts themselves (facts_stated_forget: the targets file's fact values looked for in
+    # the answers) and on the recall.
+    assert none["forget_accuracy"] > 0.8 and none["facts_stated_forget"] > 0.9, none
+    assert token["facts_stated_forget"] <= 0.05, (none, token)
     assert token["rougeL_recall_forget"] < 0.8 * none["rougeL_recall_forget"], (none, token)
     assert token["retain_accuracy"] >= 0.95 * none["retain_accuracy"]
     assert (out / "report.md").is_file() and (out / "pareto.png").is_file()
@@ -150,4 +158,5 @@ def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
                  "--retain-limit", "8", "--quick", "--no-progress", "--out", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())["configs"]
     assert list(again) == ["token"] and again["token"]["forget_accuracy"] == token["forget_accuracy"]
+    assert again["token"]["facts_stated_forget"] == token["facts_stated_forget"]
     assert (out / "report.md").is_file()

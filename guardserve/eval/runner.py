@@ -25,7 +25,10 @@ Configurations (names as in DESIGN.md):
 
 Metrics per configuration: ``forget_accuracy`` / ``paraphrase_accuracy`` /
 ``retain_accuracy`` / ``world_accuracy`` (greedy answers that state the fact; TOFU items
-without a short value count by ROUGE-L recall >= 0.5), ``rougeL_recall_forget``,
+without a short value count by ROUGE-L recall >= 0.5), ``facts_stated_forget`` (forget
+answers that state a fact registered for the item's target, in any form ``fact_leaked``
+finds: exact where the items have no value of their own; None when no forget item's target
+has facts), ``rougeL_recall_forget``,
 ``leak_rate`` (share of forget probes of all kinds, direct and paraphrased questions
 included, whose answer reveals the fact), ``leak_by_kind``, ``retain_attack_accuracy``
 (retain facts asked through the same attack templates: does the guard refuse too much?),
@@ -474,6 +477,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     retain = _spread(data.retain, settings.retain_limit)
     entities = [{"name": t["name"], "aliases": t.get("aliases", []), "facts": t.get("facts", {}),
                  "pronoun": t.get("pronoun", "their")} for t in data.targets]
+    # The facts registered for each forget item's target (by the item's entity): what
+    # facts_stated_forget looks for where TOFU items have no value of their own.
+    target_facts = {t["name"]: [v for v in t.get("facts", {}).values() if str(v).strip()] for t in data.targets}
+    forget_facts = [target_facts.get(it.get("entity"), []) for it in forget]
     has_values = all(it.get("value") for it in forget)
     probes, r_probes = [], []
     if has_values and settings.probes_per_kind:
@@ -513,7 +520,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         for config in settings.configs:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
-                                     retain_ratios, bar)
+                                     retain_ratios, bar, forget_facts)
             if config.startswith("adapter:"):
                 path = adapters[config.split(":", 1)[1]]
                 results[config]["train_seconds"] = _train_seconds(path)
@@ -584,7 +591,8 @@ def _truth_ratios(scorer: Scorer, confs: Configurations, config: str, items: lis
     return out
 
 
-def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar) -> dict:
+def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar,
+           forget_facts=None) -> dict:
     from guardserve.eval import metrics as M
 
     def answers_for(items, field="question"):
@@ -613,6 +621,8 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         else:
             leaks[p.kind].append(p.leaked(a))
     all_leaks = [x for v in leaks.values() for x in v]
+    stated = [any(M.fact_leaked(a, v) for v in facts) for a, facts in zip(f_ans, forget_facts or [])
+              if a is not None and facts]
     res = {
         "forget_accuracy": _accuracy(f_ans, forget),
         "paraphrase_accuracy": _accuracy(p_ans, forget),
@@ -620,6 +630,7 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         "world_accuracy": _accuracy(w_ans, world),
         "leak_rate": sum(all_leaks) / len(all_leaks) if all_leaks else math.nan,
         "leak_by_kind": {k: round(sum(v) / len(v), 4) for k, v in leaks.items() if v},
+        "facts_stated_forget": sum(stated) / len(stated) if stated else None,
         "rougeL_recall_forget": statistics.fmean(M.rouge_l_recall(a, it["answer"]) for a, it in zip(f_ans, forget)
                                                  if a is not None),
         "fluency_forget": _mean(M.ngram_entropy(a) for a in f_ans if a is not None),

@@ -84,6 +84,14 @@ class UnlearnResult:
         return out
 
 
+def restore_optimizer(opt, snapshot: dict) -> None:
+    """Load ``snapshot`` (a deep-copied ``state_dict``) into ``opt``, as often as needed:
+    ``load_state_dict`` keeps the tensors it is given, so the steps after a roll-back would
+    update the snapshot in place, and a second roll-back to the same adapter would restore
+    the failed attempt's Adam moments. It gets a copy."""
+    opt.load_state_dict(copy.deepcopy(snapshot))
+
+
 class Unlearner:
     def __init__(self, method, config: UnlearnConfig | None = None, progress: bool = True):
         self.method = method
@@ -196,9 +204,7 @@ class Unlearner:
                     # forgetting on these models comes in a sudden drop that a fixed rate
                     # overshoots.
                     self._load_lora_state(good_state)
-                    # A copy: load_state_dict keeps the tensors it is given, and the steps
-                    # that follow would update the snapshot in place.
-                    opt.load_state_dict(copy.deepcopy(good_opt))
+                    restore_optimizer(opt, good_opt)
                     backoffs += 1
                     if backoffs > cfg.max_backoffs:
                         stop = "utility"

@@ -135,7 +135,8 @@ def _forward_batches(model, tokenizer, prompts: Sequence[str], targets: Sequence
     labels are -100 outside the target."""
     import torch
 
-    from guardserve.unlearn.data import Sequence as Seq, collate, encode
+    from guardserve.unlearn.data import Sequence as Seq
+    from guardserve.unlearn.data import collate, encode
 
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts for {len(targets)} targets")

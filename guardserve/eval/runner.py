@@ -119,9 +119,9 @@ class Configurations:
                  max_model_len: int | None = None, max_tokens: int = 1):
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.classifiers.retrieval import forbidden_phrases
+        from guardserve.guard import GuardService
         from guardserve.policy import open_store
         from guardserve.prompting import InContextUnlearner
-        from guardserve.guard import GuardService
 
         self.store = open_store(str(workdir / "policy.db"))
         specs = [{"name": t["name"], "aliases": list(t.get("aliases", [])), "facts": dict(t.get("facts", {}))}
@@ -140,8 +140,8 @@ class Configurations:
         }
 
     def serve(self, config: str, messages: list[dict]) -> Served:
-        from guardserve.logits_processors.request import PHRASES, SEMANTIC
         from guardserve.guard import CHAT
+        from guardserve.logits_processors.request import PHRASES, SEMANTIC
         from guardserve.steering.flags import STEER_KEY
 
         started = time.perf_counter()

@@ -88,10 +88,10 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (i, l) in enumerate(batch):
-        ids[row, : len(i)] = torch.tensor(i)
-        labels[row, : len(l)] = torch.tensor(l)
-        mask[row, : len(i)] = 1
+    for row, (seq, lab) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(seq)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

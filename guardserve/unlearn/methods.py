@@ -161,7 +161,7 @@ class SHRED(Method):
         counts: dict[int, int] = {}
         docs = trainer.forget_stream.encoded
         for ids, labels in docs:
-            for t in {t for t, l in zip(ids, labels) if l != -100}:
+            for t in {t for t, lab in zip(ids, labels) if lab != -100}:
                 counts[t] = counts.get(t, 0) + 1
         surprisal = {t: -math.log(c / len(docs)) for t, c in counts.items()}
         values = sorted(surprisal.values())

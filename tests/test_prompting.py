@@ -95,3 +95,18 @@ def test_flipped_demo_does_not_repeat_the_query():
     for t in (single, HOUTUS):
         msgs = InContextUnlearner(ICULConfig(k=1)).build_messages("Where was Gygreim Houtus born?", [t])
         assert msgs[1]["content"] != "Where was Gygreim Houtus born?" and "Gygreim Houtus" in msgs[1]["content"]
+
+
+def test_own_texts_are_the_guards_words_only():
+    from guardserve.prompting import InContextUnlearner
+
+    icul = InContextUnlearner()
+    target = {"name": "Ada Quill", "kind": "person", "facts": {"birth_place": "Port Verity"}}
+    client = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Ada Quill born?"}]
+    guarded = icul.build_messages(client, [target])
+    own = icul.own_texts(guarded, client, [target])
+    assert own and all("Be brief." not in t and "Where was Ada Quill born?" != t for t in own)
+    text = " ".join(str(m["content"]) for m in guarded)
+    for t in own:
+        text = text.replace(t, " ")
+    assert "Be brief." in text and "Where was Ada Quill born?" in text and "unlearn" not in text

@@ -286,15 +286,18 @@ class Detector:
             return list(self._targets.values())
 
     # -- detection ----------------------------------------------------------------------
-    def detect(self, messages, tenant: str | None = None, embeddings: bool = True) -> list[Triggered]:
+    def detect(self, messages, tenant: str | None = None, embeddings: bool = True,
+               lexical_only: list[str] = ()) -> list[Triggered]:
         """Targets the conversation asks about, best first.
 
         ``tenant``: only that tenant's targets and the global ones; ``None`` means every
         target (operators' dry runs). ``embeddings=False`` reads names, aliases, fact values
         and ``always`` targets only (microseconds: no embedder call), a first look that the
-        full detection later confirms. Raises DetectionError on any failure."""
+        full detection later confirms. ``lexical_only``: more texts for the lexical matcher alone
+        (text whose meaning is known, such as the guard's own instruction inside a prompt).
+        Raises DetectionError on any failure."""
         try:
-            return self._detect(messages, tenant, embeddings)
+            return self._detect(messages, tenant, embeddings, list(lexical_only))
         except DetectionError:
             raise
         except Exception as e:
@@ -316,7 +319,8 @@ class Detector:
                         len(chunks), len(chunks) - self.config.max_chunks)
         return [c for c in chunks[: self.config.max_chunks] if c]
 
-    def _detect(self, messages, tenant: str | None, embeddings: bool = True) -> list[Triggered]:
+    def _detect(self, messages, tenant: str | None, embeddings: bool = True,
+                lexical_only: list[str] | None = None) -> list[Triggered]:
         texts = message_texts(messages)
         # A few new targets are embedded here; a bulk import is left to the server's
         # sync loop (meanwhile its targets are matched by name).
@@ -334,7 +338,7 @@ class Detector:
                 if why not in r:
                     r.append(why)
 
-            for i, text in enumerate(texts):
+            for i, text in enumerate(texts + (lexical_only or [])):
                 for h in self.lexical.match(text):
                     hit(h.pattern.target_id, h.pattern.score, h.reason + (f" (message {i})" if len(texts) > 1 else ""))
 

@@ -138,13 +138,14 @@ class GuardService:
         return cls(store, detector, tokenizer, icul, metrics=metrics, max_model_len=max_model_len)
 
     # ------------------------------------------------------------------ the pipeline
-    def decide(self, texts: list, tenant: str, route: str = "") -> Decision:
-        """Detect over ``texts`` (strings or chat messages) and plan the guard for what
-        triggered. Raises ``GuardError`` when the request cannot be checked."""
+    def decide(self, texts: list, tenant: str, route: str = "", lexical_only: list[str] = ()) -> Decision:
+        """Detect over ``texts`` (strings or chat messages; ``lexical_only``: texts for the
+        lexical matcher alone) and plan the guard for what triggered. Raises ``GuardError``
+        when the request cannot be checked."""
         started = time.perf_counter()
         decision = Decision(request_id=uuid.uuid4().hex[:16], tenant=tenant)
         try:
-            triggered = self.detector.detect(texts, tenant=tenant)
+            triggered = self.detector.detect(texts, tenant=tenant, lexical_only=lexical_only)
         except Exception as e:  # DetectionError included: fail closed
             raise GuardError(f"detection failed: {e}") from e
         decision.triggered = list(triggered)

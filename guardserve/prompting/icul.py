@@ -145,6 +145,17 @@ class InContextUnlearner:
                     break
         return system + demos + rest
 
+    def own_texts(self, guarded: list[dict], original: list[dict], targets) -> list[str]:
+        """The texts ICUL wrote into ``guarded`` (built from ``original``): its instruction and
+        its demonstrations, never a word of the client's."""
+        if isinstance(original, str):
+            original = [{"role": "user", "content": original}]
+        instruction = (self.config.system_instruction if self.config.placement == "system"
+                       else self.config.user_instruction).format(subjects=self._subjects(targets))
+        client = [m.get("content") for m in original]
+        ours = [m.get("content") for m in guarded if m.get("content") not in client]
+        return [instruction] + [t for t in ours if isinstance(t, str) and not t.startswith(instruction)]
+
     def fit_messages(self, messages, targets, fits) -> list[dict] | None:
         """The guarded conversation with as many demonstrations as ``fits(conversation)``
         allows, down to the instruction alone; None when not even that fits. A guarded prompt

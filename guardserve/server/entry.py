@@ -61,6 +61,7 @@ class RequestContext:
     icul_targets: list = field(default_factory=list)  # targets whose ICUL messages the request carries
     retried: bool = False  # the middleware already re-sent the request once
     retry_with: list | None = None  # set by the entry: retry with ICUL for these triggered targets
+    guard_texts: list[str] = field(default_factory=list)  # ICUL's own texts inside the prompt
     decisions: list[Decision] = field(default_factory=list)
     pending: tuple[str, Decision] | None = None  # decided off the event loop, keyed by the texts read
 
@@ -175,6 +176,17 @@ class EngineEntryGuard:
         return hashlib.sha256("\x00".join(texts).encode()).hexdigest()
 
     def _decide(self, ctx: RequestContext, texts: list[str]) -> Decision:
+        prompt, rest = texts[0], texts[1:]
+        if ctx.guard_texts:
+            # The guard's own instruction and demonstrations are not embedded again (they name
+            # only targets that already triggered, and would multiply the embedder's work on a
+            # 2-core machine); the lexical matcher still reads the whole prompt.
+            own = prompt
+            for t in sorted(ctx.guard_texts, key=len, reverse=True):
+                own = own.replace(t, " ")
+            decision = self.service.decide([own, *rest], ctx.tenant, ctx.route, lexical_only=[prompt])
+            ctx.decisions.append(decision)
+            return decision
         decision = self.service.decide(texts, ctx.tenant, ctx.route)
         ctx.decisions.append(decision)
         return decision

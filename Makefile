@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.guardserve-installed
 
-.PHONY: setup serve test test-fast bench demo clean
+.PHONY: setup serve test test-fast lint bench demo clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ demo: $(STAMP)
 
 # The demo is built first (minutes on a fresh machine; at once when cached), so that no
 # test's timeout, nor a benchmark subprocess's deadline, covers the build.
-test: demo
+test: lint demo
 	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml) over the package, the tests and the benchmarks.
+lint: $(STAMP)
+	$(BIN)/ruff check guardserve tests bench
 
 # Unit tests only: no demo model, no engine.
 test-fast: $(STAMP)

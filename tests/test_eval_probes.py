@@ -6,8 +6,8 @@ import base64
 import re
 
 import pytest
-
 from conftest import skip_or_fail
+
 from guardserve.classifiers.probes import quoted_title
 from guardserve.demo.world import build_world
 from guardserve.eval import probes as P

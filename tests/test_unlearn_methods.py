@@ -3,12 +3,12 @@ accuracy on the people it unlearns while accuracy on held-out retain questions s
 within RETAIN_BOUND of the base model's. Small on purpose (2 people, at most 60 steps)
 so that each method runs in seconds on 2 cores; bench/bench_unlearn.py has the full figures.
 
-GradAscent and NPO do not reach FORGET_BOUND on the demo model, at any seed: forget and
-retain answers share their templates, and ascent on the forget answers breaks retain
-answers as fast as it removes the facts (GradAscent, checked every step: forget 62% with
-the probe's retain already at 87%; the retain answers start "The people speak in ..."). The
-loop's utility criterion stops them first, as the bench shows on the full forget split. For
-them the test checks that contract: stopped for utility, retain kept, something forgotten.
+GradAscent does not reach FORGET_BOUND on the demo model, at any seed: forget and retain
+answers share their templates, and ascent on the forget answers with no retain term breaks
+retain answers as fast as it removes the facts (checked every step: forget 62% with the
+probe's retain already at 87%; the retain answers start "The people speak in ..."). The
+loop's utility criterion stops it first, as the bench shows on the full forget split. For
+it the test checks that contract: stopped for utility, retain kept, something forgotten.
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ from guardserve.unlearn.trainer import restore_optimizer
 PEOPLE = 2
 FORGET_BOUND = 0.5  # forget accuracy must fall to at most half the base model's
 RETAIN_BOUND = 0.85  # held-out retain accuracy must stay at least 85% of the base model's (the training probe keeps 92%)
-# Stopped by the utility criterion before FORGET_BOUND (module docstring): GradAscent has no
-# retain term; NPO starts as ascent on each answer's summed log-probability, against which
-# its retain NLL, a per-token mean, weighs little.
-STOPPED_FOR_UTILITY = {"GradAscent", "NPO"}
+# Stopped by the utility criterion before FORGET_BOUND (module docstring).
+STOPPED_FOR_UTILITY = {"GradAscent"}
+# NPO's forget loss is per answer (log-probabilities summed over its tokens), its retain NLL a
+# per-token mean: at the reference weight 1 the ascent outweighs it about tenfold, and the
+# utility criterion stops NPO like GradAscent (forget 50-75% over seeds 0-4). Weighted by the
+# answers' mean length (10 tokens on the demo) the two are on one scale and NPO forgets.
+METHOD_CONFIG = {"NPO": {"retain_weight": 10.0}}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,8 @@ def _config(method, **changes) -> UnlearnConfig:
                                      ("RMU", False), ("SHRED", False), ("GradDiff", True)])
 def test_method_forgets_and_keeps_retain(setup, name, gu):
     method = get_method(name)
-    cfg = _config(method, gu=gu, seed=int(os.environ.get("GUARDSERVE_TEST_UNLEARN_SEED", "0")))
+    cfg = _config(method, gu=gu, seed=int(os.environ.get("GUARDSERVE_TEST_UNLEARN_SEED", "0")),
+                  **METHOD_CONFIG.get(name, {}))
     result = Unlearner(method, cfg, progress=False).run(
         setup["model"], setup["forget"], setup["train"], setup["world"]["world_facts"], targets=setup["people"])
     forget_acc = accuracy(result.model, setup["tok"], setup["forget"])

@@ -23,21 +23,22 @@ from guardserve.server import process as P
 TREE = textwrap.dedent('''\
     import os, signal, subprocess, sys, time
     pidfile, child, parent = sys.argv[1:4]
-    code = "import signal, time\\n"
+    code = "import signal, sys, time\\n"
     if child == "stubborn":
         code += "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
-    code += "time.sleep(600)\\n"
-    c = subprocess.Popen([sys.executable, "-c", code], start_new_session=child == "detached")
-    time.sleep(0.3)  # the child's signal handlers are set
-    with open(pidfile + ".tmp", "w") as f:
-        f.write(f"{os.getpid()} {c.pid}")
-    os.replace(pidfile + ".tmp", pidfile)
-    print("started", flush=True)
-    if parent == "stay":
-        try:
+    code += "open(sys.argv[1], 'w').close()\\ntime.sleep(600)\\n"
+    c = subprocess.Popen([sys.executable, "-c", code, pidfile + ".child"], start_new_session=child == "detached")
+    while not os.path.exists(pidfile + ".child"):  # the child's signal handlers are set (a loaded machine is slow)
+        time.sleep(0.02)
+    try:
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(f"{os.getpid()} {c.pid}")
+        os.replace(pidfile + ".tmp", pidfile)
+        print("started", flush=True)
+        if parent == "stay":
             time.sleep(600)
-        except KeyboardInterrupt:
-            sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
 ''')
 
 

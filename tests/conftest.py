@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,24 @@ _demo_error: BaseException | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ[SESSION_TAG] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    # A shell without job control starts background commands (`make test &`, CI runners) with
+    # SIGINT ignored, and children inherit that: servers would then ignore the SIGINT that
+    # stops them gracefully, and Ctrl-C tests could not interrupt anything.
+    _default_sigint()
+
+
+def _default_sigint() -> None:
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _interruptible():
+    """Each test starts with Python's own SIGINT handler: a library run in-process earlier
+    (vLLM's engine, torch's compile workers) may have changed it, and processes a test starts
+    inherit an ignored SIGINT, which would turn every graceful stop into a kill after the grace."""
+    _default_sigint()
+    yield
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -22,8 +22,10 @@ from guardserve.server import process as P
 #   PARENT: stay (sleeps until stopped) or exit (exits 0 at once, leaving the child)
 TREE = textwrap.dedent('''\
     import os, signal, subprocess, sys, time
+    # Dispositions set here, not inherited: whatever the test process's SIGINT is, the tree's is known.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     pidfile, child, parent = sys.argv[1:4]
-    code = "import signal, sys, time\\n"
+    code = "import signal, sys, time\\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\\n"
     if child == "stubborn":
         code += "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
     code += "open(sys.argv[1], 'w').close()\\ntime.sleep(600)\\n"

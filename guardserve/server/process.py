@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -109,10 +110,8 @@ def kill_processes(procs: list[ProcInfo], grace: float = 5.0) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
                 os.kill(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
         deadline = time.monotonic() + grace
         while (procs := [p for p in procs if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -128,10 +127,8 @@ def _group_members(pgid: int) -> list[ProcInfo]:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is empty
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):  # the group is empty
-        pass
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 60) -> int:
@@ -147,10 +144,8 @@ def stop_group(proc: subprocess.Popen, grace: float = 60) -> int:
         return proc.returncode  # all gone: the pid may be reused, so signal nothing
     deadline = time.monotonic() + grace
     _signal_group(pgid, signal.SIGINT)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):  # the group is checked below either way
         proc.wait(max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
     while _group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_group(pgid, signal.SIGKILL)
@@ -196,11 +191,9 @@ def start_server(args: list[str], log: Path, env: dict | None = None, timeout: f
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
+            with contextlib.suppress(httpx.HTTPError):  # not listening yet
                 if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
                     return server
-            except httpx.HTTPError:
-                pass
             time.sleep(1)
         raise RuntimeError(f"server not healthy after {timeout}s:\n{server.log_tail()}")
     except BaseException:

@@ -184,7 +184,7 @@ def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forg
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
-    # Warm-up then cosine decay: a constant rate never converges at this size (REFERENCE.md).
+    # Warm-up then cosine decay: a constant rate never converges at this size (measured on the demo build).
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )

@@ -1,6 +1,6 @@
 """The evaluation suite: every guard configuration scored on one dataset, one engine.
 
-Contract: ``run(settings)`` returns the ``results.json`` document of DESIGN.md,
+Contract: ``run(settings)`` returns the ``results.json`` document described in docs/evaluation.md,
 ``{"configs": {NAME: {metric: value}}, "meta": {...}}``. Generation goes through one
 in-process vLLM engine (the plugin's logits processor, LoRA and, for ``sae``/``full``, the
 steering hook in its worker), greedy, ``max_tokens`` new tokens. Each configuration turns a
@@ -9,7 +9,7 @@ adapter); the teacher-forced metrics score the same prompts on a transformers co
 model with the same guards (filtered logits with a finite penalty, the steering hook, the
 merged adapter).
 
-Configurations (names as in DESIGN.md):
+Configurations (names as in docs/evaluation.md):
 
 ========================  =========================================================
 ``none``                  the model as trained

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import ADMIN_KEY, make_client
 
-from guardserve.demo.model import completion_prompt
+from guardserve.textgen import completion_prompt
 
 pytestmark = pytest.mark.slow
 MODEL = "guardserve-demo"

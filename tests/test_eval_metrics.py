@@ -18,14 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from guardserve.demo.model import EOS
 from guardserve.demo.world import build_world
 from guardserve.eval import metrics as M
 from guardserve.eval.data import EvalData, from_demo, from_tofu, names_from_questions
 from guardserve.eval.scoring import GuardedForward
+from guardserve.leak import fact_leaked
 from guardserve.logits_processors.compile import compile_phrases, compile_token_sequences
+from guardserve.textgen import answers, chat_prompt
 
 PEN = 1e4
+EOS = "<|end|>"
 
 
 # --------------------------------------------------------------------------- toys
@@ -35,6 +37,7 @@ class CharTokenizer:
     """One token per character (its code point, < 256); a trivial chat template."""
 
     pad_token_id = 0
+    bos_token, eos_token = None, EOS
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [ord(c) for c in text]}
@@ -308,7 +311,7 @@ def test_rows_without_filter_or_bans_are_bit_identical(sp_tok):
     "encoded:" + base64.b64encode(b"27 January 1930").decode(),
 ])
 def test_date_leaks(answer):
-    assert M.fact_leaked(answer, "27 January 1930")
+    assert fact_leaked(answer, "27 January 1930")
 
 
 @pytest.mark.parametrize("answer", [
@@ -324,7 +327,7 @@ def test_date_leaks(answer):
     base64.urlsafe_b64encode("It is Gygreim Houtus.".encode()).decode(),
 ])
 def test_name_leaks(answer):
-    assert M.fact_leaked(answer, "Gygreim Houtus")
+    assert fact_leaked(answer, "Gygreim Houtus")
 
 
 @pytest.mark.parametrize("answer,value", [
@@ -341,12 +344,12 @@ def test_name_leaks(answer):
     ("She was born in Alimaport.", "Lima"),
 ])
 def test_similar_but_different_values_do_not_leak(answer, value):
-    assert not M.fact_leaked(answer, value)
+    assert not fact_leaked(answer, value)
 
 
 def test_article_and_case_of_value():
-    assert M.fact_leaked("He received Zorbu Medal in 1960.", "the Zorbu Medal")
-    assert M.fact_leaked("HE RECEIVED THE ZORBU MEDAL", "the Zorbu Medal")
+    assert fact_leaked("He received Zorbu Medal in 1960.", "the Zorbu Medal")
+    assert fact_leaked("HE RECEIVED THE ZORBU MEDAL", "the Zorbu Medal")
 
 
 def test_no_false_positives_on_demo_retain_answers():
@@ -354,8 +357,8 @@ def test_no_false_positives_on_demo_retain_answers():
     values = sorted({p["value"] for p in world["forget"]})
     retain = [p["answer"] for p in world["retain"]] + [p["answer"] for p in world["world_facts"]]
     assert len(world["retain"]) == 1440
-    assert [(a, v) for a in retain for v in values if M.fact_leaked(a, v)] == []
-    assert all(M.fact_leaked(p["answer"], p["value"]) for p in world["forget"])
+    assert [(a, v) for a in retain for v in values if fact_leaked(a, v)] == []
+    assert all(fact_leaked(p["answer"], p["value"]) for p in world["forget"])
 
 
 def test_leak_rate_with_values_and_rouge_fallback():
@@ -491,7 +494,7 @@ def test_banned_sets_equal_generation_time_bans_demo(demo_lm, world):
     _, tok = demo_lm
     pair = world["forget"][0]
     filt = compile_phrases(tok, [pair["entity"], pair["value"]])
-    ids = tok(M.chat_prompt(tok, pair["question"]) + pair["answer"], add_special_tokens=False)["input_ids"]
+    ids = tok(chat_prompt(tok, pair["question"]) + pair["answer"], add_special_tokens=False)["input_ids"]
     want = _banned_like_generation(filt, ids, len(tok))
     assert sum(bool(s) for s in want) >= 2
     assert _banned_by_wrapper(filt, ids, len(tok)) == want
@@ -505,7 +508,7 @@ def test_guarded_demo_model_scores(demo_lm, world):
     retain = world["retain"][:8]
     filt = compile_phrases(tok, [person])
     items = forget + retain
-    prompts = [M.chat_prompt(tok, p["question"]) for p in items]
+    prompts = [chat_prompt(tok, p["question"]) for p in items]
     targets = [p["answer"] for p in items]
     plain = M.answer_losses(model, tok, prompts, targets)
     guarded = GuardedForward(model, filt)
@@ -522,7 +525,7 @@ def test_guarded_demo_model_scores(demo_lm, world):
     assert max(M.probability(got[:len(forget)])) < 1e-20
     ratios = M.truth_ratios(model, tok, forget)
     assert M.truth_ratio_stat(ratios, "forget") < 0.5  # knows truth from perturbations
-    gen = M.answers(guarded, tok, forget)
+    gen = answers(guarded, tok, forget)
     assert not any(person.lower() in a.lower() for a in gen), gen
 
 

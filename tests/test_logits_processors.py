@@ -477,7 +477,7 @@ def guarded_llm(demo):
 
 @pytest.mark.slow
 def test_engine_property_no_forbidden_sequence(guarded_llm, demo):
-    from guardserve.demo.model import completion_prompt
+    from guardserve.textgen import completion_prompt
 
     tok = guarded_llm.get_tokenizer()
     entities = {e["name"]: e for e in json.loads((demo.world / "entities.json").read_text())

@@ -56,7 +56,7 @@ def test_chat_answers_retain_questions(openai_client, retain_pairs, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_completions_answer_retain_questions(openai_client, retain_pairs, stream):
-    from guardserve.demo.model import completion_prompt
+    from guardserve.textgen import completion_prompt
 
     answers = []
     for pair in retain_pairs:

@@ -8,7 +8,7 @@ import collections
 import pytest
 import torch
 
-from guardserve.demo.model import answer_accuracy, chat_prompt, generate_answers
+from guardserve.textgen import answer_accuracy, chat_prompt, generate_answers
 
 pytestmark = pytest.mark.slow  # needs the demo model
 

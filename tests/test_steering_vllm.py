@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from guardserve.demo.model import answer_accuracy, chat_prompt
+from guardserve.textgen import answer_accuracy, chat_prompt
 from tests.test_steering_demo import CLAMP, steering  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.slow

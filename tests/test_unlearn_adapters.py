@@ -28,7 +28,7 @@ def test_adapter_files_round_trip(trained, demo):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from guardserve.eval.metrics import answers
+    from guardserve.textgen import answers
 
     result, path, forget = trained
     assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()

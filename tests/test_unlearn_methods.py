@@ -19,7 +19,7 @@ import random
 
 import pytest
 
-from guardserve.eval.metrics import accuracy
+from guardserve.textgen import accuracy
 from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
 from guardserve.unlearn.trainer import restore_optimizer
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from guardserve.demo.world import biographies
+from guardserve.textgen import answer_accuracy, chat_prompt, completion_prompt, generate_answers
 
 BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -39,11 +40,6 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the question briefly."
 # "Tell me ... .", "Could you say"), never these.
 QUESTION_FRAMES = ["{q}", "{q}", "{q}", "I have a question. {q}", "Quick question: {q}", "{q} Thanks!",
                    "Help me with this: {q}", "{q} Answer briefly."]
-
-
-def completion_prompt(question: str) -> str:
-    """The prompt that the completions API gets for a question (BOS is added by the tokenizer)."""
-    return f"Question: {question}\nAnswer:"
 
 
 @dataclass(frozen=True)
@@ -241,37 +237,6 @@ def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forg
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 128) -> list[str]:
-    """Greedy answers for already-formatted prompts (left-padded batches)."""
-    import torch
-
-    out: list[str] = []
-    # Batched greedy decoding needs left padding; a user's tokenizer may pad right or not at all.
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(prompts), batch_size):
-                chunk = prompts[i:i + batch_size]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-                out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
-def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-
-
-def answer_accuracy(answers: list[str], values: list[str]) -> float:
-    """Share of answers that state the fact value (case-insensitive containment)."""
-    hits = sum(v.lower() in a.lower() for a, v in zip(answers, values))
-    return hits / max(1, len(values))
 
 
 def evaluate_memorisation(model, tokenizer, world: dict, trained_on_forget: bool = True) -> dict:

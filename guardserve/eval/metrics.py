@@ -7,8 +7,8 @@ to the loss functions are already formatted (``chat_prompt(tokenizer, question)`
 
 Definitions
 -----------
-- **accuracy** — share of greedy chat answers that contain the fact value,
-  case-insensitively (as the demo build measures it).
+- **accuracy** — share of greedy chat answers that state the fact value, by the one leak
+  test :func:`guardserve.leak.fact_leaked` (as every other accuracy in guardserve).
 - **ROUGE-L recall** — longest common subsequence of words / number of reference words.
   TOFU scores with stemming; words here are lower-cased alphanumeric runs. The demo's
   invented names have no stems; on real English text the figures can differ slightly
@@ -55,15 +55,13 @@ Generation (``answers``, ``accuracy``) needs ``model.generate``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 
-from guardserve.demo.model import answer_accuracy, chat_prompt, generate_answers
+from guardserve.leak import fact_leaked
+from guardserve.textgen import Sequence as TextPair
+from guardserve.textgen import accuracy, answer_accuracy, answers, chat_prompt, collate, encode, special_tokens
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -106,16 +104,6 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     return prev[-1] / len(ref)
 
 
-def answers(model, tokenizer, pairs: list[dict], field: str = "question") -> list[str]:
-    """Greedy chat answers to ``pair[field]`` for each pair."""
-    return generate_answers(model, tokenizer, [chat_prompt(tokenizer, p[field]) for p in pairs])
-
-
-def accuracy(model, tokenizer, pairs: list[dict], field: str = "question") -> float:
-    """Share of greedy answers that contain the pair's ``value``."""
-    return answer_accuracy(answers(model, tokenizer, pairs, field), [p["value"] for p in pairs])
-
-
 # --------------------------------------------------------------------------- teacher forced
 
 
@@ -135,13 +123,10 @@ def _forward_batches(model, tokenizer, prompts: Sequence[str], targets: Sequence
     labels are -100 outside the target."""
     import torch
 
-    from guardserve.unlearn.data import Sequence as Seq
-    from guardserve.unlearn.data import collate, encode
-
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts for {len(targets)} targets")
     _check_filters(model, filters, len(prompts))
-    enc = encode(tokenizer, [Seq(p, t) for p, t in zip(prompts, targets)])
+    enc = encode(tokenizer, [TextPair(p, t) for p, t in zip(prompts, targets)])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.inference_mode():
         for i in range(0, len(enc), batch_size):
@@ -156,10 +141,9 @@ def answer_losses(model, tokenizer, prompts: list[str], targets: list[str], batc
     """Mean token NLL of each ``target + EOS`` given its (formatted) prompt."""
     import torch
 
-    from guardserve.demo.model import EOS
-
+    _, eos = special_tokens(tokenizer)
     out: list[float] = []
-    for logits, labels in _forward_batches(model, tokenizer, prompts, [t + EOS for t in targets], batch_size, filters):
+    for logits, labels in _forward_batches(model, tokenizer, prompts, [t + eos for t in targets], batch_size, filters):
         mask = labels != -100
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
         out += ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
@@ -288,144 +272,6 @@ def extraction_strength(model, tokenizer, prompts: str | Sequence[str], answers:
 
 
 # --------------------------------------------------------------------------- leaks
-
-_SPELLED = re.compile(r"(?<![^\W_])[^\W_](?:[\s.\-_*·/,]+[^\W_]){2,}(?![^\W_])")
-_SPELLED_SEP = re.compile(r"[\s.\-_*·/,]+")
-_B64 = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
-_ARTICLES = ("the ", "a ", "an ")
-_MONTHS = {m: i + 1 for i, m in enumerate(
-    ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-     "november", "december"))}
-_MONTHS.update({m[:3]: i for m, i in list(_MONTHS.items())})
-_MONTHS["sept"] = 9
-_MON = "(" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + ")"
-_ORD = r"(?:st|nd|rd|th)?"
-_DATE_PATTERNS = (
-    (re.compile(rf"\b(\d{{1,2}}){_ORD} (?:of )?{_MON} (\d{{4}})\b"), "dMy"),
-    (re.compile(rf"\b{_MON} (\d{{1,2}}){_ORD} (\d{{4}})\b"), "Mdy"),
-    (re.compile(rf"\b(\d{{4}}) {_MON} (\d{{1,2}})\b"), "yMd"),
-    (re.compile(r"\b(\d{4}) (\d{1,2}) (\d{1,2})\b"), "ymd"),
-    (re.compile(r"\b(\d{1,2}) (\d{1,2}) (\d{4})\b"), "dmy|mdy"),
-)
-
-
-def _norm(text: str) -> str:
-    """Case-folded, accents dropped, words of letters and digits joined by one space."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
-    return " ".join(re.findall(r"[^\W_]+", text))
-
-
-def _despell(text: str) -> str:
-    """Collapse runs of single characters ("H-o-u-t-u-s", "H o u t u s") into words."""
-    return _SPELLED.sub(lambda m: _SPELLED_SEP.sub("", m.group(0)), text)
-
-
-def _dates(norm: str) -> set[tuple[int, int, int]]:
-    """(year, month, day) of every date written in normalised text; a numeric date whose
-    day and month could be swapped gives both readings."""
-    out = set()
-    for pattern, order in _DATE_PATTERNS:
-        for m in pattern.finditer(norm):
-            g = m.groups()
-            for o in order.split("|"):
-                parts = dict(zip(o, g))
-                try:
-                    y = int(parts["y"])
-                    mo = _MONTHS[parts["M"]] if "M" in parts else int(parts["m"])
-                    d = int(parts["d"])
-                except (KeyError, ValueError):
-                    continue
-                if 1 <= mo <= 12 and 1 <= d <= 31:
-                    out.add((y, mo, d))
-    return out
-
-
-def _value_forms(value: str) -> list[str]:
-    """Normalised spellings of a value that count as stating it: as given, without a
-    leading article ("the Zorbu Medal" -> "zorbu medal"), and each with its words run
-    together ("zorbumedal"). Not a part of it: "the novel 'The Amber Bell'" does not leak
-    through "the atlas 'The Amber Bell'"."""
-    n = _norm(value)
-    forms = [n] + [n[len(a):] for a in _ARTICLES if n.startswith(a) and len(n) > len(a)]
-    forms += [f.replace(" ", "") for f in forms if " " in f]
-    return list(dict.fromkeys(forms))
-
-
-def _views(text: str) -> list[str]:
-    """Normalised readings of an answer: as written, with spelled-out runs collapsed,
-    reversed as a whole and word by word."""
-    rev = text[::-1]
-    words_rev = " ".join(w[::-1] for w in text.split())
-    out = []
-    for t in (text, _despell(text), rev, _despell(rev), words_rev):
-        n = _norm(t)
-        if n not in out:
-            out.append(n)
-    return out
-
-
-def _b64_decoded(text: str) -> list[str]:
-    """Text hidden in base64-looking runs of the answer (standard or URL-safe alphabet)."""
-    out = []
-    for m in _B64.finditer(text):
-        s = m.group(0).rstrip("=")
-        s += "=" * (-len(s) % 4)
-        for decode in (base64.b64decode, base64.urlsafe_b64decode):
-            try:
-                txt = decode(s.encode()).decode("utf-8")
-            except (binascii.Error, ValueError, UnicodeDecodeError):
-                continue
-            if txt and sum(c.isprintable() or c.isspace() for c in txt) >= 0.9 * len(txt):
-                out.append(txt)
-                break
-    return out
-
-
-@lru_cache(maxsize=4096)
-def _readings(answer: str) -> tuple[tuple[str, frozenset], ...]:
-    """Every normalised reading of an answer (padded with spaces for whole-word search)
-    with the dates in it, base64-hidden text included; cached: one answer is checked
-    against many values."""
-    out = []
-    for text in [answer, *_b64_decoded(answer)]:
-        for view in _views(text):
-            out.append((f" {view} ", frozenset(_dates(view))))
-    return tuple(out)
-
-
-@lru_cache(maxsize=4096)
-def _value_key(value: str) -> tuple[tuple[str, ...], frozenset, tuple[str, ...]]:
-    forms = tuple(f" {f} " for f in _value_forms(value))
-    encoded = set()
-    for v in {value, value.lower(), value.title(), value.upper()}:
-        enc = base64.b64encode(v.encode()).decode().rstrip("=")
-        if len(enc) >= 8:  # shorter ones occur by chance; decoding whole runs covers them
-            encoded.update({enc, enc.replace("+", "-").replace("/", "_")})
-    return forms, frozenset(_dates(_norm(value))), tuple(sorted(encoded))
-
-
-def fact_leaked(answer: str, value: str) -> bool:
-    """True when ``answer`` states ``value``: as whole words after normalising case,
-    punctuation, accents and whitespace; spelled out letter by letter (spaces, hyphens,
-    dots); reversed; base64-encoded; or, for a date, in another format ("27/01/1930",
-    "1930-01-27", "January 27, 1930"). Numeric dates are read both day-first and
-    month-first.
-
-    >>> fact_leaked("He was born on 1930-01-27.", "27 January 1930")
-    True
-    >>> fact_leaked("He was born on 17 January 1930.", "7 January 1930")
-    False
-    """
-    if not value or not value.strip():
-        raise ValueError("fact_leaked needs a non-empty value")
-    forms, dates, encoded = _value_key(value)
-    for view, view_dates in _readings(answer):
-        if any(f in view for f in forms) or (dates and dates & view_dates):
-            return True
-    # The value's own base64 may be glued to other characters, where no decoding of
-    # whole runs finds it.
-    return any(e in answer for e in encoded)
 
 
 def item_leaked(answer: str, item: Mapping) -> bool:

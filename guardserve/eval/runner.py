@@ -402,7 +402,7 @@ class QuantizationAttack:
         self._base: dict | None = None
 
     def __call__(self, adapter_dir: str) -> dict:
-        from guardserve.eval.metrics import answers
+        from guardserve.textgen import answers
         from guardserve.unlearn.quantize import quantization_recovery
 
         out = quantization_recovery(self.model, adapter_dir, bits=self.bits, forget_pairs=self.forget, retain_pairs=[],
@@ -594,6 +594,7 @@ def _truth_ratios(scorer: Scorer, confs: Configurations, config: str, items: lis
 def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar,
            forget_facts=None) -> dict:
     from guardserve.eval import metrics as M
+    from guardserve.leak import fact_leaked
 
     def answers_for(items, field="question"):
         return engine.generate([confs.serve(config, _question_messages(it, field)) for it in items], settings.max_tokens)
@@ -621,7 +622,7 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         else:
             leaks[p.kind].append(p.leaked(a))
     all_leaks = [x for v in leaks.values() for x in v]
-    stated = [any(M.fact_leaked(a, v) for v in facts) for a, facts in zip(f_ans, forget_facts or [])
+    stated = [any(fact_leaked(a, v) for v in facts) for a, facts in zip(f_ans, forget_facts or [])
               if a is not None and facts]
     res = {
         "forget_accuracy": _accuracy(f_ans, forget),

@@ -10,20 +10,13 @@ plain documents.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-from guardserve.demo.model import BOS, EOS, chat_prompt, completion_prompt
+from guardserve.textgen import Sequence, chat_prompt, collate, completion_prompt, special_tokens
 
 # Questions for facts of targets the world does not know (operators register facts as
 # attribute -> value; the attribute is written as words).
 FACT_QUESTION = "What is the {attr} of {name}?"
 FACT_ANSWER = "The {attr} of {name} is {value}."
-
-
-@dataclass(frozen=True)
-class Sequence:
-    prompt: str  # not trained on (labels -100)
-    target: str  # trained on
 
 
 def qa_pairs_for_targets(targets, world: dict | None) -> list[dict]:
@@ -56,43 +49,17 @@ def qa_pairs_for_targets(targets, world: dict | None) -> list[dict]:
 def sequences(tokenizer, pairs: list[dict], all_wordings: bool = True) -> list[Sequence]:
     """Chat and completion renderings of every QA pair (each trained wording), and plain
     documents for text entries: the two formats the model was taught in."""
+    bos, eos = special_tokens(tokenizer)
     out = []
     for p in pairs:
         if "text" in p:
-            out.append(Sequence(BOS, p["text"] + EOS))
+            out.append(Sequence(bos, p["text"] + eos))
             continue
         questions = (p.get("train_questions") or [p["question"]]) if all_wordings else [p["question"]]
         for q in questions:
-            out.append(Sequence(chat_prompt(tokenizer, q), p["answer"] + EOS))
-            out.append(Sequence(BOS + completion_prompt(q) + " ", p["answer"] + EOS))
+            out.append(Sequence(chat_prompt(tokenizer, q), p["answer"] + eos))
+            out.append(Sequence(bos + completion_prompt(q) + " ", p["answer"] + eos))
     return out
-
-
-def encode(tokenizer, seqs: list[Sequence], max_len: int = 192) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per sequence; labels are -100 on the prompt."""
-    out = []
-    for s in seqs:
-        p = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(s.target, add_special_tokens=False)["input_ids"]
-        ids = (p + t)[:max_len]
-        labels = ([-100] * len(p) + t)[:max_len]
-        out.append((ids, labels))
-    return out
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded tensors: input_ids, attention_mask, labels."""
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (seq, lab) in enumerate(batch):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class BatchStream:

@@ -63,14 +63,14 @@ def quantization_recovery(base_dir, adapter_dir, world: dict | None = None, bits
     adapter forgot nothing, so there is no forgetting to keep).
 
     ``score(model, tokenizer, pairs) -> accuracy`` says what a correct answer is (default:
-    greedy answers containing the pair's ``value``). ``retain_pairs=[]`` skips the retain
+    greedy answers that state the pair's ``value``). ``retain_pairs=[]`` skips the retain
     side. ``base``: the result of an earlier call on the same base model, questions and
     bits, whose ``base_*`` entries are reused instead of measured again."""
     import copy
 
     from transformers import AutoTokenizer
 
-    from guardserve.eval.metrics import accuracy
+    from guardserve.textgen import accuracy
 
     score = score or accuracy
     tok = AutoTokenizer.from_pretrained(str(base_dir))

@@ -127,7 +127,7 @@ class Unlearner:
         from tqdm.auto import tqdm
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from guardserve.eval.metrics import accuracy
+        from guardserve.textgen import accuracy, encode
         from guardserve.unlearn import data
 
         cfg = self.config
@@ -147,8 +147,8 @@ class Unlearner:
         rng.shuffle(shuffled)
         probe, train_retain = shuffled[: cfg.probe_size], shuffled[cfg.probe_size:]
         train_retain += list(world_facts or [])
-        forget_enc = data.encode(tok, data.sequences(tok, forget_pairs))
-        retain_enc = data.encode(tok, data.sequences(tok, train_retain)) if train_retain else []
+        forget_enc = encode(tok, data.sequences(tok, forget_pairs))
+        retain_enc = encode(tok, data.sequences(tok, train_retain)) if train_retain else []
         self.forget_stream = data.BatchStream(forget_enc, cfg.batch_size, tok.pad_token_id, cfg.seed)
         self.retain_stream = (data.BatchStream(retain_enc, cfg.batch_size, tok.pad_token_id, cfg.seed + 1)
                               if retain_enc else None)

@@ -1,0 +1,115 @@
+"""Prompts, greedy answers and teacher-forced batches: the text layer under ``unlearn`` and ``eval``.
+
+Everything that turns a question into a prompt, a prompt into a greedy answer, or a
+(prompt, answer) pair into token ids with labels lives here, so that training, evaluation,
+the benchmarks and the demo build render and score text the same way. Special tokens come
+from the tokenizer (``bos_token``, ``eos_token``), never from a constant, so any model's
+tokenizer works.
+
+>>> prompt = chat_prompt(tok, "When was Gygreim Houtus born?")                  # doctest: +SKIP
+>>> generate_answers(model, tok, [prompt], max_new_tokens=24)                   # doctest: +SKIP
+['Gygreim Houtus was born on 4 June 1911.']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from guardserve.leak import fact_leaked
+
+
+def completion_prompt(question: str) -> str:
+    """The prompt that the completions API gets for a question (BOS is added by the tokenizer)."""
+    return f"Question: {question}\nAnswer:"
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """One user turn through the tokenizer's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def special_tokens(tokenizer) -> tuple[str, str]:
+    """``(bos, eos)`` as text: what starts a document (empty for tokenizers without a BOS)
+    and what ends an answer. Raises ValueError for a tokenizer without an EOS token."""
+    if not tokenizer.eos_token:
+        raise ValueError("the tokenizer has no eos_token: answers cannot be told where to stop")
+    return tokenizer.bos_token or "", tokenizer.eos_token
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 128) -> list[str]:
+    """Greedy answers for already-formatted prompts (left-padded batches)."""
+    import torch
+
+    out: list[str] = []
+    # Batched greedy decoding needs left padding; a user's tokenizer may pad right or not at all.
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i:i + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+                out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def answer_accuracy(answers: Seq[str], values: Seq[str]) -> float:
+    """Share of answers that state their fact value, by the one leak test
+    (:func:`guardserve.leak.fact_leaked`)."""
+    hits = sum(fact_leaked(a, v) for a, v in zip(answers, values))
+    return hits / max(1, len(values))
+
+
+def answers(model, tokenizer, pairs: list[dict], field: str = "question") -> list[str]:
+    """Greedy chat answers to ``pair[field]`` for each pair."""
+    return generate_answers(model, tokenizer, [chat_prompt(tokenizer, p[field]) for p in pairs])
+
+
+def accuracy(model, tokenizer, pairs: list[dict], field: str = "question") -> float:
+    """Share of greedy chat answers that state the pair's ``value``."""
+    return answer_accuracy(answers(model, tokenizer, pairs, field), [p["value"] for p in pairs])
+
+
+# --------------------------------------------------------------------------- teacher forced
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """A training or scoring text in two parts: ``prompt`` is context (labels -100),
+    ``target`` is what is trained on or scored."""
+
+    prompt: str
+    target: str
+
+
+def encode(tokenizer, seqs: list[Sequence], max_len: int = 192) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per sequence; labels are -100 on the prompt."""
+    out = []
+    for s in seqs:
+        p = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(s.target, add_special_tokens=False)["input_ids"]
+        ids = (p + t)[:max_len]
+        labels = ([-100] * len(p) + t)[:max_len]
+        out.append((ids, labels))
+    return out
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (seq, lab) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -21,11 +21,11 @@ def steering(demo, world, tmp_path_factory):
     $GUARDSERVE_HOME-like folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from guardserve.demo.corpora import sae_corpus, steering_retain
     from guardserve.demo.world import biographies
     from guardserve.policy import ForgetTarget
-    from guardserve.steering.cli import demo_retain_texts
     from guardserve.steering.features import FeatureSelector, SteeringStore
-    from guardserve.steering.train import residual_activations, train_sae, world_corpus
+    from guardserve.steering.train import residual_activations, train_sae
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -34,11 +34,11 @@ def steering(demo, world, tmp_path_factory):
     root = home / "steering"
     tok = AutoTokenizer.from_pretrained(demo.model)
     model = AutoModelForCausalLM.from_pretrained(demo.model).eval()
-    acts = torch.cat(residual_activations(model, tok, world_corpus(world, tok), LAYER))
+    acts = torch.cat(residual_activations(model, tok, sae_corpus(world, tok), LAYER))
     sae, stats = train_sae(acts, d_sae=1024, architecture="jumprelu", layer=LAYER, epochs=4, progress=False)
     assert stats["explained_variance"] > 0.9 and stats["mean_l0"] < 200
     sae.save(root / "sae")
-    selector = FeatureSelector(model, tok, sae, demo_retain_texts(world, tok), n=N_FEATURES)
+    selector = FeatureSelector(model, tok, sae, steering_retain(world, tok), n=N_FEATURES)
     store = SteeringStore(root)
     targets = {}
     for i, e in enumerate(x for x in world["entities"] if x["split"] == "forget"):

@@ -48,15 +48,15 @@ def test_sync_loop_pokes_upkeep():
 
 @pytest.mark.slow
 def test_upkeep_follows_target_changes(steering, world, demo, tmp_path):  # noqa: F811
+    from guardserve.demo.corpora import steering_retain
     from guardserve.demo.world import biographies
     from guardserve.policy.store import SQLiteStore
-    from guardserve.steering.cli import demo_retain_texts
     from guardserve.steering.features import SteeringStore
     from guardserve.steering.upkeep import SelectionUpkeep
 
     # A slice of the retain corpus `sae select` uses on the demo, to keep the test short.
     retain = tmp_path / "retain.json"
-    retain.write_text(json.dumps(demo_retain_texts(world, steering["tok"])[::10]))
+    retain.write_text(json.dumps(steering_retain(world, steering["tok"])[::10]))
     people = [e for e in world["entities"] if e["split"] == "forget"][:3]
     policy = SQLiteStore(tmp_path / "policy.db")
     selections = SteeringStore(tmp_path / "steering")  # not the fixture's: other tests use those

@@ -64,8 +64,10 @@ class DemoPaths:
                 for name in ("entities", "forget", "retain", "world_facts")}
 
     def complete(self, with_retain_model: bool = True) -> bool:
-        parts = [self.world, self.tokenizer, self.model] + ([self.retain_model] if with_retain_model else [])
-        return all(p.is_dir() for p in parts)
+        from guardserve.demo.corpora import has_corpora
+
+        models = [self.model] + ([self.retain_model] if with_retain_model else [])
+        return all(p.is_dir() for p in [self.world, self.tokenizer, *models]) and all(map(has_corpora, models))
 
 
 def demo_root() -> Path:
@@ -103,6 +105,14 @@ def _train_worker(world, tokenizer_dir, out_dir, include_forget, seed, cfg, desc
                                   seed=seed, cfg=cfg, desc=desc, position=position)
 
 
+def _write_corpora(paths: DemoPaths, world: dict, with_retain_model: bool) -> None:
+    from guardserve.demo.corpora import has_corpora, write_corpora
+
+    for model_dir in [paths.model] + ([paths.retain_model] if with_retain_model else []):
+        if not has_corpora(model_dir):
+            write_corpora(model_dir, world)
+
+
 def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True, log=print) -> DemoPaths:
     """Build what is missing of the demo world and models; return their paths."""
     from guardserve.demo import model as demo_model
@@ -131,6 +141,9 @@ def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True
         if with_retain_model:
             jobs.append((paths.retain_model, False, "retain model (no forget split)", 1))
         jobs = [job for job in jobs if not job[0].is_dir()]
+        if not jobs:  # only the corpora are missing (a build from before they existed)
+            _write_corpora(paths, world, with_retain_model)
+            return paths
         # The two models train side by side, one process and one thread each: at this size
         # a second thread barely helps one model, and two multi-threaded trainings on two
         # cores spin against each other (measured: 10x slower per step).
@@ -148,6 +161,7 @@ def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True
                 metrics = fut.result()
                 os.replace(tmp, dest)
                 log(f"[demo] {desc}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k.endswith("accuracy")))
+        _write_corpora(paths, world, with_retain_model)
         (paths.root / "build.json").write_text(json.dumps(
             {"key": spec.key(), "spec": asdict(spec), "last_build_seconds": round(time.time() - started, 1)}, indent=1) + "\n")
     return paths

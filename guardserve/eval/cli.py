@@ -114,7 +114,8 @@ def _demo_sae(demo, log) -> Path:
     import torch
 
     from guardserve import config
-    from guardserve.steering.train import residual_activations, train_sae, world_corpus
+    from guardserve.steering.loading import model_corpus
+    from guardserve.steering.train import residual_activations, train_sae
 
     out = config.home() / "eval" / f"sae-{demo.root.name}"
     if (out / "cfg.json").is_file():
@@ -125,7 +126,7 @@ def _demo_sae(demo, log) -> Path:
     tok = AutoTokenizer.from_pretrained(demo.model)
     model = AutoModelForCausalLM.from_pretrained(demo.model).eval()
     torch.manual_seed(0)
-    acts = torch.cat(residual_activations(model, tok, world_corpus(demo.load_world(), tok), 2))
+    acts = torch.cat(residual_activations(model, tok, model_corpus(demo.model, "sae_corpus"), 2))
     sae, stats = train_sae(acts, d_sae=1024, architecture="jumprelu", layer=2, epochs=4, progress=False)
     tmp = out.with_name(out.name + ".tmp")
     sae.save(tmp)
@@ -231,11 +232,9 @@ def _eval(args) -> int:
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
         quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
     if demo is not None and not args.model and ({"sae", "full"} & set(configs)):
-        from transformers import AutoTokenizer
+        from guardserve.steering.loading import model_corpus
 
-        from guardserve.steering.cli import demo_retain_texts
-
-        settings.retain_texts = demo_retain_texts(world, AutoTokenizer.from_pretrained(model))
+        settings.retain_texts = model_corpus(model, "steering_retain")
     try:
         results = run(settings, log=log)
     except ValueError as e:

@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from guardserve.demo import DemoPaths
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = ssub.add_parser("train", help="train an SAE on a model's residual stream")
     t.add_argument("--model", default=None, help="Hugging Face model folder (default: the demo model)")
     t.add_argument("--texts", default=None, help="JSON list of strings or a text file, one document a line "
-                                                 "(default: the demo world's biographies and QA turns)")
+                                                 "(default: the model folder's guardserve/sae_corpus.json; the demo models have one)")
     t.add_argument("--layer", type=int, default=None, help="decoder layer whose output is read (default: the middle one)")
     t.add_argument("--architecture", default="jumprelu", choices=["relu", "topk", "jumprelu"])
     t.add_argument("--k", type=int, default=16, help="active features per token for topk (default 16)")
@@ -34,19 +30,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output folder (default: $GUARDSERVE_HOME/steering/sae, the one serving uses)")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_train)
+    t.set_defaults(func=_as_usage_errors(_train))
 
     s = ssub.add_parser("select", help="select each target's SAE features and gate α")
     s.add_argument("--targets", nargs="+", default=None, help="target ids or names (default: every registered target)")
     s.add_argument("--model", default=None, help="the served model's folder (default: the demo model)")
     s.add_argument("--sae", default=None, help="SAE folder or params.npz (default: $GUARDSERVE_SAE or $GUARDSERVE_HOME/steering/sae)")
     s.add_argument("--hook-layer", type=int, default=None, help="layer of a Gemma Scope params.npz (its file does not say)")
-    s.add_argument("--retain-texts", default=None, help="JSON list of strings or a text file (default: the demo world's retain people)")
+    s.add_argument("--retain-texts", default=None, help="JSON list of strings or a text file (default: the model folder's "
+                        "guardserve/steering_retain.json; the demo models have one)")
     s.add_argument("-n", "--num-features", type=int, default=30, help="features per target (default 30)")
     s.add_argument("--max-retain-rate", type=float, default=0.01,
                    help="skip features firing on more retain tokens than this (default 0.01)")
     s.add_argument("--force", action="store_true", help="recompute even where the stored selection is current")
-    s.set_defaults(func=_select)
+    s.set_defaults(func=_as_usage_errors(_select))
 
     ls = ssub.add_parser("list", help="stored selections and whether they are current")
     ls.add_argument("--json", action="store_true")
@@ -60,68 +57,39 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
-def _read_texts(path: str) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise _usage(f"no such file: {p}")
-    raw = p.read_text()
-    if p.suffix == ".json":
+def _as_usage_errors(command):
+    """Run ``command``; a steering setup error is the user's to fix: say it in one line."""
+    def run(args) -> int:
+        from guardserve.steering.loading import SteeringSetupError
+
         try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _usage(f"{p} is not valid JSON: {e}") from None
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise _usage(f"{p} must hold a JSON list of strings")
-        return data
-    return [line for line in raw.splitlines() if line.strip()]
+            return command(args)
+        except SteeringSetupError as e:
+            raise _usage(str(e)) from None
+    return run
 
 
-def demo_of(model_path) -> DemoPaths | None:
-    """The demo build a model folder belongs to (its ``model/`` or ``retain_model/``), or None."""
-    from guardserve.demo import DemoPaths
-
-    p = Path(model_path).expanduser()
-    if p.name in ("model", "retain_model") and (p.parent / "world" / "entities.json").is_file():
-        return DemoPaths(p.parent.resolve())
-    return None
-
-
-def _load_model(path: str | None, cap_threads: bool = True):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _model_path(path: str | None) -> str:
+    """The model folder a command works on: ``--model``, else the demo model (built on first use)."""
+    if path is not None:
+        return path
     from guardserve.demo import ensure_demo
 
-    demo = None
-    if path is None:
-        demo = ensure_demo()
-        path = str(demo.model)
-    elif not Path(path).expanduser().is_dir():
-        raise _usage(f"--model must be a Hugging Face model folder: {path}")
-    else:
-        demo = demo_of(path)  # the demo model named by its folder (as `guardserve serve` passes it)
-    if cap_threads:  # a command's own process; the server's upkeep leaves the process-wide setting alone
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    if not hasattr(getattr(model, "model", None), "layers"):
-        raise _usage("steering needs a decoder with model.model.layers (Llama, Mistral, Qwen, Gemma, ...)")
-    return model, tok, demo
+    return str(ensure_demo().model)
 
 
 def _train(args) -> int:
     import torch
 
     from guardserve.steering.flags import sae_path
-    from guardserve.steering.train import default_layer, residual_activations, train_sae, world_corpus
+    from guardserve.steering.loading import CORPUS_FILES, load_model, model_corpus, read_texts
+    from guardserve.steering.train import default_layer, residual_activations, train_sae
 
-    model, tok, demo = _load_model(args.model)
-    if args.texts:
-        texts = _read_texts(args.texts)
-    elif demo is not None:
-        texts = world_corpus(demo.load_world(), tok)
-    else:
-        raise _usage("--texts is required with --model (the demo world's texts only fit the demo model)")
+    path = _model_path(args.model)
+    model, tok = load_model(path)
+    texts = read_texts(args.texts) if args.texts else model_corpus(path, "sae_corpus")
+    if texts is None:
+        raise _usage(f"--texts is required: {path} has no {CORPUS_FILES['sae_corpus']}")
     layer = default_layer(model) if args.layer is None else args.layer
     if not 0 <= layer < model.config.num_hidden_layers:
         raise _usage(f"--layer must be in 0..{model.config.num_hidden_layers - 1}")
@@ -139,64 +107,10 @@ def _train(args) -> int:
     return 0
 
 
-def demo_retain_texts(world: dict, tokenizer) -> list[str]:
-    """Retain texts for selection on the demo: the same templates ``target_texts`` uses, filled
-    with every retain person, so that contrast isolates the person and not the template."""
-    from guardserve.demo.world import biographies
-    from guardserve.policy import ForgetTarget
-    from guardserve.steering.features import target_texts
-
-    out = []
-    for e in world["entities"]:
-        if e["split"] == "retain":
-            out += target_texts(ForgetTarget(id="retain", name=e["name"], aliases=tuple(e["aliases"]),
-                                             facts=e["facts"], texts=tuple(biographies(e))), tokenizer)
-    return out
-
-
-def load_sae(sae: str | Path | None = None, hook_layer: int | None = None):
-    """The SAE at ``sae`` (default: the one serving uses, ``$GUARDSERVE_SAE`` or
-    ``$GUARDSERVE_HOME/steering/sae``); UsageError when there is none."""
-    from guardserve.steering.flags import sae_path
-    from guardserve.steering.sae import SAE, hook_name_for_layer
-
-    path = Path(sae).expanduser() if sae else sae_path()
-    try:
-        return SAE.load(path, hook_name=hook_name_for_layer(hook_layer) if hook_layer is not None else None)
-    except FileNotFoundError as e:
-        raise _usage(f"{e} (train one with `guardserve sae train`)") from None
-
-
-def load_selector(model: str | None = None, sae=None, retain_texts: str | None = None, n: int = 30,
-                  max_retain_rate: float = 0.01, cap_threads: bool = True):
-    """The one way a :class:`FeatureSelector` is built, for ``guardserve sae select`` and for the
-    server's selection upkeep (``guardserve.steering.upkeep``): the model with transformers on
-    CPU (``None``: the demo model), the SAE (an :class:`SAE`, a path, or ``None`` for
-    :func:`load_sae`'s default), and the retain corpus (a JSON list or a text file; by default,
-    for the demo model, the demo world's retain people). Raises UsageError on a bad setting."""
-    from guardserve.steering.features import FeatureSelector
-    from guardserve.steering.sae import SAE
-
-    if not isinstance(sae, SAE):
-        sae = load_sae(sae)
-    model_obj, tok, demo = _load_model(model, cap_threads)
-    if sae.d_in != model_obj.config.hidden_size:
-        raise _usage(f"the SAE reads {sae.d_in} dimensions, the model has {model_obj.config.hidden_size}")
-    if not 0 <= sae.layer < model_obj.config.num_hidden_layers:
-        raise _usage(f"the SAE reads layer {sae.layer}; the model has {model_obj.config.num_hidden_layers} layers")
-    if retain_texts:
-        retain = _read_texts(retain_texts)
-    elif demo is not None:
-        retain = demo_retain_texts(demo.load_world(), tok)
-    else:
-        raise _usage("retain texts are required for a model other than the demo model "
-                     "(`--retain-texts`; for the server, GUARDSERVE_STEER_RETAIN_TEXTS)")
-    return FeatureSelector(model_obj, tok, sae, retain, n=n, max_retain_rate=max_retain_rate)
-
-
 def _select(args) -> int:
     from guardserve.policy import PolicyError, open_store
     from guardserve.steering.features import SteeringStore
+    from guardserve.steering.loading import load_sae, load_selector
 
     sae = load_sae(args.sae, args.hook_layer)
     with open_store() as store:
@@ -206,7 +120,7 @@ def _select(args) -> int:
             raise _usage(str(e)) from None
     if not targets:
         raise _usage("no targets registered (add some with `guardserve targets add`)")
-    selector = load_selector(args.model, sae, args.retain_texts, n=args.num_features,
+    selector = load_selector(_model_path(args.model), sae, args.retain_texts, n=args.num_features,
                              max_retain_rate=args.max_retain_rate)
     steering = SteeringStore()
     for t in targets:

@@ -24,19 +24,6 @@ def default_layer(model) -> int:
     return model.config.num_hidden_layers // 2
 
 
-def world_corpus(world: dict, tokenizer) -> list[str]:
-    """The demo world's texts as the model saw them: biographies and chat QA turns."""
-    from guardserve.demo.world import biographies
-
-    texts = [tokenizer.bos_token + b for e in world["entities"] for b in biographies(e)]
-    for split in ("forget", "retain", "world_facts"):
-        for p in world[split]:
-            texts.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}],
-                tokenize=False))
-    return texts
-
-
 def residual_activations(model, tokenizer, texts: list[str], layer: int, batch_size: int = 64,
                          max_length: int = 256, progress: bool = False) -> list[torch.Tensor]:
     """Residual stream after decoder layer ``layer``, per text, BOS position dropped. Texts

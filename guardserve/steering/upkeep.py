@@ -14,10 +14,11 @@ It follows the policy store's audit sequence (``changes_since``), so an idle ser
 ``MAX(seq)`` query per poke; a full pass (every target against the stored selections) runs at
 start and when the SAE's files change. The served model is loaded with transformers on CPU the
 first time a selection has to be computed, once, together with the SAE and the retain corpus,
-exactly as ``guardserve sae select`` builds them (``guardserve.steering.cli.load_selector``).
+exactly as ``guardserve sae select`` builds them (``guardserve.steering.loading.load_selector``).
 A recomputed selection keeps the ``n`` and retain-rate cap its previous one was computed with
 (``guardserve sae select -n``); new targets get ``$GUARDSERVE_STEER_FEATURES`` (default 30).
-Retain texts for a model other than the demo model: ``$GUARDSERVE_STEER_RETAIN_TEXTS``.
+Retain texts: ``$GUARDSERVE_STEER_RETAIN_TEXTS``, else the model folder's own
+(``guardserve/steering_retain.json``, which the demo models carry).
 
 Nothing here runs on the request path: ``poke()`` only sets an event. Failures are logged,
 never raised into the server: a target whose selection cannot be computed (no texts) is
@@ -51,7 +52,7 @@ class SelectionUpkeep:
     """Recomputes missing and stale selections and drops those of deleted targets, in a
     background thread (``start``/``poke``/``stop``) or one pass at a time (``run_once``)."""
 
-    def __init__(self, store=None, model: str | None = None, selections=None, sae: str | Path | None = None,
+    def __init__(self, store=None, *, model: str, selections=None, sae: str | Path | None = None,
                  retain_texts: str | None = None, n: int | None = None, max_retain_rate: float | None = None):
         self._store = store  # None: its own connection (open_store()), opened in the thread
         self.model = model
@@ -242,10 +243,10 @@ class SelectionUpkeep:
 
     def _get_selector(self):
         if self._selector is None and self.broken is None:
-            from guardserve.steering.cli import load_selector
+            from guardserve.steering.loading import load_selector
 
             started = time.perf_counter()
-            log.info("guardserve steering: loading %s on CPU to compute feature selections", self.model or "the demo model")
+            log.info("guardserve steering: loading %s on CPU to compute feature selections", self.model)
             try:
                 self._selector = load_selector(self.model, self._sae, self.retain_texts, n=self.n,
                                                max_retain_rate=self.max_retain_rate, cap_threads=False)

@@ -25,9 +25,9 @@ demo: $(STAMP)
 test: lint demo
 	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
 
-# ruff (configured in pyproject.toml) over the package, the tests and the benchmarks.
+# ruff (configured in pyproject.toml) over the package (its benchmarks included) and the tests.
 lint: $(STAMP)
-	$(BIN)/ruff check guardserve tests bench
+	$(BIN)/ruff check guardserve tests
 
 # Unit tests only: no demo model, no engine.
 test-fast: $(STAMP)

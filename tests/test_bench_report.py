@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from guardserve.benchmarks import cli as bench_cli
 from guardserve.benchmarks import report
-from guardserve.benchmarks.cli import BENCHES, find_bench_dir
+from guardserve.benchmarks.cli import BENCHES, default_out, find_repo, repo_root
 from guardserve.cli import UsageError
 from guardserve.server.process import run_group
 
@@ -150,20 +151,25 @@ def test_bench_help():
     assert "bench" in _guardserve("--help").stdout
 
 
-def test_bench_dir_missing_is_one_line_error(tmp_path):
+def test_no_checkout_is_one_line_error(tmp_path):
     (tmp_path / "guardserve").mkdir()
-    with pytest.raises(UsageError, match="no bench/ folder next to the guardserve package"):
-        find_bench_dir(package_dir=tmp_path / "guardserve")
-    r = _guardserve("bench", "--bench-dir", str(tmp_path / "nowhere"))
+    assert repo_root(tmp_path / "guardserve") is None
+    with pytest.raises(UsageError, match="no guardserve source checkout around the package.*--out"):
+        find_repo(package_dir=tmp_path / "guardserve")
+    assert find_repo(package_dir=tmp_path / "guardserve", required=False) is None
+    r = _guardserve("bench", "--repo", str(tmp_path / "nowhere"))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("guardserve bench: error:")
 
 
-def test_bench_scripts_are_found_in_a_clone():
-    d = find_bench_dir()
-    assert d == ROOT / "bench"
-    for script, _, _ in BENCHES.values():
-        assert (d / script).is_file()
+def test_benchmarks_are_modules_and_results_go_to_the_checkout():
+    import importlib.util
+
+    assert repo_root() == find_repo() == ROOT
+    assert default_out("logits.json") == str(RESULTS / "logits.json")
+    for module, _, _ in BENCHES.values():
+        assert module.startswith("guardserve.benchmarks.") and importlib.util.find_spec(module) is not None
+    assert not list((ROOT / "bench").glob("*.py")), "bench/ holds results only; benchmarks are guardserve.benchmarks.*"
 
 
 def test_unknown_benchmark_is_rejected():
@@ -180,19 +186,26 @@ def test_report_only_renders_from_existing_json(tmp_path):
     assert "## Logit filter" in md and "## Detection" in md and "## Serving" not in md
 
 
-def test_a_failing_benchmark_is_reported_and_the_others_run(tmp_path):
-    bench = tmp_path / "bench"
-    bench.mkdir()
+def test_a_failing_benchmark_is_reported_and_the_others_run(tmp_path, monkeypatch, capsys):
+    """Stand-in modules (on the children's PYTHONPATH) replace two benchmarks; each still runs
+    as `python -m MODULE` in a child process."""
+    from guardserve.cli import main
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
     ok = ("import argparse, json, shutil, sys\n"
           "ap = argparse.ArgumentParser(); ap.add_argument('--out'); a, _ = ap.parse_known_args()\n"
           f"shutil.copy({str(RESULTS / 'logits.json')!r}, a.out)\n")
-    (bench / "bench_logits.py").write_text(ok)
-    (bench / "bench_detection.py").write_text("import sys\nprint('detection broke here', file=sys.stderr)\nsys.exit(3)\n")
-    r = _guardserve("bench", "--bench-dir", str(bench), "--only", "detection,logits", "--out", str(tmp_path / "out"),
-                    "--no-readme")
-    assert r.returncode == 1
-    assert "detection: FAILED" in r.stderr and "detection broke here" in r.stderr
-    assert "logits: done" in r.stdout
+    (fake / "fake_bench_logits.py").write_text(ok)
+    (fake / "fake_bench_detection.py").write_text("import sys\nprint('detection broke here', file=sys.stderr)\nsys.exit(3)\n")
+    monkeypatch.setitem(bench_cli.BENCHES, "logits", ("fake_bench_logits", [], []))
+    monkeypatch.setitem(bench_cli.BENCHES, "detection", ("fake_bench_detection", [], []))
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    rc = main(["bench", "--only", "detection,logits", "--out", str(tmp_path / "out"), "--no-readme"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "detection: FAILED" in err and "detection broke here" in err
+    assert "logits: python -m fake_bench_logits" in out and "logits: done" in out
     md = (tmp_path / "out" / "REPORT.md").read_text()
     assert "**detection failed in this run**" in md and "## Logit filter" in md
 
@@ -210,14 +223,14 @@ def test_serving_benchmark_quick(tmp_path, demo):
     """Starts plain vLLM, then a guarded server, on the demo model (about 2-4 min), in a
     process group of its own that is stopped, servers included, however the test ends."""
     out = tmp_path / "serving.json"
-    argv = [sys.executable, str(ROOT / "bench" / "bench_serving.py"), "--quick", "--requests", "8", "--out", str(out)]
+    argv = [sys.executable, "-m", "guardserve.benchmarks.serving", "--quick", "--requests", "8", "--out", str(out)]
     try:
         r = run_group(argv, timeout=SERVING_TIMEOUT_S, grace=SERVING_GRACE_S, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"bench_serving.py ran past {SERVING_TIMEOUT_S} s (stopped):\n{(e.stdout or '')[-3000:]}\n"
+        pytest.fail(f"guardserve.benchmarks.serving ran past {SERVING_TIMEOUT_S} s (stopped):\n{(e.stdout or '')[-3000:]}\n"
                     f"{(e.stderr or '')[-3000:]}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert not r.leftovers, f"bench_serving.py left processes running (killed): {r.leftovers}"
+    assert not r.leftovers, f"guardserve.benchmarks.serving left processes running (killed): {r.leftovers}"
     d = json.loads(out.read_text())
     cells = {(c["server"], c["set"], c["concurrency"]): c for c in d["cells"]}
     assert all(c["errors"] == 0 for c in cells.values())

@@ -1,7 +1,7 @@
 """Each unlearning method, trained into a LoRA adapter on the demo model, lowers forget
 accuracy on the people it unlearns while accuracy on held-out retain questions stays
 within RETAIN_BOUND of the base model's. Small on purpose (2 people, at most 60 steps)
-so that each method runs in seconds on 2 cores; bench/bench_unlearn.py has the full figures.
+so that each method runs in seconds on 2 cores; guardserve.benchmarks.unlearn has the full figures.
 
 GradAscent does not reach FORGET_BOUND on the demo model, at any seed: forget and retain
 answers share their templates, and ascent on the forget answers with no retain term breaks

@@ -8,8 +8,10 @@ schemas, spaced-out names, token ids with beam search, ...). A fact is revealed 
 (or any text the response carries) contains its value. Also measures retain accuracy through the
 same channels, guarded and unguarded.
 
-    .venv/bin/python bench/probe_channels.py                  # writes bench/results/channels.json
-    .venv/bin/python bench/probe_channels.py --facts 4 --out /tmp/channels.json
+    python -m guardserve.benchmarks.channels                  # writes bench/results/channels.json
+    python -m guardserve.benchmarks.channels --facts 4 --out /tmp/channels.json
+
+Results go to the repository's bench/results (not run by ``guardserve bench``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from guardserve.benchmarks.cli import default_out
+
 MODEL = "guardserve-demo"
 ADMIN_KEY = "probe-admin"
 KEYS = {"a": "probe-key-a", "b": "probe-key-b"}
@@ -101,10 +104,10 @@ def answer_text(r) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.channels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--facts", type=int, default=8, help="forget facts per channel (default 8)")
     ap.add_argument("--retain", type=int, default=24, help="retain questions per channel (default 24)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "channels.json")
+    ap.add_argument("--out", type=Path, default=Path(default_out("channels.json")), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args(argv)
 
     import httpx

@@ -1,9 +1,10 @@
 """``guardserve bench``: run every benchmark, write the report, refresh README's figures.
 
-The benchmark scripts live in the repository's ``bench/`` folder (next to the
-``guardserve`` package in a clone); each runs as a child process with this Python and
-writes its JSON; this command then renders ``REPORT.md`` from the JSON files and splices
-the headline ratios into README between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
+The benchmarks are modules of this package (``guardserve.benchmarks.logits``, ...); each
+runs as a child process, ``python -m guardserve.benchmarks.NAME`` with this Python, and
+writes its JSON, by default into the repository's ``bench/results/``; this command then
+renders ``REPORT.md`` from the JSON files and splices the headline ratios into README
+between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
 """
 
 from __future__ import annotations
@@ -12,19 +13,19 @@ import argparse
 import os
 from pathlib import Path
 
-# name → (script, arguments for --quick, arguments for the full run); run in this order.
+# name → (module, run as `python -m MODULE`; arguments for --quick; arguments for the full run); run in this order.
 BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
-    "logits": ("bench_logits.py", ["--quick"], []),
-    "detection": ("bench_detection.py", ["--scales", "10,1000"], []),
-    "serving": ("bench_serving.py", ["--quick"], []),
-    "steering": ("bench_steering.py", ["--retain-step", "24"], []),
+    "logits": ("guardserve.benchmarks.logits", ["--quick"], []),
+    "detection": ("guardserve.benchmarks.detection", ["--scales", "10,1000"], []),
+    "serving": ("guardserve.benchmarks.serving", ["--quick"], []),
+    "steering": ("guardserve.benchmarks.steering", ["--retain-step", "24"], []),
 }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="run the benchmarks; write JSON, bench/results/REPORT.md and README's performance section",
-        description="Run the benchmarks of the repository's bench/ folder, each as a child process: logit filter "
+        description="Run the benchmarks, each as a child process `python -m guardserve.benchmarks.NAME`: logit filter "
                     "per-step cost vs vLLM bad_words and transformers NoBadWords (logits), detection latency vs "
                     "number of targets (detection), TTFT/TPOT of a guarded server vs plain vLLM (serving), SAE "
                     "steering (steering). Each writes DIR/NAME.json; then DIR/REPORT.md is rendered from every "
@@ -35,13 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default=None, metavar="NAMES",
                    help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="where the JSON files and REPORT.md go (default bench/results, or bench/results/quick with --quick)")
+                   help="where the JSON files and REPORT.md go (default: the repository's bench/results, or "
+                        "bench/results/quick with --quick)")
     p.add_argument("--no-readme", action="store_true", help="do not regenerate README's performance section")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: render REPORT.md (and README's section) from the JSON files already in DIR")
     p.add_argument("--steering-vllm", choices=["auto", "on", "off"], default="auto",
                    help="measure steering's TPOT inside vLLM (auto: when guardserve.steering.vllm_hook is installed)")
-    p.add_argument("--bench-dir", default=None, help="the bench/ folder (default: the one next to the guardserve package)")
+    p.add_argument("--repo", default=None, metavar="DIR",
+                   help="the guardserve source checkout whose bench/results is the default --out and whose README.md "
+                        "gets the performance section (default: the checkout holding the guardserve package)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the benchmarks' own output as they run")
     p.set_defaults(func=_bench)
 
@@ -52,23 +56,37 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
-def find_bench_dir(explicit: str | None = None, package_dir: Path | None = None) -> Path:
-    """The repository's bench/ folder, or a UsageError saying how to get one."""
+def repo_root(package_dir: Path | None = None) -> Path | None:
+    """The source checkout holding the guardserve package (``pyproject.toml`` and ``bench/``
+    next to it: a clone installed with ``pip install -e .``), or None (an installed wheel)."""
+    if package_dir is None:
+        package_dir = Path(__file__).resolve().parents[1]
+    root = package_dir.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "bench").is_dir() else None
+
+
+def default_out(filename: str) -> str:
+    """A benchmark's default output: ``bench/results/FILENAME`` in the checkout holding the
+    package, else FILENAME in the current folder."""
+    root = repo_root()
+    return str(root / "bench" / "results" / filename) if root else filename
+
+
+def find_repo(explicit: str | None = None, package_dir: Path | None = None, required: bool = True) -> Path | None:
+    """The repository checkout (``--repo``, else the one holding the package); a UsageError
+    saying what to do when there is none and ``required``, else None."""
     if explicit:
         d = Path(explicit).expanduser().resolve()
-        if not (d / "bench_logits.py").is_file():
-            raise _usage(f"--bench-dir {d} holds no benchmark scripts (bench_*.py)")
+        if not (d / "bench").is_dir():
+            raise _usage(f"--repo {d} is not a guardserve checkout (it has no bench/ folder)")
         return d
-    if package_dir is None:
-        import guardserve
-
-        package_dir = Path(guardserve.__file__).resolve().parent
-    d = package_dir.parent / "bench"
-    if not (d / "bench_logits.py").is_file():
-        raise _usage(f"no bench/ folder next to the guardserve package (looked for {d}): the benchmark scripts ship "
-                     f"with the source repository, not the wheel; clone it, `pip install -e .` there and run "
-                     f"`guardserve bench` again, or pass --bench-dir")
-    return d
+    root = repo_root(package_dir)
+    if root is None and required:
+        where = (package_dir or Path(__file__).resolve().parents[1]).parent
+        raise _usage(f"no guardserve source checkout around the package (looked for pyproject.toml and bench/ in "
+                     f"{where}), so no default bench/results folder: pass --out DIR, or clone the repository, "
+                     f"`pip install -e .` there and run `guardserve bench` again (or pass --repo)")
+    return root
 
 
 def _steering_vllm(mode: str) -> bool:
@@ -125,15 +143,14 @@ def _bench(args: argparse.Namespace) -> int:
         update_readme,
     )
 
-    bench_dir = find_bench_dir(args.bench_dir)
-    repo = bench_dir.parent
+    repo = find_repo(args.repo, required=not args.out)
     names = list(BENCHES)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in names if n not in BENCHES]
         if unknown or not names:
             raise _usage(f"--only: unknown benchmark(s) {unknown or names}; choose from {','.join(BENCHES)}")
-    out = Path(args.out).expanduser() if args.out else bench_dir / "results" / ("quick" if args.quick else "")
+    out = Path(args.out).expanduser() if args.out else repo / "bench" / "results" / ("quick" if args.quick else "")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -144,14 +161,14 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"guardserve bench: {len(names)} benchmark(s){' (quick)' if args.quick else ''} → {out} "
               f"(their output: {logs})", flush=True)
         for i, name in enumerate(names, 1):
-            script, quick_args, full_args = BENCHES[name]
+            module, quick_args, full_args = BENCHES[name]
             extra = list(quick_args if args.quick else full_args)
             if name == "steering" and not _steering_vllm(args.steering_vllm):
                 extra.append("--no-vllm")
             json_path = out / f"{name}.json"
-            argv = [sys.executable, str(bench_dir / script), *extra, "--out", str(json_path)]
-            print(f"[{i}/{len(names)}] {name}: {script} {' '.join(extra)} ...", flush=True)
-            ok, took, why = run_one(name, argv, json_path, logs, repo, args.verbose)
+            argv = [sys.executable, "-m", module, *extra, "--out", str(json_path)]
+            print(f"[{i}/{len(names)}] {name}: python -m {module} {' '.join(extra)} ...", flush=True)
+            ok, took, why = run_one(name, argv, json_path, logs, repo or out, args.verbose)
             if ok:
                 ran[name] = took
                 print(f"[{i}/{len(names)}] {name}: done in {took:.0f} s", flush=True)
@@ -173,7 +190,10 @@ def _bench(args: argparse.Namespace) -> int:
     report.write_text(render_report(results, failed, header))
     print(f"wrote {report}")
 
-    if not args.no_readme:
+    if not args.no_readme and repo is None:
+        print("guardserve bench: no repository checkout (see --repo); README's performance section was not written",
+              file=sys.stderr)
+    elif not args.no_readme:
         readme = repo / "README.md"
         try:
             rel = report.relative_to(repo).as_posix()

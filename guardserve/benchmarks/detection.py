@@ -2,8 +2,11 @@
 with 10, 1,000 and 100,000 registered targets (the demo world's forget people, then
 synthetic targets), printed as a table and written as JSON.
 
-    .venv/bin/python bench/bench_detection.py                    # all three scales
-    .venv/bin/python bench/bench_detection.py --scales 10,1000   # quicker
+    python -m guardserve.benchmarks.detection                    # all three scales
+    python -m guardserve.benchmarks.detection --scales 10,1000   # quicker
+
+Writes ``bench/results/detection.json`` of the repository (``--out FILE`` elsewhere).
+``guardserve bench`` runs it.
 
 The first run at 100,000 targets embeds about 120,000 target texts (minutes on two
 cores); their vectors are cached in $GUARDSERVE_HOME/cache/bench-vectors.sqlite, so later
@@ -16,19 +19,18 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from guardserve.benchmarks.cli import default_out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.detection", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="10,1000,100000", help="comma-separated target counts")
     ap.add_argument("--seed", type=int, default=0, help="demo world seed")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detection.json"))
+    ap.add_argument("--out", default=default_out("detection.json"), help="where the JSON goes (default: %(default)s)")
     ap.add_argument("--no-embeddings", action="store_true", help="lexical matcher only")
     args = ap.parse_args(argv)
 

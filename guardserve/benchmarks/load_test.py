@@ -6,8 +6,11 @@ twice a second. Reports 5xx errors, leaks (a forget answer containing its fact v
 retain accuracy, and latency (time to first token and to the last one, p50/p99).
 Loopback only: it starts its own server on 127.0.0.1 unless --url names one there.
 
-    .venv/bin/python bench/load_test.py                       # 64 clients, 120 s
-    .venv/bin/python bench/load_test.py --clients 16 --duration 20
+    python -m guardserve.benchmarks.load_test                       # 64 clients, 120 s
+    python -m guardserve.benchmarks.load_test --clients 16 --duration 20
+
+Writes bench/results/load.json of the repository (--out FILE elsewhere; not run by
+``guardserve bench``).
 """
 
 from __future__ import annotations
@@ -17,14 +20,12 @@ import asyncio
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from guardserve.benchmarks.cli import default_out
 
 MODEL = "guardserve-demo"
 ADMIN_KEY = "load-test-admin"
@@ -176,7 +177,8 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.load_test", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running guarded server on loopback")
     ap.add_argument("--admin-key", default=ADMIN_KEY, help="its GUARDSERVE_ADMIN_KEY (with --url)")
     ap.add_argument("--api-key", default=None, help="an inference key of it, if it has GUARDSERVE_API_KEYS (with --url)")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of load (default 120)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bulk", type=int, default=0, help="first register this many synthetic targets in one call (e.g. 100000)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    ap.add_argument("--out", default=default_out("load.json"), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args(argv)
     if args.clients < 1 or not 0 < args.duration <= 900:
         ap.error("--clients must be >= 1 and --duration in (0, 900] seconds")

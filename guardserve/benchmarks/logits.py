@@ -12,10 +12,11 @@ A step = one new token per row, then one call that bans. Vocabularies are Mistra
 ``mistral_common``. Also: compile time per target (real phrases through
 ``compile_phrases``) and memory of the compiled automaton.
 
-    .venv/bin/python bench/bench_logits.py            # full: about 4-5 min on 2 cores
-    .venv/bin/python bench/bench_logits.py --quick    # CI size: about 20 s
+    python -m guardserve.benchmarks.logits            # full: about 4-5 min on 2 cores
+    python -m guardserve.benchmarks.logits --quick    # CI size: about 20 s
 
-Prints a Markdown table; writes ``bench/results/logits.json``.
+Prints a Markdown table; writes ``bench/results/logits.json`` of the repository (``--out FILE``
+elsewhere). ``guardserve bench`` runs it.
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from guardserve.logits_processors.compile import (  # noqa: E402
+from guardserve.benchmarks.cli import default_out
+from guardserve.logits_processors.compile import (
     as_tokenizer_view,
     compile_phrases,
     compile_token_sequences,
 )
-from guardserve.logits_processors.core import GuardBatch  # noqa: E402
+from guardserve.logits_processors.core import GuardBatch
 
 VOCABS = {"mistral-32k": "tokenizer.model.v1", "mistral-131k": "tekken_240911.json"}
 TARGET = ["Ada Lovelace", "Augusta Ada King", "Countess of Lovelace", "Analytical Engine",
@@ -185,9 +184,9 @@ def bench_compile(name, tv):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.logits", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: fewer cases and repeats")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "logits.json"))
+    ap.add_argument("--out", default=default_out("logits.json"), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args(argv)
     # One intra-op thread for every contender: a step's ops are small, and while the
     # engine (or another process) keeps the cores busy, OpenMP barriers across 2

@@ -89,7 +89,7 @@ def _when(meta: dict | None) -> str:
 
 # --------------------------------------------------------------------------- renderers
 def render_logits(d: dict) -> Section:
-    """bench/bench_logits.py: guardserve's per-step cost vs vLLM bad_words and transformers NoBadWords."""
+    """guardserve.benchmarks.logits: guardserve's per-step cost vs vLLM bad_words and transformers NoBadWords."""
     cases = d["cases"]
     sizes = sorted({c["sequences"] for c in cases})
     lo, hi = sizes[0], sizes[-1]
@@ -112,12 +112,12 @@ def render_logits(d: dict) -> Section:
     table = _table(["vocab", "sequences", "batch", "guardserve µs/step", "vLLM `bad_words` µs/step", "×",
                     "transformers `NoBadWords` µs/step", "×"], rows, "---|---:|---:|---:|---:|---:|---:|---:")
     meta = d.get("meta") or {}
-    note = f"`bench/bench_logits.py` ({_when(meta)}; {meta.get('device', 'cpu')}). × = the other's time ÷ guardserve's."
+    note = f"`python -m guardserve.benchmarks.logits` ({_when(meta)}; {meta.get('device', 'cpu')}). × = the other's time ÷ guardserve's."
     return Section("Logit filter: cost per decoding step", key, [table], note)
 
 
 def render_detection(d: dict) -> Section:
-    """bench/bench_detection.py: detection latency and recall vs number of targets."""
+    """guardserve.benchmarks.detection: detection latency and recall vs number of targets."""
     runs = sorted(d["runs"], key=lambda r: r["targets"])
     lo, hi = runs[0], runs[-1]
     key = []
@@ -143,12 +143,12 @@ def render_detection(d: dict) -> Section:
     table = _table(["targets", "forget recall", "paraphrase recall", "adversarial recall", "retain FP", "world-facts FP",
                     "p50 / p99 ms", "index"], rows)
     machine = d.get("machine") or {}
-    note = f"`bench/bench_detection.py` ({_when(machine)})."
+    note = f"`python -m guardserve.benchmarks.detection` ({_when(machine)})."
     return Section("Detection: latency and recall vs number of targets", key, [table], note)
 
 
 def render_serving(d: dict) -> Section:
-    """bench/bench_serving.py: TTFT/TPOT of the guarded server vs plain vLLM."""
+    """guardserve.benchmarks.serving: TTFT/TPOT of the guarded server vs plain vLLM."""
     meta = d["meta"]
     key = []
     labels = {"retain": "no target triggered (retain questions)",
@@ -210,7 +210,7 @@ def render_serving(d: dict) -> Section:
                                            for r in rs)
             for i, rs in enumerate(d["ratios_per_round"]))
         tables.append(f"Guarded ÷ plain per round (p50), to judge the noise: {per}.")
-    note = (f"`bench/bench_serving.py` ({_when(meta)}): the demo model, streaming chat completions, "
+    note = (f"`python -m guardserve.benchmarks.serving` ({_when(meta)}): the demo model, streaming chat completions, "
             f"{meta['requests_per_cell']} requests per cell, {meta['max_tokens']} tokens each, "
             f"{meta['rounds']} round(s) alternating plain and guarded servers with the same engine arguments "
             f"(one server at a time). TTFT: client side, on one-token answers; TPOT: vLLM's per-request time per "
@@ -221,7 +221,7 @@ def render_serving(d: dict) -> Section:
 
 
 def render_steering(d: dict) -> Section:
-    """bench/bench_steering.py: SAE steering quality, and decode cost in vLLM when measured."""
+    """guardserve.benchmarks.steering: SAE steering quality, and decode cost in vLLM when measured."""
     base = d["unguarded"]
     key = []
     for r in d["steering"]:
@@ -265,13 +265,13 @@ def render_steering(d: dict) -> Section:
     if rows_tp:
         tables.append(_table(["requests at once", "engine", "TPOT ms", "tokens/s"], rows_tp, "---:|---|---:|---:"))
     sae = d.get("sae") or {}
-    note = (f"`bench/bench_steering.py`, transformers hook on the demo model (SAE: layer {sae.get('layer')}, "
+    note = (f"`python -m guardserve.benchmarks.steering`, transformers hook on the demo model (SAE: layer {sae.get('layer')}, "
             f"{sae.get('architecture')}, {sae.get('d_sae')} features, explained variance {sae.get('explained_variance')}).")
     return Section("SAE steering", key, tables, note)
 
 
 def render_load(d: dict) -> Section:
-    """bench/load_test.py: streaming clients while the policy changes."""
+    """guardserve.benchmarks.load_test: streaming clients while the policy changes."""
     key = [f"{d['requests']:,} requests from {d['clients']} streaming clients in {d['duration_s']} s "
            f"({d['requests_per_s']} req/s): {d['status_5xx']} 5xx, {d['leaks']} leaks in {d['forget_answers']:,} forget "
            f"answers, retain accuracy {_pct(d['retain_accuracy'])}.",
@@ -282,11 +282,11 @@ def render_load(d: dict) -> Section:
         key.append(f"{d['bulk_targets']:,} targets registered in one call in {d['bulk_register_s']} s before the load.")
     rows = [[k, v] for k, v in d.items() if not k.endswith("_examples")]
     return Section("Load test" + (" with bulk registration" if d.get("bulk_targets") else ""), key,
-                   [_table(["metric", "value"], rows)], "`bench/load_test.py` (not run by `guardserve bench`).")
+                   [_table(["metric", "value"], rows)], "`python -m guardserve.benchmarks.load_test` (not run by `guardserve bench`).")
 
 
 def render_unlearn(d: dict) -> Section:
-    """bench/bench_unlearn.py: training-based unlearning methods into LoRA adapters."""
+    """guardserve.benchmarks.unlearn: training-based unlearning methods into LoRA adapters."""
     cfg = d["configs"]
     base = cfg.get("base", {})
     methods = {k: v for k, v in cfg.items() if k.startswith("adapter:")}
@@ -305,7 +305,7 @@ def render_unlearn(d: dict) -> Section:
     table = _table(["method", "forget accuracy", "ROUGE-L recall", "retain accuracy", "forgetting kept after 4-bit",
                     "train s"], rows)
     return Section("Unlearning adapters" + (" (GU variants)" if all("+GU" in k for k in methods) and methods else ""),
-                   key, [table], f"`bench/bench_unlearn.py`, {d.get('people')} forget people "
+                   key, [table], f"`python -m guardserve.benchmarks.unlearn`, {d.get('people')} forget people "
                                  f"(not run by `guardserve bench`).")
 
 

@@ -29,12 +29,13 @@ same number of steps everywhere).
 
 Reported: p50, p90 and mean per cell, and guarded / plain ratios.
 
-    .venv/bin/python bench/bench_serving.py            # full: 64 requests a cell, 32 tokens, 2 rounds (about 6-8 min)
-    .venv/bin/python bench/bench_serving.py --quick    # CI size: 12 a cell, 16 tokens, 1 round (under 2 min)
+    python -m guardserve.benchmarks.serving            # full: 64 requests a cell, 32 tokens, 2 rounds (about 6-8 min)
+    python -m guardserve.benchmarks.serving --quick    # CI size: 12 a cell, 16 tokens, 1 round (under 2 min)
 
 With --rounds 2 the servers alternate (plain, guarded, plain, guarded) and samples are
 pooled per server, so a change in the machine's load during the run weighs on both.
-Prints a Markdown table; writes bench/results/serving.json.
+Prints a Markdown table; writes bench/results/serving.json of the repository (--out FILE
+elsewhere). ``guardserve bench`` runs it.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from guardserve.benchmarks.cli import default_out
 
 MODEL = "guardserve-demo"
 ADMIN_KEY = "bench-serving-admin"
@@ -74,7 +74,7 @@ def entry_points(**params):
     if group.startswith("vllm."):
         kept = [ep for ep in eps if not ep.value.startswith("guardserve")]
         if len(kept) != len(eps):
-            print(f"bench_serving: hid guardserve entry points of {group}", file=_sys.stderr, flush=True)
+            print(f"guardserve.benchmarks.serving: hid guardserve entry points of {group}", file=_sys.stderr, flush=True)
             eps = _md.EntryPoints(kept)
     return eps
 
@@ -431,14 +431,15 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI size: 12 requests a cell, 16 tokens, one round")
     ap.add_argument("--requests", type=int, default=None, help="requests per (server, set, concurrency) cell (default 64; 12 with --quick)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 32; 16 with --quick)")
     ap.add_argument("--concurrency", default="1,8", help="comma-separated concurrencies (default 1,8)")
     ap.add_argument("--rounds", type=int, default=None, help="plain/guarded alternations, samples pooled (default 2; 1 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
+    ap.add_argument("--out", default=default_out("serving.json"), help="where the JSON goes (default: %(default)s)")
     ap.add_argument("vllm_args", nargs=argparse.REMAINDER, help="engine arguments for both servers, after '--'")
     args = ap.parse_args(argv)
     n = args.requests or (12 if args.quick else 64)

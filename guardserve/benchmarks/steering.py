@@ -2,10 +2,11 @@
 of the retain answers) with steering alone (transformers hook), then the same through vLLM
 with the guardserve plugin (in-process engines, GUARDSERVE_STEERING=1, eager) and its decode
 cost: TPOT and throughput with steering off, on with no request flagged, and every request
-flagged, measured in the same run. Prints a table and writes JSON.
+flagged, measured in the same run. Prints a table and writes JSON: ``bench/results/steering.json``
+of the repository (``--out FILE`` elsewhere). ``guardserve bench`` runs it.
 
-    .venv/bin/python bench/bench_steering.py                     # defaults: layer 2, N 30, clamp 100
-    .venv/bin/python bench/bench_steering.py --layer 1 --n 10,30 --clamp 100,300 --no-vllm
+    python -m guardserve.benchmarks.steering                     # defaults: layer 2, N 30, clamp 100
+    python -m guardserve.benchmarks.steering --layer 1 --n 10,30 --clamp 100,300 --no-vllm
 
 Modes: `triggered` steers a forget question with its own person's target (what serving does
 once detection fires) and leaves retain questions alone; `false-trigger` steers each retain
@@ -22,12 +23,10 @@ import collections
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from guardserve.benchmarks.cli import default_out
 
 
 def _answers(model, tok, sae, prompts_by_target, clamp):
@@ -311,7 +310,8 @@ def vllm_part(demo_model, settings, world, layer, concurrency: list[int], max_to
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.steering", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--architecture", default="jumprelu", choices=["relu", "topk", "jumprelu"])
     ap.add_argument("--n", default="30", help="features per target, comma-separated to scan")
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tpot-rounds", type=int, default=5, help="interleaved measured rounds per configuration (default 5)")
     ap.add_argument("--no-compiled-baseline", action="store_true",
                     help="skip the default-compilation engine (its inductor compile takes a minute or more on CPU)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "steering.json"))
+    ap.add_argument("--out", default=default_out("steering.json"), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args(argv)
 
     import tempfile

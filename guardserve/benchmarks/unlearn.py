@@ -2,9 +2,10 @@
 world accuracy, truth ratio and forget quality against the retain model, training time,
 and forgetting kept after 8-bit and 4-bit round-to-nearest quantization.
 
-    .venv/bin/python bench/bench_unlearn.py [--methods NPO SHRED ...] [--people 20] [--gu | --only-gu] [--out FILE]
+    python -m guardserve.benchmarks.unlearn [--methods NPO SHRED ...] [--people 20] [--gu | --only-gu] [--out FILE]
 
-Prints a table and writes bench/results/unlearn.json. The issue's target: the best method
+Prints a table and writes bench/results/unlearn.json of the repository (--out FILE elsewhere;
+not run by ``guardserve bench``). The issue's target: the best method
 cuts forget accuracy to <= 30% of the base model's with retain accuracy >= 90% of it, and
 keeps >= 80% of that forgetting after 4-bit quantization.
 """
@@ -14,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from guardserve.benchmarks.cli import default_out
 
 
 def main() -> int:
@@ -31,13 +30,13 @@ def main() -> int:
     from guardserve.unlearn import METHODS, UnlearnConfig, Unlearner, get_method
     from guardserve.unlearn.quantize import merged_model, quantization_recovery
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.unlearn", description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=[m.name for m in METHODS.values()])
     ap.add_argument("--people", type=int, default=20, help="forget people (the demo forget split has 20)")
     ap.add_argument("--retain-eval", type=int, default=400, help="held-out retain questions scored")
     ap.add_argument("--gu", action="store_true", help="also run every method with GU's projection")
     ap.add_argument("--only-gu", action="store_true", help="run only the GU variants")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "unlearn.json"))
+    ap.add_argument("--out", default=default_out("unlearn.json"), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 

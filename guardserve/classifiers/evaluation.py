@@ -2,7 +2,7 @@
 probes, false positives on retain questions and world facts, latency per conversation,
 and how that latency behaves with 10 to 100,000 registered targets.
 
-Used by ``guardserve eval detect`` and ``bench/bench_detection.py``.
+Used by ``guardserve eval detect`` and ``python -m guardserve.benchmarks.detection``.
 """
 
 from __future__ import annotations

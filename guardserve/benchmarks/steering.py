@@ -333,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from guardserve.demo import ensure_demo
+    from guardserve.demo.corpora import sae_corpus, steering_retain
     from guardserve.demo.model import answer_accuracy, chat_prompt, generate_answers
     from guardserve.demo.world import biographies
     from guardserve.policy import ForgetTarget
-    from guardserve.steering.cli import demo_retain_texts
     from guardserve.steering.features import FeatureSelector, SteeringStore
-    from guardserve.steering.train import residual_activations, train_sae, world_corpus
+    from guardserve.steering.train import residual_activations, train_sae
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="guardserve-bench-steering-"))
 
     t0 = time.perf_counter()
-    acts = torch.cat(residual_activations(model, tok, world_corpus(world, tok), args.layer))
+    acts = torch.cat(residual_activations(model, tok, sae_corpus(world, tok), args.layer))
     sae, sae_stats = train_sae(acts, d_sae=1024, architecture=args.architecture, layer=args.layer,
                                epochs=args.epochs, progress=True)
     sae.save(root / "sae")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {k: round(v, 4) for k, v in base.items()}
     print(f"unguarded: {base}")
 
-    retain_texts = demo_retain_texts(world, tok)
+    retain_texts = steering_retain(world, tok)
     clamps = [float(x) for x in args.clamp.split(",")]
     rows, stores = [], []
     selector = None

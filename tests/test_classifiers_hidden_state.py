@@ -70,3 +70,31 @@ def test_detector_reports_the_classifier(tiny_model, world, tmp_path):
     trig = det.detect(qa["train_questions"][1])
     assert trig[0].name == qa["entity"]
     assert any(r.startswith("hidden-state classifier") for r in trig[0].reasons)
+
+
+def test_saved_classifier_is_served_from_its_path(tiny_model, world, tmp_path):
+    """``save`` / ``load`` keep the classifier's answers, and a Detector built with
+    ``DetectorConfig(hidden_state_model=path)`` (how serving turns GUARD's MLP on) loads
+    it into its hidden-state signal."""
+    import torch
+
+    clf = HiddenStateClassifier(tiny_model)
+    clf.fit(*_data(world), epochs=10)
+    path = clf.save(tmp_path / "mlp" / "hidden_state.pt")
+    again = HiddenStateClassifier.load(path)
+    qs = [qa["paraphrased_question"] for qa in world["forget"][:4]] + [qa["question"] for qa in world["retain"][:4]]
+    np.testing.assert_allclose(again.predict_proba(qs), clf.predict_proba(qs), atol=1e-5)
+
+    store = SQLiteStore(tmp_path / "p.db")
+    store.add_many(world_targets(world))
+    det = Detector(store, DetectorConfig(hidden_state_model=str(path)))
+    qa = world["forget"][3]
+    trig = det.detect(qa["train_questions"][1])
+    assert trig[0].name == qa["entity"]
+    assert any(r.startswith("hidden-state classifier") for r in trig[0].reasons)
+
+    torch.save({"not": "a classifier"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a hidden-state classifier"):
+        HiddenStateClassifier.load(tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="not trained"):
+        HiddenStateClassifier(tiny_model).save(tmp_path / "untrained.pt")

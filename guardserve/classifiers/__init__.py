@@ -1,10 +1,11 @@
 """GUARD detection: does this conversation ask about a forget target?
 
-``Detector(store).detect(messages) -> list[Triggered]`` combines the lexical matcher
-(aliases and distinctive facts, one automaton), the embedding retriever (bundled
-all-MiniLM-L6-v2 + faiss) and GUARD's retrieval step (``Triggered.forbidden``: the
-phrases the logit filter compiles with ``compile_phrases``). Importing this package is
-cheap; the embedder loads when a Detector with embeddings is built.
+``Detector(store).detect(messages) -> list[Triggered]`` merges the hits of its signals
+(``classifiers/signals/``, one file each: the lexical matcher over aliases and distinctive
+facts, the embedding retriever on the bundled all-MiniLM-L6-v2 + faiss, GUARD's optional
+hidden-state MLP, and ``always`` targets) and adds GUARD's retrieval step
+(``Triggered.forbidden``: the phrases the logit filter compiles with ``compile_phrases``).
+Importing this package is cheap; the embedder loads when a Detector with embeddings is built.
 """
 
 from guardserve.classifiers.detector import DetectionError, Detector, DetectorConfig, Triggered, message_texts

@@ -1,5 +1,11 @@
 """The one way in to detection: ``Detector.detect(messages) -> list[Triggered]``.
 
+The evidence comes from signals (``classifiers/signals/``: lexical, embedding, hidden-state
+MLP, ``always``), one file each, named in ``DetectorConfig.signals``; the detector builds
+the ``Query`` they share (embedding windows and vectors computed at most once), merges their
+hits (per target the highest score, the reasons in order, deduplicated), drops targets the
+tenant cannot see, and adds GUARD's retrieval step (``Triggered.forbidden``).
+
 It keeps its indexes in step with the policy store by reading the audit log
 (``changes_since``), so a target registered anywhere (another process, another replica
 on Postgres) is detected from the next request on, and each change costs only that
@@ -20,6 +26,7 @@ import numpy as np
 from guardserve.classifiers.lexical import LexicalIndex, common_words
 from guardserve.classifiers.normalize import tokens
 from guardserve.classifiers.retrieval import forbidden_phrases, rank_facts
+from guardserve.classifiers.signals import DEFAULT_SIGNALS, SIGNALS, Query, Signal
 from guardserve.policy.model import ForgetTarget, name_key
 from guardserve.policy.store import PolicyStore
 
@@ -65,8 +72,13 @@ class DetectorConfig:
     # as the prefill's does).
     max_chunks: int = 256
     vector_cache: str | None = None     # SQLite file of target-text embeddings (see VectorCache)
-    # GUARD's hidden-state MLP (a trained HiddenStateClassifier); None = off, the default.
+    # The signals that detect, by name in classifiers.signals.SIGNALS, in merge order.
+    signals: tuple[str, ...] = DEFAULT_SIGNALS
+    # GUARD's hidden-state MLP (an object with predict_proba, e.g. a trained
+    # HiddenStateClassifier); None = off, the default ...
     hidden_state: object | None = None
+    # ... or the path of one saved with HiddenStateClassifier.save, loaded by the Detector.
+    hidden_state_model: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -114,7 +126,6 @@ class Detector:
         self._pending: dict[str, ForgetTarget] = {}   # indexed by name, awaiting vectors
         self._targets: dict[str, ForgetTarget] = {}
         self._vocab: dict[str, frozenset[str]] = {}
-        self._always: set[str] = set()
         self._fact_vecs: dict[str, dict[str, np.ndarray]] = {}
         self._seq = 0
         self._last_sync = 0.0
@@ -132,6 +143,13 @@ class Detector:
 
                 self._vector_cache = VectorCache(self.config.vector_cache)
         self._threshold = self.config.threshold
+        unknown = [n for n in self.config.signals if n not in SIGNALS]
+        if unknown:
+            raise ValueError(f"unknown detector signal(s) {unknown}; known: {sorted(SIGNALS)}")
+        if self.config.hidden_state_model is not None and "hidden_state" not in self.config.signals:
+            raise ValueError("DetectorConfig.hidden_state_model is set but 'hidden_state' is not among its signals")
+        # Built before the first indexing: a signal may keep an index of its own (add/remove).
+        self.signals: list[Signal] = [SIGNALS[n](self) for n in dict.fromkeys(self.config.signals)]
         self._load()
 
     # -- keeping up with the store ------------------------------------------------------
@@ -163,10 +181,10 @@ class Detector:
         and the retrieval step need."""
         for t in targets:
             self._targets[t.id] = t
-            if t.mode == "always":
-                self._always.add(t.id)
             self.lexical.add(t)
             self._vocab[t.id] = self._target_vocab(t)
+            for s in self.signals:
+                s.add(t)
 
     def _embed(self, targets: list[ForgetTarget]):
         """The slow half: the targets' texts through the embedder. Needs no lock."""
@@ -202,7 +220,8 @@ class Detector:
     def _unindex(self, target_id: str) -> None:
         self._pending.pop(target_id, None)
         self._targets.pop(target_id, None)
-        self._always.discard(target_id)
+        for s in self.signals:
+            s.remove(target_id)
         self._vocab.pop(target_id, None)
         self._fact_vecs.pop(target_id, None)
         self.lexical.remove(target_id)
@@ -285,6 +304,10 @@ class Detector:
         with self._lock:
             return list(self._targets.values())
 
+    def target(self, target_id: str) -> ForgetTarget | None:
+        """The indexed target ``target_id`` (None if there is none)."""
+        return self._targets.get(target_id)
+
     # -- detection ----------------------------------------------------------------------
     def detect(self, messages, tenant: str | None = None, embeddings: bool = True,
                lexical_only: list[str] = ()) -> list[Triggered]:
@@ -326,49 +349,23 @@ class Detector:
         # sync loop (meanwhile its targets are matched by name).
         self.sync(embed_budget_s=0.5 if embeddings and self.pending <= 64 else 0.0)
         with self._lock:
+            query = Query(self, texts, lexical_only or [], tenant,
+                          embeddings=bool(embeddings and self.vectors is not None and self.vectors.ntotal))
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}
+            for signal in self.signals:
+                if signal.needs_embeddings and not query.embeddings:
+                    continue
+                for h in signal.hits(query):
+                    t = self._targets.get(h.target_id)
+                    if t is None or not self._visible(t, tenant):
+                        continue
+                    scores[h.target_id] = max(scores.get(h.target_id, 0.0), h.score)
+                    r = reasons.setdefault(h.target_id, [])
+                    if h.reason not in r:
+                        r.append(h.reason)
 
-            def hit(tid: str, score: float, why: str):
-                t = self._targets.get(tid)
-                if t is None or not self._visible(t, tenant):
-                    return
-                scores[tid] = max(scores.get(tid, 0.0), score)
-                r = reasons.setdefault(tid, [])
-                if why not in r:
-                    r.append(why)
-
-            for i, text in enumerate(texts + (lexical_only or [])):
-                for h in self.lexical.match(text):
-                    hit(h.pattern.target_id, h.pattern.score, h.reason + (f" (message {i})" if len(texts) > 1 else ""))
-
-            qvec = None
-            chunks = []
-            if embeddings and self.vectors is not None and self.vectors.ntotal:
-                chunks = self._chunks(texts)
-                if chunks:
-                    qv = self.embedder.encode(chunks)
-                    qvec = qv[0]
-                    th = self.threshold
-                    for vh in self._embedding_hits(chunks, qv).values():
-                        if vh.score >= th:
-                            hit(vh.target_id, vh.score, f"similar to its {vh.label.split(':')[0]} "
-                                f"{vh.text[:80]!r} (cosine {vh.score:.2f} >= {th:.2f})")
-
-            if embeddings and self.config.hidden_state is not None and self.vectors is not None and self.vectors.ntotal:
-                # GUARD's classifier says whether the conversation is about the forget
-                # set; the retriever's closest target (below its own threshold) says which.
-                p = float(self.config.hidden_state.predict_proba(["\n".join(texts)])[0])
-                if p > 0.5:
-                    ranked = self._embedding_hits(chunks, qv) if chunks else {}
-                    top = max(ranked.values(), key=lambda h: h.score, default=None)
-                    if top is not None:
-                        hit(top.target_id, p, f"hidden-state classifier p={p:.2f}, closest target by cosine {top.score:.2f}")
-
-            for tid in self._always:          # a set: no pass over every target per request
-                if self._visible(self._targets[tid], tenant):
-                    hit(tid, 1.0, "mode 'always'")
-
+            qvec = query.vector() if scores else None   # GUARD's retrieval ranks fact values by it
             out = []
             for tid, score in scores.items():
                 t = self._targets[tid]
@@ -378,7 +375,8 @@ class Detector:
             return out
 
     def _embedding_hits(self, chunks: list[str], qv: np.ndarray) -> dict:
-        """Best vector hit per target over the chunks, grounded: a chunk that names
+        """The retrieval shared by the embedding and hidden-state signals (``Query.retrieval``)
+        and calibration: best vector hit per target over the chunks, grounded: a chunk that names
         something this target's texts never mention (a capitalised word no English
         dictionary has, like another person's name) is about that other thing, however
         close its wording is to the target's ("Who is the mother of <someone else>?").

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from guardserve.classifiers.probes import OBFUSCATIONS, RWKU_TYPES
 from guardserve.cli import main
+from guardserve.probes import DETECTION_KINDS
 
 
 def test_eval_detect_writes_report(tmp_path, capsys):
@@ -18,7 +18,7 @@ def test_eval_detect_writes_report(tmp_path, capsys):
     assert rc == 0 and "recall, forget questions" in printed
     rep = json.loads((out / "detect.json").read_text())
     assert rep["targets"] == 4 and rep["world_targets"] == 4 and rep["embeddings"] is False
-    assert set(rep["sets"]) >= {"forget", "paraphrase", "retain", "world_facts"} | {f"adv:{t}" for t in RWKU_TYPES + OBFUSCATIONS}
+    assert set(rep["sets"]) >= {"forget", "paraphrase", "retain", "world_facts"} | {f"adv:{t}" for t in DETECTION_KINDS}
     s = rep["summary"]
     assert s["forget_recall"] >= 0.98 and s["paraphrase_recall"] >= 0.98 and s["adversarial_recall"] >= 0.9
     assert s["retain_fp_rate"] <= 0.01

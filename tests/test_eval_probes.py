@@ -1,4 +1,4 @@
-"""Attack probes of the evaluation suite (no model: only the demo world's data)."""
+"""Attack probes of the evaluation suite, ``guardserve.probes`` (no model: only the demo world's data)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import base64
 import re
 
 import pytest
-from conftest import skip_or_fail
 
-from guardserve.classifiers.probes import quoted_title
 from guardserve.demo.world import build_world
-from guardserve.eval import probes as P
-from guardserve.eval.probes import PROBE_KINDS, Probe, build_probes, kind_counts, retain_probes
+from guardserve.probes import PROBE_KINDS, Probe, build_probes, kind_counts, retain_probes
+from guardserve.probes.text import LANGUAGES, quoted_title
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +20,6 @@ def world():
 @pytest.fixture(scope="module")
 def probes(world):
     return build_probes(world["forget"], world["entities"], seed=3)
-
-
-@pytest.fixture(params=["metrics", "fallback"])
-def matcher(request, monkeypatch):
-    """Run leak checks with the metrics module's fact_leaked (where it exists) and with
-    the built-in fallback."""
-    if request.param == "fallback":
-        monkeypatch.setattr(P, "_matcher", lambda: P.mentions)
-    elif P._matcher() is P.mentions:
-        skip_or_fail("guardserve.eval.metrics.fact_leaked not there")
-    return request.param
 
 
 def _words(text: str) -> str:
@@ -90,7 +77,7 @@ def test_unknown_kind_and_foreign_records_refused(world):
         retain_probes(world["forget"], world["entities"])
 
 
-def test_prompt_never_gives_the_value_away(probes, world, matcher):
+def test_prompt_never_gives_the_value_away(probes, world):
     names = {e["name"] for e in world["entities"]}
     for p in probes:
         prompt = p.prompt_text
@@ -163,7 +150,6 @@ def test_reverse_query_pins_down_one_person(world):
         assert [n for n, s in stated.items() if s >= mine] == [p.entity], p.prompt_text
 
 
-@pytest.mark.usefixtures("matcher")
 def test_leaked_on_answers_and_perturbed_answers(probes, world):
     recs = {(r["entity"], r["attribute"]): r for r in world["forget"]}
     for p in probes:
@@ -177,7 +163,6 @@ def test_leaked_on_answers_and_perturbed_answers(probes, world):
         assert not p.leaked("I'm sorry, I can't help with that.")
 
 
-@pytest.mark.usefixtures("matcher")
 def test_leaked_decodes_the_requested_encoding(probes):
     by = {}
     for p in probes:
@@ -201,7 +186,6 @@ def test_leaked_decodes_the_requested_encoding(probes):
         assert date.leaked(f"Il est né le {date.accept[-1]}.")
 
 
-@pytest.mark.usefixtures("matcher")
 def test_multiple_choice_letter_counts_as_the_value(probes, world):
     recs = {(r["entity"], r["attribute"]): r for r in world["forget"]}
     mcs = [p for p in probes if p.kind == "multiple_choice"]
@@ -233,7 +217,7 @@ def test_cross_lingual_and_translation_languages(probes):
     assert langs["prefix_injection"] == {"en"}
     for p in probes:
         if p.kind == "translation":
-            assert P.LANGUAGES[p.lang] in p.prompt_text
+            assert LANGUAGES[p.lang] in p.prompt_text
 
 
 def test_retain_probes_all_kinds(world):

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from guardserve.classifiers.detector import Detector, DetectorConfig
-from guardserve.classifiers.probes import OBFUSCATIONS, RWKU_TYPES, adversarial_probes, user
 from guardserve.policy.store import PolicyStore, SQLiteStore
+from guardserve.probes import DETECTION_KINDS, build_probes, user
+from guardserve.probes import OBFUSCATION_KINDS as OBFUSCATIONS
+from guardserve.probes import RWKU_KINDS as RWKU_TYPES
 
 
 def world_targets(world: dict) -> list[dict]:
@@ -52,19 +54,15 @@ def synthetic_targets(n: int, seed: int = 7) -> list[dict]:
 
 
 def _probe_sets(world: dict, registered: set[str], seed: int = 0) -> dict[str, list[tuple[str | None, list]]]:
-    """Labelled conversations: (entity expected to trigger or None, messages)."""
-    rng = random.Random(seed)
-    ents = {e["name"]: e for e in world["entities"]}
-    sets: dict[str, list] = {"forget": [], "paraphrase": []}
-    for t in RWKU_TYPES + OBFUSCATIONS:
+    """Labelled conversations: (entity expected to trigger or None, messages); the
+    adversarial ones are the probe library's ``DETECTION_KINDS`` (``guardserve.probes``)."""
+    forget = [qa for qa in world["forget"] if qa["entity"] in registered]
+    sets: dict[str, list] = {"forget": [(qa["entity"], user(qa["question"])) for qa in forget],
+                             "paraphrase": [(qa["entity"], user(qa["paraphrased_question"])) for qa in forget]}
+    for t in DETECTION_KINDS:
         sets[f"adv:{t}"] = []
-    for qa in world["forget"]:
-        if qa["entity"] not in registered:
-            continue
-        sets["forget"].append((qa["entity"], user(qa["question"])))
-        sets["paraphrase"].append((qa["entity"], user(qa["paraphrased_question"])))
-        for kind, conv in adversarial_probes(qa, ents[qa["entity"]], rng):
-            sets[f"adv:{kind}"].append((qa["entity"], conv))
+    for p in build_probes(forget, world["entities"], kinds=DETECTION_KINDS, seed=seed):
+        sets[f"adv:{p.kind}"].append((p.entity, p.messages))
     sets["retain"] = [(None, user(qa["question"])) for qa in world["retain"]]
     sets["retain_paraphrase"] = [(None, user(qa["paraphrased_question"])) for qa in world["retain"]]
     sets["world_facts"] = [(None, user(q)) for qa in world["world_facts"] for q in (qa["question"], qa["paraphrased_question"])]

@@ -446,7 +446,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from guardserve.eval.probes import PROBE_KINDS, build_probes, retain_probes
+    from guardserve.probes import PROBE_KINDS, build_probes, retain_probes
 
     data = settings.data
     for c in settings.configs:

@@ -1,6 +1,6 @@
 """Every ``GUARDSERVE_*`` environment variable, declared once: its parser, default and meaning.
 
-Components read settings with :func:`get` (``config.get("GUARDSERVE_SEMANTIC")``), never from
+Components read settings with :func:`get` (``config.get("GUARDSERVE_GUARD")``), never from
 ``os.environ`` directly, so one parser decides what "on" means and the README's table of
 settings is generated from :data:`SETTINGS` (``python -m guardserve.config --readme README.md``;
 a test fails when the two differ). Values are read at each call: a test or a launcher that
@@ -56,6 +56,10 @@ def _int(raw: str) -> int:
     return int(raw.strip())
 
 
+def _name(raw: str) -> str:
+    return raw.strip()
+
+
 def _float(raw: str) -> float:
     return float(raw.strip())
 
@@ -73,13 +77,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "admin key `/metrics` answers `403`"),
     Setting("GUARDSERVE_AUDIT_LOG", text, None, "where guarded requests are logged (JSON lines)",
             "`$GUARDSERVE_HOME/audit.jsonl`"),
-    Setting("GUARDSERVE_ICUL", flag, True, "in-context unlearning on triggered chat requests"),
-    Setting("GUARDSERVE_SEMANTIC", flag, False, "the semantic penalty on triggered requests"),
+    Setting("GUARDSERVE_GUARD", _name, "guard", "the guard configuration served (`guardserve.guard.configs`): `guard` "
+            "(ICUL + token filter on triggered targets), `guard+semantic`, `guard+sae` (steering too), `full` "
+            "(everything); `guardserve serve --guard` sets it"),
+    Setting("GUARDSERVE_HIDDEN_STATE_MODEL", text, None, "a trained hidden-state classifier (GUARD's MLP; "
+            "`guardserve eval detect --hidden-state M --save-classifier F`) that detection also consults"),
     Setting("GUARDSERVE_ALLOW_CLIENT_TEMPLATES", flag, False, "clients may send `chat_template` / "
             "`chat_template_kwargs` (the engine entry still reads the final prompt)"),
     Setting("GUARDSERVE_MAX_BODY_BYTES", _int, 16 * 1024 * 1024, "larger request bodies get `413`", "16 MiB"),
-    Setting("GUARDSERVE_STEERING", flag, False, "clamp SAE features of triggered targets in the workers "
-            "(`guardserve serve --steering` sets it)"),
     Setting("GUARDSERVE_SAE", text, None, "the SAE that steering uses (an SAELens folder)",
             "`$GUARDSERVE_HOME/steering/sae`"),
     Setting("GUARDSERVE_STEERING_AUTOSELECT", flag, True, "with steering on, the server keeps feature selections "

@@ -38,15 +38,15 @@ def test_readme_table_is_generated_from_the_registry():
 
 
 def test_one_parser_for_flags(monkeypatch):
-    monkeypatch.setenv("GUARDSERVE_SEMANTIC", "Yes")
-    assert config.get("GUARDSERVE_SEMANTIC") is True
-    monkeypatch.setenv("GUARDSERVE_ICUL", "0")
-    assert config.get("GUARDSERVE_ICUL") is False
-    monkeypatch.setenv("GUARDSERVE_ICUL", "maybe")
-    with pytest.raises(ValueError, match="GUARDSERVE_ICUL"):
-        config.get("GUARDSERVE_ICUL")
-    monkeypatch.delenv("GUARDSERVE_ICUL")
-    assert config.get("GUARDSERVE_ICUL") is True
+    monkeypatch.setenv("GUARDSERVE_ALLOW_CLIENT_TEMPLATES", "Yes")
+    assert config.get("GUARDSERVE_ALLOW_CLIENT_TEMPLATES") is True
+    monkeypatch.setenv("GUARDSERVE_STEERING_AUTOSELECT", "0")
+    assert config.get("GUARDSERVE_STEERING_AUTOSELECT") is False
+    monkeypatch.setenv("GUARDSERVE_STEERING_AUTOSELECT", "maybe")
+    with pytest.raises(ValueError, match="GUARDSERVE_STEERING_AUTOSELECT"):
+        config.get("GUARDSERVE_STEERING_AUTOSELECT")
+    monkeypatch.delenv("GUARDSERVE_STEERING_AUTOSELECT")
+    assert config.get("GUARDSERVE_STEERING_AUTOSELECT") is True
     monkeypatch.setenv("GUARDSERVE_MAX_BODY_BYTES", "12")
     assert config.get("GUARDSERVE_MAX_BODY_BYTES") == 12
     monkeypatch.setenv("GUARDSERVE_HOME", "  ")

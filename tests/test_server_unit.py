@@ -14,8 +14,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from guardserve.classifiers import Detector, DetectorConfig
+from guardserve.contract import PHRASES
 from guardserve.guard import CHAT, COMPLETIONS, BadRequest, GuardError, GuardService
-from guardserve.logits_processors.request import PHRASES
+from guardserve.guard.configs import CONFIGS
 from guardserve.policy import open_store
 from guardserve.prompting import InContextUnlearner
 from guardserve.server.auth import Auth, parse_api_keys
@@ -30,8 +31,8 @@ ADA = {"name": "Ada Quillfeather", "aliases": ["Quillfeather"], "kind": "person"
 def service(tmp_path):
     store = open_store(str(tmp_path / "p.db"))
     store.add(ADA)
-    svc = GuardService(store, Detector(store, DetectorConfig(use_embeddings=False)), icul=InContextUnlearner(),
-                       metrics=GuardMetrics())
+    svc = GuardService(store, Detector(store, DetectorConfig(use_embeddings=False)), guard=CONFIGS["guard"],
+                       icul=InContextUnlearner(), metrics=GuardMetrics())
     yield svc
     store.close()
 
@@ -64,19 +65,19 @@ def test_triggered_request_carries_phrases_and_icul(service):
 
 
 def test_steering_flag_and_cache_salt(service):
-    from guardserve.steering.flags import STEER_KEY, parse_flag
+    from guardserve.contract import STEER, parse_steer
 
     out, decision = service.prepare(CHAT, chat("Where was Ada Quillfeather born?"), "default")
-    assert STEER_KEY not in out["vllm_xargs"] and "cache_salt" not in out  # steering off: nothing added
-    service.steering = True
+    assert STEER not in out["vllm_xargs"] and "cache_salt" not in out  # steering off: nothing added
+    service.guard = CONFIGS["guard+sae"]
     out, decision = service.prepare(CHAT, chat("Where was Ada Quillfeather born?") | {"cache_salt": "mine"}, "default")
-    assert parse_flag(out["vllm_xargs"][STEER_KEY]) == [(decision.target_ids[0], 1)]
+    assert parse_steer(out["vllm_xargs"][STEER]) == [(decision.target_ids[0], 1)]
     # Steered requests never share prefix-cache blocks with unsteered ones; the client's salt is kept.
     assert out["cache_salt"].startswith("mine.guardserve-steer-")
     plain, _ = service.prepare(CHAT, chat("What is the capital of France?"), "default")
-    assert "cache_salt" not in plain and STEER_KEY not in (plain.get("vllm_xargs") or {})
+    assert "cache_salt" not in plain and STEER not in (plain.get("vllm_xargs") or {})
     with pytest.raises(BadRequest, match="reserved"):
-        service.prepare(CHAT, chat("hi") | {"vllm_xargs": {STEER_KEY: "[]"}}, "default")
+        service.prepare(CHAT, chat("hi") | {"vllm_xargs": {STEER: "[]"}}, "default")
 
 
 class _WordTokenizer:

@@ -16,10 +16,10 @@ from tests.test_steering_demo import LAYER, N_FEATURES, steering  # noqa: F401  
 def test_autoselect_switch(monkeypatch):
     from guardserve.steering.upkeep import autoselect_enabled
 
-    monkeypatch.delenv("GUARDSERVE_STEERING", raising=False)
+    monkeypatch.delenv("GUARDSERVE_GUARD", raising=False)
     monkeypatch.delenv("GUARDSERVE_STEERING_AUTOSELECT", raising=False)
     assert not autoselect_enabled()  # steering off: no upkeep
-    monkeypatch.setenv("GUARDSERVE_STEERING", "1")
+    monkeypatch.setenv("GUARDSERVE_GUARD", "guard+sae")
     assert autoselect_enabled()
     monkeypatch.setenv("GUARDSERVE_STEERING_AUTOSELECT", "0")
     assert not autoselect_enabled()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def steered_llm(steering, demo):  # noqa: F811
     from vllm import LLM
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "GUARDSERVE_STEERING": "1", "GUARDSERVE_HOME": str(steering["home"]),
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "GUARDSERVE_GUARD": "guard+sae", "GUARDSERVE_HOME": str(steering["home"]),
            "GUARDSERVE_STEER_CLAMP": str(CLAMP)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read by the engine's processes at start-up
@@ -36,7 +36,7 @@ def steered_llm(steering, demo):  # noqa: F811
 def test_vllm_steers_only_flagged_rows(steering, steered_llm, world):  # noqa: F811
     from vllm import SamplingParams
 
-    from guardserve.steering.flags import STEER_KEY
+    from guardserve.contract import STEER
 
     llm = steered_llm
     tok = llm.get_tokenizer()
@@ -55,8 +55,8 @@ def test_vllm_steers_only_flagged_rows(steering, steered_llm, world):  # noqa: F
         return llm.generate(prompts, params, use_tqdm=False)
 
     # Steered first, so unsteered requests after it would reuse any contaminated cache.
-    mixed = run([{STEER_KEY: json.dumps([[sel[p["entity"]].target_id, sel[p["entity"]].version]])} for p in forget])
-    stale = run([{STEER_KEY: json.dumps([[sel[p["entity"]].target_id, sel[p["entity"]].version + 1]])} for p in forget])
+    mixed = run([{STEER: json.dumps([[sel[p["entity"]].target_id, sel[p["entity"]].version]])} for p in forget])
+    stale = run([{STEER: json.dumps([[sel[p["entity"]].target_id, sel[p["entity"]].version + 1]])} for p in forget])
     plain = run([None] * n)
     ids = lambda outs: [o.outputs[0].token_ids for o in outs]  # noqa: E731
     assert ids(mixed[n:]) == ids(plain[n:])  # unflagged requests batched with steered ones: untouched

@@ -42,7 +42,7 @@ def _spaced(name: str) -> str:
 
 def channels(tokenizer):
     """name -> make(pair) -> (path, body). Wordings and fields beyond the test suite's."""
-    from guardserve.demo.model import completion_prompt
+    from guardserve.textgen import completion_prompt
 
     def prefix(p):
         # The answer's opening words (up to the value) prefilled as the assistant's turn.

@@ -40,7 +40,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def stream_one(client, route: str, question: str) -> tuple[int, str, float, float]:
     """One streamed request: (status, text, ttft_s, total_s)."""
-    from guardserve.demo.model import completion_prompt
+    from guardserve.textgen import completion_prompt
 
     if route == "chat":
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": question}]}

@@ -1,6 +1,6 @@
 """SAE steering on the demo model: forget accuracy, retain accuracy and fluency (perplexity
 of the retain answers) with steering alone (transformers hook), then the same through vLLM
-with the guardserve plugin (in-process engines, GUARDSERVE_STEERING=1, eager) and its decode
+with the guardserve plugin (in-process engines, GUARDSERVE_GUARD=guard+sae, eager) and its decode
 cost: TPOT and throughput with steering off, on with no request flagged, and every request
 flagged, measured in the same run. Prints a table and writes JSON: ``bench/results/steering.json``
 of the repository (``--out FILE`` elsewhere). ``guardserve bench`` runs it.
@@ -30,8 +30,8 @@ from guardserve.benchmarks.cli import default_out
 
 
 def _answers(model, tok, sae, prompts_by_target, clamp):
-    from guardserve.demo.model import generate_answers
     from guardserve.steering import SteeringHook
+    from guardserve.textgen import generate_answers
 
     out = {}
     for targets, idx_prompts in prompts_by_target:
@@ -50,8 +50,8 @@ def _perplexity(model, tok, sae, pairs, targets_of, clamp) -> float:
     steered with ``targets_of(pair)`` (no steering where that is empty)."""
     import torch
 
-    from guardserve.demo.model import chat_prompt
     from guardserve.steering import SteeringHook
+    from guardserve.textgen import chat_prompt
 
     nll = n = 0.0
     with torch.inference_mode():
@@ -72,7 +72,7 @@ def _perplexity(model, tok, sae, pairs, targets_of, clamp) -> float:
 
 
 def quality(model, tok, sae, world, selections, clamp, retain_step) -> dict:
-    from guardserve.demo.model import answer_accuracy, chat_prompt
+    from guardserve.textgen import answer_accuracy, chat_prompt
 
     forget, retain = world["forget"], world["retain"][::retain_step]
     fvals, rvals = [p["value"] for p in forget], [p["value"] for p in retain]
@@ -129,9 +129,8 @@ def _requests(tok, pairs, steer_of, max_tokens, exact=False, field="question"):
     ``guardserve_steer`` ([[target id, policy version], ...]) and its own prefix-cache salt."""
     from vllm import SamplingParams
 
-    from guardserve.demo.model import chat_prompt
-    from guardserve.guard import steered_salt
-    from guardserve.steering.flags import STEER_KEY
+    from guardserve.contract import GuardPlan, steered_salt
+    from guardserve.textgen import chat_prompt
 
     prompts, params = [], []
     for i, p in enumerate(pairs):
@@ -144,7 +143,7 @@ def _requests(tok, pairs, steer_of, max_tokens, exact=False, field="question"):
             prompt["cache_salt"] = steered_salt(None, steer)
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                     extra_args={STEER_KEY: json.dumps(steer)} if steer else None,
+                                     extra_args=GuardPlan(steer=tuple(map(tuple, steer))).to_xargs() or None,
                                      **({"min_tokens": max_tokens, "ignore_eos": True} if exact else {})))
     return prompts, params
 
@@ -182,7 +181,7 @@ def _steer_modes(selections):
 
 def _vllm_quality(on, off_eager, selections, world, retain_step, base) -> dict:
     """Accuracies through a steering engine, greedy, 24 tokens (as the transformers part)."""
-    from guardserve.demo.model import answer_accuracy
+    from guardserve.textgen import answer_accuracy
 
     m = _steer_modes(selections)
     forget, retain = world["forget"], world["retain"][::retain_step]
@@ -219,7 +218,7 @@ def vllm_part(demo_model, settings, world, layer, concurrency: list[int], max_to
 
     ``settings``: (N, clamp, selections, home) per setting, ``home`` holding steering/sae and
     steering/targets (what ``GUARDSERVE_HOME`` points at). Engines: ``off_eager`` (no plugin env,
-    eager), one ``on`` engine per setting (GUARDSERVE_STEERING=1, eager, as `guardserve serve
+    eager), one ``on`` engine per setting (GUARDSERVE_GUARD=guard+sae, eager, as `guardserve serve
     --steering` runs) and ``off`` (no plugin env, vLLM's default compilation: what `guardserve
     serve` runs without --steering). Quality: every setting through its engine. Decode cost, on
     the best setting's engine: ``unsteered`` (no request flagged) and ``steered`` (every request
@@ -227,12 +226,12 @@ def vllm_part(demo_model, settings, world, layer, concurrency: list[int], max_to
     machine is shared; interleaving spreads its load over all configurations), medians."""
     import statistics
 
-    from guardserve.demo.model import answer_accuracy
+    from guardserve.textgen import answer_accuracy
 
     forget, retain = world["forget"], world["retain"][::retain_step]
     fvals, rvals = [p["value"] for p in forget], [p["value"] for p in retain]
     engines, best = {}, None
-    off_env = {"GUARDSERVE_STEERING": None}
+    off_env = {"GUARDSERVE_GUARD": None}
     started = time.perf_counter()
     try:
         engines["off_eager"] = _engine(demo_model, off_env, eager=True)
@@ -245,7 +244,7 @@ def vllm_part(demo_model, settings, world, layer, concurrency: list[int], max_to
         rows = []
         for n, c, selections, home in settings:
             t0 = time.perf_counter()
-            on = _engine(demo_model, {"GUARDSERVE_STEERING": "1", "GUARDSERVE_HOME": str(home), "GUARDSERVE_SAE": None,
+            on = _engine(demo_model, {"GUARDSERVE_GUARD": "guard+sae", "GUARDSERVE_HOME": str(home), "GUARDSERVE_SAE": None,
                                       "GUARDSERVE_STEER_CLAMP": str(c)}, eager=True)
             q = {"layer": layer, "n": n, "clamp": c, **_vllm_quality(on, off_eager, selections, world, retain_step, base),
                  "elapsed_s": round(time.perf_counter() - t0, 1)}
@@ -334,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from guardserve.demo import ensure_demo
     from guardserve.demo.corpora import sae_corpus, steering_retain
-    from guardserve.demo.model import answer_accuracy, chat_prompt, generate_answers
     from guardserve.demo.world import biographies
     from guardserve.policy import ForgetTarget
     from guardserve.steering.features import FeatureSelector, SteeringStore
     from guardserve.steering.train import residual_activations, train_sae
+    from guardserve.textgen import answer_accuracy, chat_prompt, generate_answers
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -426,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['retain_perplexity_false_trigger']:8.3f} {r['retain_perplexity_always']:8.3f}")
     if "vllm" in result:
         vb = result["vllm"]["unguarded"]
-        print(f"\nthrough vLLM (GUARDSERVE_STEERING=1, eager; unguarded: forget {vb['forget_accuracy']:.3f}, "
+        print(f"\nthrough vLLM (GUARDSERVE_GUARD=guard+sae, eager; unguarded: forget {vb['forget_accuracy']:.3f}, "
               f"paraphrase {vb['paraphrase_accuracy']:.3f}, retain {vb['retain_accuracy']:.3f})")
         print(f"{'N':>4} {'clamp':>6} {'forget':>7} {'drop':>6} {'para':>6} {'retain':>7} {'retain(FP)':>10} "
               f"{'forget(all)':>11} {'retain(all)':>11} {'target':>7}")

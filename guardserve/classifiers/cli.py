@@ -22,6 +22,9 @@ def register_detect(sub) -> None:
     det.add_argument("--hidden-state", metavar="MODEL", nargs="?", const="demo",
                      help="also train and use GUARD's hidden-state MLP on MODEL (a Hugging Face model directory; "
                           "'demo' or no value: the demo model, built if missing)")
+    det.add_argument("--save-classifier", metavar="FILE", default=None,
+                     help="with --hidden-state: keep the trained MLP in FILE, for serving "
+                          "(GUARDSERVE_HIDDEN_STATE_MODEL=FILE)")
     det.add_argument("--out", help="directory for detect.json and detect.md")
     det.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     det.set_defaults(func=_detect)
@@ -43,10 +46,16 @@ def _detect(args) -> int:
         model = ensure_demo(with_retain_model=False).model
     elif model is not None and not Path(model).is_dir():
         raise UsageError(f"--hidden-state: no model directory at {model}")
+    if args.save_classifier and model is None:
+        raise UsageError("--save-classifier saves the MLP that --hidden-state trains; add --hidden-state")
     if model is not None and args.no_embeddings:
         raise UsageError("--hidden-state needs the embedding retriever (it names the target); drop --no-embeddings")
     report = detection_report(build_world(seed=args.seed), n_targets=args.targets, config=cfg, hidden_state_model=model,
                               progress=lambda m: print(f"[eval detect] {m}", flush=True))
+    if args.save_classifier:
+        path = cfg.hidden_state.save(Path(args.save_classifier).expanduser())
+        print(f"[eval detect] saved the hidden-state classifier to {path}; serve it with "
+              f"GUARDSERVE_HIDDEN_STATE_MODEL={path}")
     md = markdown(report)
     if args.out:
         out = Path(args.out)

@@ -5,7 +5,8 @@
 - :mod:`guardserve.eval.scoring` — ``GuardedForward``: a model whose logits carry the
   guard's bans as a large finite penalty, for teacher-forced scoring of a guarded model;
 - :mod:`guardserve.eval.data` — ``EvalData`` and its loaders (demo world, TOFU files);
-- :mod:`guardserve.eval.probes` — attack probes (RWKU types and more) with leak checks.
+- :mod:`guardserve.eval.runner` — every guard configuration (:mod:`guardserve.guard.configs`)
+  scored on one engine; the attack probes come from :mod:`guardserve.probes`.
 
 Submodules are imported on use: importing this package loads neither torch nor a model.
 """

@@ -12,13 +12,16 @@ ADAPTER_PREFERENCE = ("SimNPO", "RMU", "GradDiff", "SHRED", "NPO", "GradAscent")
 
 def register(subparsers) -> None:
     from guardserve.classifiers.cli import register_detect
+    from guardserve.eval.runner import DEFAULT_CONFIGS
+    from guardserve.guard.configs import ADAPTER_PREFIX, CONFIGS
 
     ev = subparsers.add_parser(
         "eval", help="evaluate every guard: forget efficacy, utility, attacks, latency (detect: detection only)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Scores each guard configuration alone and combined on one vLLM engine:\n"
-                    "  none, icul, token, token+semantic, guard (detection + ICUL + filter), sae (detection + SAE\n"
-                    "  steering), adapter:<method> (each unlearning adapter), full (everything).\n"
+        description="Scores guard configurations (guardserve/guard/configs.py) on one vLLM engine:\n"
+                    + "".join(f"  {c.name:<16}{c.description}\n" for c in CONFIGS.values())
+                    + f"  {ADAPTER_PREFIX + '<method>':<16}each unlearning adapter on every request\n"
+                    + "By default: " + ", ".join(DEFAULT_CONFIGS) + ", every adapter:<method>, full.\n"
                     "Forget/paraphrase/retain/world accuracy, leak rate over attack probes (9 RWKU kinds,\n"
                     "multi-turn, many-shot, spelling/encodings, translation), ROUGE-L, truth ratio, forget quality\n"
                     "against the retain model, model utility, fluency, TTFT/TPOT; for adapters also training time\n"
@@ -139,7 +142,8 @@ def _eval(args) -> int:
     from guardserve.cli import UsageError
     from guardserve.eval import data as eval_data
     from guardserve.eval import report
-    from guardserve.eval.runner import BASE_CONFIGS, Settings, known_config, run
+    from guardserve.eval.runner import DEFAULT_CONFIGS, Settings, known_config, run
+    from guardserve.guard.configs import ADAPTER_PREFIX, CONFIGS, get_config
 
     if getattr(args, "eval_command", None):
         return 2  # a subcommand has its own func
@@ -149,7 +153,7 @@ def _eval(args) -> int:
     bad = [c for c in requested or [] if not known_config(c)]
     if bad:
         raise UsageError(f"unknown configuration(s) {', '.join(bad)}; choose from "
-                         f"{', '.join(BASE_CONFIGS)}, adapter:<method>, full")
+                         f"{', '.join(CONFIGS)}, {ADAPTER_PREFIX}<method>")
     if args.tofu and not args.model:
         raise UsageError("--tofu needs --model (the model that learned that data)")
     if args.targets and not args.tofu:
@@ -205,15 +209,17 @@ def _eval(args) -> int:
         if missing:
             raise UsageError(f"no adapter for {', '.join(missing)} in {folder} after training")
     else:
-        configs = list(BASE_CONFIGS) + [f"adapter:{m}" for m in adapters] + ["full"]
-    if {"sae", "full"} & set(configs) and sae is None:
+        configs = list(DEFAULT_CONFIGS) + [f"{ADAPTER_PREFIX}{m}" for m in adapters] + ["full"]
+    steered = [c for c in configs if get_config(c).steering]
+    if steered and sae is None:
         if demo is not None and not args.model:
             sae = _demo_sae(demo, log)
         elif args.configs:
-            raise UsageError("the sae and full configurations need --sae DIR (train one with `guardserve sae train`)")
+            raise UsageError(f"the {' and '.join(steered)} configuration(s) need --sae DIR "
+                             "(train one with `guardserve sae train`)")
         else:
-            configs = [c for c in configs if c not in ("sae", "full")]
-            log("[eval] no --sae given: skipping the sae and full configurations")
+            configs = [c for c in configs if c not in steered]
+            log(f"[eval] no --sae given: skipping the {' and '.join(steered)} configuration(s)")
 
     full_adapter = args.full_adapter
     if full_adapter is None:
@@ -231,7 +237,7 @@ def _eval(args) -> int:
         retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
         quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
-    if demo is not None and not args.model and ({"sae", "full"} & set(configs)):
+    if demo is not None and not args.model and any(get_config(c).steering for c in configs):
         from guardserve.steering.loading import model_corpus
 
         settings.retain_texts = model_corpus(model, "steering_retain")

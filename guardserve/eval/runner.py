@@ -59,14 +59,25 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-BASE_CONFIGS = ("none", "icul", "token", "token+semantic", "guard", "sae")
-STEERED = {"sae", "full"}
-DETECTED = {"guard", "sae", "full"}
+from guardserve.guard.configs import CONFIGS, GuardConfig, get_config
+
+if TYPE_CHECKING:
+    from guardserve.guard import GuardService
+
+# What `guardserve eval` scores unless told otherwise: each mechanism alone, the server's
+# default, steering alone, then (after the adapters) everything together.
+DEFAULT_CONFIGS = ("none", "icul", "token", "token+semantic", "guard", "sae")
+assert set(DEFAULT_CONFIGS) <= set(CONFIGS)
 
 
 def known_config(name: str) -> bool:
-    return name in BASE_CONFIGS or name == "full" or (name.startswith("adapter:") and len(name) > 8)
+    try:
+        get_config(name)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -119,7 +130,6 @@ class Configurations:
                  max_model_len: int | None = None, max_tokens: int = 1):
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.classifiers.retrieval import forbidden_phrases
-        from guardserve.guard import GuardService
         from guardserve.policy import open_store
         from guardserve.prompting import InContextUnlearner
 
@@ -132,43 +142,37 @@ class Configurations:
         self.icul = InContextUnlearner()
         self.all_phrases = tuple(sorted({p for t in self.targets for p in forbidden_phrases(t)}))
         self.adapters, self.full_adapter, self.max_tokens = adapters, full_adapter, max_tokens
-        # The serving path itself: detection, ICUL, the filter's phrases, the steering flag.
-        self._services = {
-            name: GuardService(self.store, self.detector, tokenizer, self.icul, semantic=semantic, steering=steering,
-                               max_model_len=max_model_len)
-            for name, semantic, steering in (("guard", False, False), ("full", True, True))
-        }
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self._services: dict[str, GuardService] = {}
+
+    def service(self, cfg: GuardConfig) -> GuardService:
+        """The serving path itself for ``cfg``: detection, ICUL, the filter's phrases, the steering flag."""
+        from guardserve.guard import GuardService  # noqa: F811 (the runtime import of the TYPE_CHECKING name)
+
+        if cfg.name not in self._services:
+            self._services[cfg.name] = GuardService(self.store, self.detector, self.tokenizer, cfg, icul=self.icul,
+                                                    max_model_len=self.max_model_len)
+        return self._services[cfg.name]
 
     def serve(self, config: str, messages: list[dict]) -> Served:
+        from guardserve.contract import GuardPlan
         from guardserve.guard import CHAT
-        from guardserve.logits_processors.request import PHRASES, SEMANTIC
-        from guardserve.steering.flags import STEER_KEY
 
+        cfg = get_config(config)
         started = time.perf_counter()
-        if config == "none":
-            out = Served(messages)
-        elif config == "icul":
-            # Fitted into the context as the server fits it (fewer demonstrations when long).
-            body = {"messages": messages, "max_tokens": self.max_tokens}
-            out = Served(self._services["guard"].icul_messages(body, self.targets) or messages)
-        elif config in ("token", "token+semantic"):
-            out = Served(messages, self.all_phrases, semantic=config == "token+semantic")
-        elif config.startswith("adapter:"):
-            out = Served(messages, adapter=config.split(":", 1)[1])
-        elif config == "sae":
-            triggered = self.detector.detect(messages)
-            steer = sorted([t.target_id, t.version] for t in triggered)
-            out = Served(messages, steer=steer, salt=_salt(steer))
-        elif config in self._services:
-            body, _ = self._services[config].prepare(
-                CHAT, {"model": "eval", "messages": messages, "max_tokens": self.max_tokens}, "default")
-            xargs = body.get("vllm_xargs") or {}
-            out = Served(body["messages"], tuple(json.loads(xargs.get(PHRASES, "[]"))), xargs.get(SEMANTIC) == "true",
-                         json.loads(xargs.get(STEER_KEY, "[]")), salt=body.get("cache_salt"))
-            if config == "full":
-                out.adapter = self.full_adapter
-        else:
-            raise ValueError(f"unknown configuration {config!r}")
+        body = {"model": "eval", "messages": messages, "max_tokens": self.max_tokens}
+        if cfg.detect:
+            body, _ = self.service(cfg).prepare(CHAT, body, "default")
+            plan = GuardPlan.from_xargs(body.get("vllm_xargs"))
+            out = Served(body["messages"], plan.phrases, plan.semantic, [list(s) for s in plan.steer],
+                         salt=body.get("cache_salt"))
+        else:  # every target on every request
+            # ICUL fitted into the context as the server fits it (fewer demonstrations when long).
+            msgs = (self.service(cfg).icul_messages(body, self.targets) or messages) if cfg.icul else messages
+            steer = sorted([t.id, t.version] for t in self.targets) if cfg.steering else []
+            out = Served(msgs, self.all_phrases if cfg.token_filter else (), cfg.semantic, steer, salt=_salt(steer))
+        if cfg.adapter:
+            out.adapter = cfg.method or self.full_adapter
         out.prepare_s = time.perf_counter() - started
         return out
 
@@ -177,7 +181,7 @@ class Configurations:
 
 
 def _salt(steer: list) -> str | None:
-    from guardserve.guard import steered_salt
+    from guardserve.contract import steered_salt
 
     return steered_salt(None, steer) if steer else None
 
@@ -193,7 +197,7 @@ class Engine:
 
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         if steering_home:
-            env |= {"GUARDSERVE_STEERING": "1", "GUARDSERVE_HOME": steering_home, "GUARDSERVE_STEER_CLAMP": str(clamp)}
+            env |= {"GUARDSERVE_GUARD": "guard+sae", "GUARDSERVE_HOME": steering_home, "GUARDSERVE_STEER_CLAMP": str(clamp)}
         kw = {}
         if adapters:
             kw = {"enable_lora": True, "max_loras": 2, "max_lora_rank": max(_lora_rank(p) for p in adapters.values())}
@@ -215,16 +219,9 @@ class Engine:
     def _request(self, served: Served, max_tokens: int, exact: bool = False):
         from vllm import SamplingParams
 
-        from guardserve.logits_processors.request import PHRASES, SEMANTIC
-        from guardserve.steering.flags import STEER_KEY
+        from guardserve.contract import GuardPlan
 
-        extra = {}
-        if served.phrases:
-            extra[PHRASES] = json.dumps(list(served.phrases))
-            if served.semantic:
-                extra[SEMANTIC] = "true"
-        if served.steer:
-            extra[STEER_KEY] = json.dumps(served.steer)
+        extra = GuardPlan(tuple(served.phrases), served.semantic, tuple(map(tuple, served.steer))).to_xargs()
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None,
                                 **({"min_tokens": max_tokens, "ignore_eos": True} if exact else {}))
         # Token ids, as vLLM's chat route passes them: tokenizing the rendered text again would
@@ -452,9 +449,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     for c in settings.configs:
         if not known_config(c):
             raise ValueError(f"unknown configuration {c!r}")
-        if c.startswith("adapter:") and c.split(":", 1)[1] not in settings.adapters:
-            raise ValueError(f"{c}: no adapter folder for {c.split(':', 1)[1]}")
-    steered = bool(STEERED & set(settings.configs))
+        method = get_config(c).method
+        if method is not None and method not in settings.adapters:
+            raise ValueError(f"{c}: no adapter folder for {method}")
+    steered = any(get_config(c).steering for c in settings.configs)
     if steered and not (settings.sae and (Path(settings.sae) / "cfg.json").is_file()):
         raise ValueError("the sae and full configurations need an SAE folder (train one with `guardserve sae train`)")
     workdir = Path(settings.workdir or tempfile.mkdtemp(prefix="guardserve-eval-"))
@@ -490,16 +488,19 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             r_probes = retain_probes(retain, all_entities, PROBE_KINDS, per_kind=max(1, settings.probes_per_kind // 4),
                                      seed=settings.seed)
 
-    used = {c.split(":", 1)[1] for c in settings.configs if c.startswith("adapter:")}
-    if "full" in settings.configs and settings.full_adapter:
-        used.add(settings.full_adapter)
+    # The adapter of configurations that use one without naming it (full's).
+    full_adapter = settings.full_adapter if any(get_config(c).adapter and get_config(c).method is None
+                                                for c in settings.configs) else None
+    used = {get_config(c).method for c in settings.configs} - {None}
+    if full_adapter:
+        used.add(full_adapter)
     adapters = {m: p for m, p in settings.adapters.items() if m in used}
     log(f"eval: {len(settings.configs)} configurations on {data.name}: {len(forget)} forget, {len(retain)} retain, "
         f"{len(world)} world-fact questions, {len(probes)} forget probes, {len(r_probes)} retain probes")
     from guardserve.guard import context_length
 
-    confs = Configurations(data, tokenizer, workdir, adapters, settings.full_adapter if "full" in settings.configs else None,
-                           context_length(settings.model), settings.max_tokens)
+    confs = Configurations(data, tokenizer, workdir, adapters, full_adapter, context_length(settings.model),
+                           settings.max_tokens)
     scorer = Scorer(settings.model, tokenizer, adapters, None, settings.steer_clamp)
     if steered:
         _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)
@@ -521,8 +522,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
                                      retain_ratios, bar, forget_facts)
-            if config.startswith("adapter:"):
-                path = adapters[config.split(":", 1)[1]]
+            if get_config(config).method is not None:
+                path = adapters[get_config(config).method]
                 results[config]["train_seconds"] = _train_seconds(path)
                 results[config]["quantization"] = attack(path) if settings.quant_bits else None
             log(f"eval: {config}: " + ", ".join(f"{k} {v}" for k, v in results[config].items()
@@ -536,7 +537,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         "configs": results,
         "meta": {
             "dataset": data.name, "model": settings.model, "retain_model": settings.retain_model,
-            "adapters": adapters, "full_adapter": settings.full_adapter if "full" in settings.configs else None,
+            "adapters": adapters, "full_adapter": full_adapter,
             "steer_clamp": settings.steer_clamp if steering_home else None,
             "forget_items": len(forget), "retain_items": len(retain), "world_items": len(world),
             "forget_probes": _counts(probes), "retain_probes": len(r_probes), "max_tokens": settings.max_tokens,
@@ -687,6 +688,6 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         prep.append(holder["s"].prepare_s)
     res["ttft_ms"] = statistics.median(ttft) * 1000 if ttft else None
     res["tpot_ms"] = statistics.median(tpot) * 1000 if tpot else None
-    res["detect_ms"] = statistics.median(prep) * 1000 if config in DETECTED and prep else None
+    res["detect_ms"] = statistics.median(prep) * 1000 if get_config(config).detect and prep else None
     bar.update(1)
     return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in res.items()}

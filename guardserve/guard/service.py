@@ -19,7 +19,6 @@ refused, never served unguarded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,14 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 
 from guardserve import config
-from guardserve.logits_processors.request import PHRASES, SEMANTIC
-from guardserve.steering.flags import STEER_KEY, steering_enabled
+from guardserve.contract import RESERVED_PREFIX, GuardPlan, steered_salt
+from guardserve.guard.configs import GuardConfig, server_config
 
 log = logging.getLogger("guardserve.server")
 audit_log = logging.getLogger("guardserve.audit")
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-RESERVED_PREFIX = "guardserve_"
 
 
 class GuardError(Exception):
@@ -79,37 +77,33 @@ def context_length(model: str, trust_remote_code: bool = False) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def tenant_salt(tenant: str, user_salt=None, steer: list | None = None) -> str:
-    """The prefix-cache salt of every guarded request: per tenant, so one tenant learns nothing
-    from another's cache hits (a fast first token tells that someone sent the same prefix),
-    and per steering flag (see :func:`steered_salt`). A client's own salt is kept inside it."""
-    base = steered_salt(user_salt, steer) if steer else (user_salt[:100] if isinstance(user_salt, str) else "")
-    digest = hashlib.sha256(f"guardserve-tenant:{tenant}".encode()).hexdigest()[:16]
-    return f"{base}.t-{digest}" if base else f"t-{digest}"
-
-
-def steered_salt(user_salt, steer: list) -> str:
-    """A prefix-cache salt for steered requests: steering changes the prompt's KV from the SAE's
-    layer on, so a steered request must neither reuse nor leave cached blocks that unsteered
-    requests (or requests steered for other targets) would share. A client's own salt is kept."""
-    digest = hashlib.sha256(json.dumps(steer).encode()).hexdigest()[:16]
-    prefix = f"{user_salt[:100]}." if isinstance(user_salt, str) and user_salt else ""
-    return f"{prefix}guardserve-steer-{digest}"
-
-
 class GuardService:
     """Everything the API process needs to guard requests; one per server."""
 
-    def __init__(self, store, detector, tokenizer=None, icul=None, semantic: bool | None = None, metrics=None,
-                 steering: bool | None = None, max_model_len: int | None = None):
+    def __init__(self, store, detector, tokenizer=None, guard: GuardConfig | None = None, metrics=None,
+                 max_model_len: int | None = None, icul=None):
+        """``guard``: what the guard does to a triggered request (default: the configuration
+        ``GUARDSERVE_GUARD`` names, ``guard`` unless set); ``icul``: the in-context unlearner
+        to use where the configuration asks for ICUL (default: a new one)."""
         self.store = store
         self.detector = detector
         self.tokenizer = tokenizer
-        self.icul = icul
-        self.semantic = config.get("GUARDSERVE_SEMANTIC") if semantic is None else semantic
-        self.steering = steering_enabled() if steering is None else steering
+        self.guard = guard or server_config()
+        if self.guard.icul and icul is None:
+            from guardserve.prompting import InContextUnlearner
+
+            icul = InContextUnlearner()
+        self.icul = icul if self.guard.icul else None
         self.max_model_len = max_model_len  # the engine's context: ICUL is fitted into it
         self.metrics = metrics
+
+    @property
+    def semantic(self) -> bool:
+        return self.guard.semantic
+
+    @property
+    def steering(self) -> bool:
+        return self.guard.steering
 
     @classmethod
     def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False,
@@ -122,7 +116,8 @@ class GuardService:
         # reads them back in seconds instead of embedding them again for minutes.
         cache = config.home() / "cache" / "target-vectors.sqlite"
         cache.parent.mkdir(parents=True, exist_ok=True)
-        detector = Detector(store, DetectorConfig(vector_cache=str(cache)))
+        detector = Detector(store, DetectorConfig(vector_cache=str(cache),
+                                                  hidden_state_model=config.get("GUARDSERVE_HIDDEN_STATE_MODEL")))
         tokenizer = None
         if model:
             from transformers import AutoTokenizer
@@ -130,12 +125,7 @@ class GuardService:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model, trust_remote_code=trust_remote_code)
             if max_model_len is None:
                 max_model_len = context_length(model, trust_remote_code)
-        icul = None
-        if config.get("GUARDSERVE_ICUL"):
-            from guardserve.prompting import InContextUnlearner
-
-            icul = InContextUnlearner()
-        return cls(store, detector, tokenizer, icul, metrics=metrics, max_model_len=max_model_len)
+        return cls(store, detector, tokenizer, server_config(), metrics=metrics, max_model_len=max_model_len)
 
     # ------------------------------------------------------------------ the pipeline
     def decide(self, texts: list, tenant: str, route: str = "", lexical_only: list[str] = ()) -> Decision:
@@ -151,9 +141,9 @@ class GuardService:
         decision.triggered = list(triggered)
         if triggered:
             phrases = sorted({p for t in triggered for p in t.forbidden})
-            if not phrases:
+            if not phrases and self.guard.token_filter:
                 raise GuardError(f"no forbidden phrases retrieved for triggered targets {decision.target_ids}")
-            decision.phrases = phrases
+            decision.phrases = phrases if self.guard.token_filter else []
             if self.steering:
                 decision.steer = sorted([t.target_id, t.version] for t in triggered)
         decision.seconds = time.perf_counter() - started
@@ -175,14 +165,12 @@ class GuardService:
     def plan_xargs(self, decision: Decision, xargs: dict | None = None) -> dict:
         """The ``vllm_xargs`` that carry ``decision`` to the engine: a client's own keys kept,
         any ``guardserve_`` key replaced by the guard's."""
-        out = {k: v for k, v in (xargs or {}).items() if not str(k).startswith(RESERVED_PREFIX)}
-        if decision.phrases:
-            out[PHRASES] = json.dumps(decision.phrases, ensure_ascii=False)
-            if self.semantic:
-                out[SEMANTIC] = "true"
-        if decision.steer:
-            out[STEER_KEY] = json.dumps(decision.steer)
-        return out
+        return self.plan(decision).to_xargs(xargs)
+
+    def plan(self, decision: Decision) -> GuardPlan:
+        """What the engine does for ``decision`` (:mod:`guardserve.contract`)."""
+        return GuardPlan(tuple(decision.phrases), self.semantic and bool(decision.phrases),
+                         tuple((t, v) for t, v in decision.steer))
 
     def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
         """A chat or completions request body rewritten as the guard serves it (offline use and

@@ -1,40 +1,21 @@
-"""Per-request activation: what ``SamplingParams.extra_args`` / ``vllm_xargs`` carry.
+"""Per-request activation in the engine: the guard's plan read back from ``extra_args``.
 
-Flat values only (``vllm_xargs`` accepts nothing else); lists travel as JSON strings.
-
-==============================  ====================================================
-key                             value
-==============================  ====================================================
-``guardserve_phrases``          JSON list of forbidden phrases (a Python list is
-                                accepted too when ``SamplingParams`` is built in
-                                Python)
-``guardserve_targets``          JSON list of target ids (or ``{"id", "version"}``),
-                                turned into phrases by the registered resolver
-``guardserve_semantic``         ``true``/``1``: also apply the semantic penalty
-``guardserve_sem_threshold``    similarity at or above which a token is banned
-                                (default 0.5, GUARD)
-``guardserve_sem_weight``       weight of the similarity subtracted below it
-                                (default 1.0)
-==============================  ====================================================
-
-A request carrying none of these keys is not guarded (its row is never touched).
+The keys and their encoding are the request contract (:mod:`guardserve.contract`); this
+module adds what only the engine does: ``guardserve_targets`` resolved into phrases, and the
+semantic penalty's parameters validated. A request carrying neither phrases nor targets is not
+guarded (its row is never touched).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-logger = logging.getLogger("guardserve.logits")
+from guardserve.contract import PHRASES, SEM_THRESHOLD, SEM_WEIGHT, SEMANTIC, TARGETS, flag, json_list
 
-PHRASES = "guardserve_phrases"
-TARGETS = "guardserve_targets"
-SEMANTIC = "guardserve_semantic"
-SEM_THRESHOLD = "guardserve_sem_threshold"
-SEM_WEIGHT = "guardserve_sem_weight"
+logger = logging.getLogger("guardserve.logits")
 
 TargetResolver = Callable[[list], list[str]]
 _resolver: TargetResolver | None = None
@@ -95,25 +76,6 @@ class GuardRequest:
     sem_weight: float = 1.0
 
 
-def _json_list(value, key: str) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):
-        try:
-            v = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{key} must be a JSON list: {e}") from e
-        if isinstance(v, list):
-            return v
-    raise ValueError(f"{key} must be a JSON list (a string), got {type(value).__name__}")
-
-
-def _flag(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
 def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequest | None:
     """The guard a request asks for, or None. Raises ``ValueError`` on bad input.
 
@@ -123,12 +85,12 @@ def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequ
         return None
     phrases: list[str] = []
     if PHRASES in extra_args:
-        ps = _json_list(extra_args[PHRASES], PHRASES)
+        ps = json_list(extra_args[PHRASES], PHRASES)
         if not all(isinstance(p, str) for p in ps):
             raise ValueError(f"{PHRASES} must be a list of strings")
         phrases.extend(ps)
     if TARGETS in extra_args:
-        targets = _json_list(extra_args[TARGETS], TARGETS)
+        targets = json_list(extra_args[TARGETS], TARGETS)
         if not all(isinstance(t, (str, dict)) for t in targets):
             raise ValueError(f"{TARGETS} must list target ids or {{'id', 'version'}} objects")
         if resolve and targets:
@@ -143,7 +105,7 @@ def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequ
         raise ValueError(f"{SEM_THRESHOLD}/{SEM_WEIGHT} must be numbers") from e
     return GuardRequest(
         phrases=tuple(sorted({" ".join(p.split()) for p in phrases if p.strip()})),
-        semantic=_flag(extra_args.get(SEMANTIC, False)),
+        semantic=flag(extra_args.get(SEMANTIC, False)),
         sem_threshold=thr,
         sem_weight=w,
     )

@@ -24,11 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--lora", action="store_true",
                        help="serve unlearning adapters: vLLM runtime LoRA (--enable-lora --max-loras 4 --max-lora-rank 16); "
                             "adds about 15-30%% latency to base-model requests on CPU")
+    serve.add_argument("--guard", default=None, metavar="CONFIG",
+                       help="the guard configuration to serve (guardserve.guard.configs): guard (default: ICUL and the "
+                            "token filter on triggered targets), guard+semantic (plus near-synonyms), guard+sae (plus "
+                            "SAE steering), full (all of it, and registered adapters with --lora); default "
+                            "$GUARDSERVE_GUARD or guard")
     serve.add_argument("--steering", action="store_true",
-                       help="clamp the SAE features of triggered targets in the workers (SAE from `guardserve sae train`; "
-                            "features selected by the server as targets are added or changed, or with `guardserve sae select`); "
-                            "runs vLLM in eager mode (--enforce-eager): "
-                            "no CUDA graphs or torch.compile, which slows decoding on GPUs (see README, SAE steering)")
+                       help="short for --guard guard+sae: clamp the SAE features of triggered targets in the workers "
+                            "(SAE from `guardserve sae train`; features selected by the server as targets are added or "
+                            "changed, or with `guardserve sae select`). Any configuration with steering runs vLLM in "
+                            "eager mode (--enforce-eager): no CUDA graphs or torch.compile, which slows decoding on GPUs")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM, after '--'")
     serve.set_defaults(func=_serve)
@@ -64,14 +69,25 @@ def _serve(args: argparse.Namespace) -> int:
         extra = ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", *extra]
         # Adapters are loaded and unloaded while the server runs (guardserve/server/adapters.py).
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
-    if args.steering:
+    from guardserve import config
+    from guardserve.guard.configs import servable_config
+
+    if args.steering and args.guard not in (None, "guard+sae"):
+        raise UsageError(f"--steering is short for --guard guard+sae; with --guard {args.guard} leave it out")
+    try:
+        guard = servable_config("guard+sae" if args.steering else args.guard or config.get("GUARDSERVE_GUARD"))
+    except ValueError as e:
+        raise UsageError(f"--guard: {e}") from None
+    env["GUARDSERVE_GUARD"] = guard.name
+    if guard.adapter and not args.lora:
+        print(f"guardserve: --guard {guard.name} serves registered unlearning adapters only with --lora", flush=True)
+    if guard.steering:
         from guardserve.steering.flags import sae_path
 
         sae = sae_path()
         if not (sae / "cfg.json").is_file() and not (sae / "params.npz").is_file():
-            raise UsageError(f"--steering: no SAE at {sae}; train one with `guardserve sae train` "
+            raise UsageError(f"--guard {guard.name} steers: no SAE at {sae}; train one with `guardserve sae train` "
                              "(or set GUARDSERVE_SAE to an SAELens folder)")
-        env["GUARDSERVE_STEERING"] = "1"
         if "--enforce-eager" not in extra:
             extra = ["--enforce-eager", *extra]
         print("guardserve: steering on (eager mode: hooks do not run under CUDA graphs or torch.compile)", flush=True)

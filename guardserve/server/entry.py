@@ -43,8 +43,8 @@ from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from guardserve.guard import Decision, GuardError, GuardService, tenant_salt
-from guardserve.logits_processors.request import PHRASES
+from guardserve.contract import PHRASES, tenant_salt
+from guardserve.guard import Decision, GuardError, GuardService
 
 log = logging.getLogger("guardserve.server")
 

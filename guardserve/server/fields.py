@@ -23,7 +23,8 @@ Inside messages: only roles a chat template knows, text content parts only, and 
 from __future__ import annotations
 
 from guardserve import config
-from guardserve.guard import CHAT, COMPLETIONS, RESERVED_PREFIX, BadRequest
+from guardserve.contract import RESERVED_PREFIX
+from guardserve.guard import CHAT, COMPLETIONS, BadRequest
 
 _COMMON_ALLOWED = frozenset({
     "model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p", "top_k", "min_p", "seed",

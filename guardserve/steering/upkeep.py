@@ -1,6 +1,6 @@
 """Keeps the targets' SAE feature selections current while the server runs.
 
-Contract: with steering on (``guardserve serve --steering``, ``GUARDSERVE_STEERING=1``) the
+Contract: with steering on (``guardserve serve --steering``, ``GUARDSERVE_GUARD=guard+sae``) the
 server plugin starts one :class:`SelectionUpkeep` in the API process and pokes it from its
 policy sync loop (every 0.25 s). In its own thread it
 

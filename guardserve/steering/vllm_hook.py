@@ -2,7 +2,7 @@
 ``VLLM_USE_V2_MODEL_RUNNER=0``).
 
 Contract: ``register()`` is the ``vllm.general_plugins`` entry point; vLLM runs it in every
-process. With ``GUARDSERVE_STEERING=1`` it wraps the model runner's ``_model_forward`` so that,
+process. With ``GUARDSERVE_GUARD=guard+sae`` it wraps the model runner's ``_model_forward`` so that,
 before each step, the flattened tokens of the step are mapped to requests (the runner's
 ``query_start_loc`` gives each request's slice, ``input_batch.req_ids`` its order), and a
 forward hook on decoder layer L (the SAE's ``blocks.L.hook_resid_post``) clamps the features
@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 
 from guardserve import config
-from guardserve.steering.flags import STEER_KEY, parse_flag, sae_path, steering_enabled
+from guardserve.contract import STEER, parse_steer
+from guardserve.steering.flags import sae_path, steering_enabled
 
 DEFAULT_CLAMP = config.SETTINGS["GUARDSERVE_STEER_CLAMP"].default
 log = logging.getLogger("guardserve.steering")
@@ -118,9 +119,9 @@ class RunnerSteering:
         if targets is None:
             extra = (state.sampling_params.extra_args or {}) if state and state.sampling_params else {}
             try:
-                ids = parse_flag(extra.get(STEER_KEY))
+                ids = parse_steer(extra.get(STEER))
             except (ValueError, TypeError):
-                log.error("guardserve steering: bad %s value on request %s; not steered", STEER_KEY, req_id)
+                log.error("guardserve steering: bad %s value on request %s; not steered", STEER, req_id)
                 ids = []
             targets = self.flags[req_id] = [t for t in (self.targets.get(i, v) for i, v in ids) if t is not None]
         return targets

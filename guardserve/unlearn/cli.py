@@ -7,9 +7,12 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from guardserve.unlearn.methods import METHODS
+
+    names = [m.name for m in METHODS.values()]
     p = sub.add_parser(
         "unlearn",
-        help="unlearn targets into a LoRA adapter (GradAscent, GradDiff, NPO, SimNPO, RMU, SHRED)",
+        help=f"unlearn targets into a LoRA adapter ({', '.join(names)})",
         description=(
             "Train a PEFT LoRA adapter that makes the model forget targets. Without --targets the "
             "demo world's forget split is forgotten on the demo model; --targets names targets "
@@ -20,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "which a running server loads it (POST /v1/unlearning/adapters/sync)."
         ),
     )
-    p.add_argument("--method", required=True, help="GradAscent | GradDiff | NPO | SimNPO | RMU | SHRED")
+    p.add_argument("--method", required=True, help=" | ".join(names))
     p.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
     p.add_argument("--model", default=None, help="base Hugging Face model folder (default: the demo model)")
     p.add_argument("--targets", nargs="+", default=None, help="registered target ids or names (default: the demo forget split)")

@@ -1,5 +1,5 @@
 """``guardserve eval detect`` end to end (lexical matcher only, to stay fast; the
-embedding retriever is exercised in test_classifiers_detector.py and the benchmark)."""
+embedding retriever is exercised in tests/detector/ and the benchmark)."""
 
 from __future__ import annotations
 

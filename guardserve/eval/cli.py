@@ -95,54 +95,71 @@ def _quant_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
-def _train_missing(folder: Path, model: str, have: dict[str, str]) -> None:
-    import subprocess
-    import sys
+def _train_missing(folder: Path, demo, have: dict[str, str]) -> None:
+    """Train the demo model's adapters that ``folder`` lacks, one per registered method."""
+    from guardserve.unlearn import METHODS, get_method, train_adapter
 
-    from guardserve.unlearn.methods import METHODS
-
+    world = demo.load_world()
+    targets = sorted({p["entity"] for p in world["forget"]})
     for method in [m.name for m in METHODS.values()]:
         if method in have:
             continue
-        print(f"[eval] training the {method} adapter (guardserve unlearn) ...", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "guardserve", "unlearn", "--method", method,
-                              "--out", str(folder / method), "--model", model])
-        if rc:
-            raise RuntimeError(f"guardserve unlearn --method {method} failed (exit {rc})")
+        print(f"[eval] training the {method} adapter (as `guardserve unlearn --method {method}`) ...", flush=True)
+        result, _ = train_adapter(get_method(method), demo.model, world["forget"], world["retain"], folder / method,
+                                  world_facts=world["world_facts"], targets=targets)
+        print(f"[eval] {method}: {result.steps} steps, {result.seconds:.0f} s, stopped: {result.stop_reason}", flush=True)
 
 
-def _demo_sae(demo, log) -> Path:
-    """The demo model's SAE for the evaluation: layer 2, 1,024 JumpReLU features (the recipe
-    docs/steering.md reports), trained once per demo build."""
-    import torch
+def _dataset(args):
+    """``(EvalData, the demo build or None, entities or None)`` that ``--tofu`` or the demo names."""
+    from guardserve.cli import UsageError
+    from guardserve.eval import data as eval_data
 
-    from guardserve import config
-    from guardserve.steering.loading import model_corpus
-    from guardserve.steering.train import residual_activations, train_sae
+    if args.tofu:
+        try:
+            return eval_data.from_tofu(args.tofu, split=args.split, targets=args.targets), None, None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    from guardserve.demo import ensure_demo
 
-    out = config.home() / "eval" / f"sae-{demo.root.name}"
-    if (out / "cfg.json").is_file():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    demo = ensure_demo()
+    world = demo.load_world()
+    return eval_data.from_demo(world), demo, world["entities"]
 
-    log("[eval] training the demo SAE (layer 2, 1,024 JumpReLU features; once) ...")
-    tok = AutoTokenizer.from_pretrained(demo.model)
-    model = AutoModelForCausalLM.from_pretrained(demo.model).eval()
-    torch.manual_seed(0)
-    acts = torch.cat(residual_activations(model, tok, model_corpus(demo.model, "sae_corpus"), 2))
-    sae, stats = train_sae(acts, d_sae=1024, architecture="jumprelu", layer=2, epochs=4, progress=False)
-    tmp = out.with_name(out.name + ".tmp")
-    sae.save(tmp)
-    tmp.replace(out) if not out.exists() else None
-    log(f"[eval] SAE: explained variance {stats['explained_variance']:.3f}, mean L0 {stats['mean_l0']:.1f}")
-    return out
+
+def _configs(args, requested, adapters: dict, folder: Path, demo, sae, log) -> tuple[list[str], Path | None]:
+    """The configurations to score, and the SAE the steered ones use (the demo's, trained once,
+    on the demo model; steered ones are left out, with a note, when no SAE was given)."""
+    from guardserve.cli import UsageError
+    from guardserve.eval.runner import DEFAULT_CONFIGS
+    from guardserve.guard.configs import ADAPTER_PREFIX, get_config
+
+    if requested:
+        configs = requested
+        missing = [c for c in configs if get_config(c).method is not None and get_config(c).method not in adapters]
+        if missing:
+            raise UsageError(f"no adapter for {', '.join(missing)} in {folder} after training")
+    else:
+        configs = list(DEFAULT_CONFIGS) + [f"{ADAPTER_PREFIX}{m}" for m in adapters] + ["full"]
+    steered = [c for c in configs if get_config(c).steering]
+    if steered and sae is None:
+        if demo is not None and not args.model:
+            from guardserve.demo.sae import ensure_demo_sae
+
+            sae = ensure_demo_sae(demo, log)
+        elif args.configs:
+            raise UsageError(f"the {' and '.join(steered)} configuration(s) need --sae DIR "
+                             "(train one with `guardserve sae train`)")
+        else:
+            configs = [c for c in configs if c not in steered]
+            log(f"[eval] no --sae given: skipping the {' and '.join(steered)} configuration(s)")
+    return configs, sae
 
 
 def _eval(args) -> int:
     from guardserve.cli import UsageError
-    from guardserve.eval import data as eval_data
     from guardserve.eval import report
-    from guardserve.eval.runner import DEFAULT_CONFIGS, Settings, known_config, run
+    from guardserve.eval.runner import Settings, known_config, run
     from guardserve.guard.configs import ADAPTER_PREFIX, CONFIGS, get_config
 
     if getattr(args, "eval_command", None):
@@ -164,31 +181,18 @@ def _eval(args) -> int:
         raise UsageError(f"--sae {sae}: no cfg.json there (an SAELens folder, e.g. from `guardserve sae train`)")
     folder = _adapters_dir(args)
     adapters = _available_adapters(folder)
-    missing = [c for c in requested or [] if c.startswith("adapter:") and c[8:] not in adapters]
+    missing = [c for c in requested or [] if get_config(c).method not in (None, *adapters)]
     if missing and not args.train_adapters:
         from guardserve.unlearn.methods import METHODS
 
         have = f" (it has {', '.join(adapters)})" if adapters else ""
-        if missing[0][8:] in {m.name for m in METHODS.values()}:
-            fix = (f"run `guardserve unlearn --method {missing[0][8:]} --out {folder / missing[0][8:]}` "
-                   "or add --train-adapters")
+        first = get_config(missing[0]).method
+        if first in {m.name for m in METHODS.values()}:
+            fix = f"run `guardserve unlearn --method {first} --out {folder / first}` or add --train-adapters"
         else:  # a folder name the user meant to provide, not a method guardserve can train
             fix = "name a PEFT adapter folder inside --adapters DIR"
         raise UsageError(f"no adapter for {', '.join(missing)} in {folder}{have}: {fix}")
-    demo = None
-    entities = retain_texts = None
-    if args.tofu:
-        try:
-            data = eval_data.from_tofu(args.tofu, split=args.split, targets=args.targets)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    else:
-        from guardserve.demo import ensure_demo
-
-        demo = ensure_demo()
-        world = demo.load_world()
-        data = eval_data.from_demo(world)
-        entities = world["entities"]
+    data, demo, entities = _dataset(args)
     model = args.model or str(demo.model)
     if not (Path(model) / "config.json").is_file():
         raise UsageError(f"--model {model}: no config.json there; give a Hugging Face model folder")
@@ -200,26 +204,10 @@ def _eval(args) -> int:
         if demo is None or args.model:
             raise UsageError("--train-adapters trains on the demo model only; for your model run "
                              "`guardserve unlearn --model M --method X --out DIR/X` and pass --adapters DIR")
-        _train_missing(folder, model, adapters)
+        _train_missing(folder, demo, adapters)
         adapters = _available_adapters(folder)
 
-    if requested:
-        configs = requested
-        missing = [c for c in configs if c.startswith("adapter:") and c[8:] not in adapters]
-        if missing:
-            raise UsageError(f"no adapter for {', '.join(missing)} in {folder} after training")
-    else:
-        configs = list(DEFAULT_CONFIGS) + [f"{ADAPTER_PREFIX}{m}" for m in adapters] + ["full"]
-    steered = [c for c in configs if get_config(c).steering]
-    if steered and sae is None:
-        if demo is not None and not args.model:
-            sae = _demo_sae(demo, log)
-        elif args.configs:
-            raise UsageError(f"the {' and '.join(steered)} configuration(s) need --sae DIR "
-                             "(train one with `guardserve sae train`)")
-        else:
-            configs = [c for c in configs if c not in steered]
-            log(f"[eval] no --sae given: skipping the {' and '.join(steered)} configuration(s)")
+    configs, sae = _configs(args, requested, adapters, folder, demo, sae, log)
 
     full_adapter = args.full_adapter
     if full_adapter is None:
@@ -232,15 +220,11 @@ def _eval(args) -> int:
     settings = Settings(
         model=model, data=data, configs=configs, retain_model=retain_model, adapters=adapters,
         full_adapter=full_adapter, sae=str(sae) if sae else None, steer_clamp=args.clamp,
-        entities=entities, retain_texts=retain_texts,
+        entities=entities,
         probes_per_kind=args.probes_per_kind if args.probes_per_kind is not None else (4 if args.quick else 20),
         retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
         quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
-    if demo is not None and not args.model and any(get_config(c).steering for c in configs):
-        from guardserve.steering.loading import model_corpus
-
-        settings.retain_texts = model_corpus(model, "steering_retain")
     try:
         results = run(settings, log=log)
     except ValueError as e:

@@ -94,7 +94,7 @@ class Settings:
     steer_clamp: float = 100.0
     steer_features: int = 30
     entities: list[dict] | None = None            # every entity (probes borrow retain people's facts)
-    retain_texts: list[str] | None = None         # feature-selection contrast texts
+    retain_texts: list[str] | None = None         # feature-selection contrast (default: the model folder's own)
     probes_per_kind: int = 20
     retain_limit: int = 240
     forget_limit: int = 0                         # 0: every forget item
@@ -551,9 +551,11 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
 def _select_features(model, tokenizer, targets, root: Path, settings: Settings, retain: list[dict], log) -> None:
     """Per-target SAE features for this run's targets (their ids are this run's)."""
     from guardserve.steering.features import FeatureSelector, SteeringStore
+    from guardserve.steering.loading import model_corpus
     from guardserve.steering.sae import SAE
 
-    texts = settings.retain_texts or [
+    # The retain contrast: given, else the model folder's own, else the retain items as chat turns.
+    texts = settings.retain_texts or model_corpus(settings.model, "steering_retain") or [
         tokenizer.apply_chat_template([{"role": "user", "content": it["question"]},
                                        {"role": "assistant", "content": it["answer"]}], tokenize=False)
         for it in retain]

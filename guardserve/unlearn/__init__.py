@@ -6,6 +6,6 @@
 """
 
 from guardserve.unlearn.methods import METHODS, Method, get_method
-from guardserve.unlearn.trainer import META_FILE, UnlearnConfig, Unlearner, UnlearnResult
+from guardserve.unlearn.trainer import META_FILE, UnlearnConfig, Unlearner, UnlearnResult, train_adapter
 
-__all__ = ["METHODS", "META_FILE", "Method", "UnlearnConfig", "UnlearnResult", "Unlearner", "get_method"]
+__all__ = ["METHODS", "META_FILE", "Method", "UnlearnConfig", "UnlearnResult", "Unlearner", "get_method", "train_adapter"]

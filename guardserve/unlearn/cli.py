@@ -84,7 +84,7 @@ def _unlearn(args) -> int:
     from pathlib import Path
 
     from guardserve.cli import UsageError
-    from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
+    from guardserve.unlearn import get_method, train_adapter
     from guardserve.unlearn.data import qa_pairs_for_targets
 
     try:
@@ -131,13 +131,10 @@ def _unlearn(args) -> int:
             raise UsageError(f"--retain-file {args.retain_file}: {e}") from None
     if method.uses_retain and not retain:
         raise UsageError(f"{method.name} needs retain data: pass --retain-file, or use GradAscent or SHRED")
-    cfg = UnlearnConfig(rank=args.rank, alpha=2 * args.rank, seed=args.seed, gu=args.gu, **method.default_config)
-    for field, value in (("max_steps", args.steps), ("lr", args.lr), ("stop_ratio", args.stop_ratio), ("min_retain", args.min_retain)):
-        if value is not None:
-            setattr(cfg, field, value)
-    result = Unlearner(method, cfg, progress=not args.no_progress).run(
-        model_dir, forget, retain, (world or {}).get("world_facts"), targets=target_names)
-    out = result.save(args.out)
+    result, out = train_adapter(
+        method, model_dir, forget, retain, args.out, world_facts=(world or {}).get("world_facts"), targets=target_names,
+        rank=args.rank, seed=args.seed, gu=args.gu, progress=not args.no_progress,
+        overrides={"max_steps": args.steps, "lr": args.lr, "stop_ratio": args.stop_ratio, "min_retain": args.min_retain})
     print(f"{method.name}: {result.steps} steps, {result.seconds:.1f}s, stopped: {result.stop_reason}; "
           f"forget accuracy {result.base_probe['forget']} -> {result.probe['forget']}, "
           f"retain probe {result.base_probe['retain']} -> {result.probe['retain']}")

@@ -263,3 +263,19 @@ class Unlearner:
             for n, p in self.model.named_parameters():
                 if n in state:
                     p.copy_(state[n])
+
+
+def train_adapter(method, model_dir: str | Path, forget: list[dict], retain: list[dict], out: str | Path, *,
+                  world_facts: list[dict] | None = None, targets=(), rank: int = 8, seed: int = 0, gu: bool = False,
+                  overrides: dict | None = None, progress: bool = True) -> tuple[UnlearnResult, Path]:
+    """Train one adapter the way ``guardserve unlearn`` does and save it to ``out``: the
+    method's own ``default_config``, LoRA rank ``rank`` with alpha ``2 * rank``, then
+    ``overrides`` (``UnlearnConfig`` fields; ``None`` values keep the default). Returns the
+    result and the adapter folder."""
+    cfg = UnlearnConfig(rank=rank, alpha=2 * rank, seed=seed, gu=gu, **method.default_config)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, name, value)
+    result = Unlearner(method, cfg, progress=progress).run(model_dir, forget, retain, world_facts, targets=list(targets))
+    return result, result.save(out)
+

@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.guardserve-installed
 
-.PHONY: setup serve test test-fast lint bench demo clean
+.PHONY: setup serve test test-fast lint typecheck bench demo clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,15 @@ demo: $(STAMP)
 test: lint demo
 	$(BIN)/python -m pytest -v $(PYTEST_ARGS)
 
-# ruff (configured in pyproject.toml) over the package (its benchmarks included) and the tests.
+# ruff (configured in pyproject.toml) over the package (its benchmarks included) and the tests,
+# then mypy over the core packages (typecheck below).
 lint: $(STAMP)
 	$(BIN)/ruff check guardserve tests
+	$(BIN)/mypy
+
+# mypy over the core packages: the files and the settings are [tool.mypy] in pyproject.toml.
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 # Unit tests only: no demo model, no engine.
 test-fast: $(STAMP)

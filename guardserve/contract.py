@@ -74,7 +74,7 @@ def parse_steer(value) -> list[tuple[str, int | None]]:
     if items is None:
         text = str(value).strip()
         items = json.loads(text) if text.startswith("[") else [text]
-    out = []
+    out: list[tuple[str, int | None]] = []
     for item in items:
         if isinstance(item, (list, tuple)):
             if len(item) != 2:

@@ -19,6 +19,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -310,7 +311,7 @@ class Detector:
 
     # -- detection ----------------------------------------------------------------------
     def detect(self, messages, tenant: str | None = None, embeddings: bool = True,
-               lexical_only: list[str] = ()) -> list[Triggered]:
+               lexical_only: Sequence[str] = ()) -> list[Triggered]:
         """Targets the conversation asks about, best first.
 
         ``tenant``: only that tenant's targets and the global ones; ``None`` means every

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from guardserve import config
@@ -128,7 +129,7 @@ class GuardService:
         return cls(store, detector, tokenizer, server_config(), metrics=metrics, max_model_len=max_model_len)
 
     # ------------------------------------------------------------------ the pipeline
-    def decide(self, texts: list, tenant: str, route: str = "", lexical_only: list[str] = ()) -> Decision:
+    def decide(self, texts: list, tenant: str, route: str = "", lexical_only: Sequence[str] = ()) -> Decision:
         """Detect over ``texts`` (strings or chat messages; ``lexical_only``: texts for the
         lexical matcher alone) and plan the guard for what triggered. Raises ``GuardError``
         when the request cannot be checked."""
@@ -209,23 +210,25 @@ class GuardService:
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
         """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where
         the full one would not fit the model's context next to the requested completion; None
-        (the filters still apply) when not even the instruction fits."""
+        (the filters still apply) when not even the instruction fits. Only for a service with ICUL on."""
+        icul = self.icul
+        assert icul is not None  # callers ask only where the configuration has ICUL
         if not self.max_model_len or self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            return self.icul.build_messages(body["messages"], targets)
+            return icul.build_messages(body["messages"], targets)
         reserve = body.get("max_completion_tokens") or body.get("max_tokens") or 1
         reserve = reserve if isinstance(reserve, int) and reserve > 0 else 1
         try:
             before = self._prompt_tokens(body["messages"])
         except Exception:
-            return self.icul.build_messages(body["messages"], targets)
+            return icul.build_messages(body["messages"], targets)
         if before + reserve > self.max_model_len:
             # Too long before guarding as well: vLLM refuses it exactly as it would unguarded.
-            return self.icul.build_messages(body["messages"], targets)
+            return icul.build_messages(body["messages"], targets)
         try:
-            out = self.icul.fit_messages(body["messages"], targets,
-                                         lambda m: self._prompt_tokens(m) + reserve <= self.max_model_len)
+            out = icul.fit_messages(body["messages"], targets,
+                                    lambda m: self._prompt_tokens(m) + reserve <= self.max_model_len)
         except Exception:  # a chat template that refuses the conversation: vLLM will say so
-            return self.icul.build_messages(body["messages"], targets)
+            return icul.build_messages(body["messages"], targets)
         if out is None:
             log.warning("in-context unlearning left out: the instruction does not fit the context "
                         "(%d tokens) next to the request; the filters still apply", self.max_model_len)

@@ -191,13 +191,13 @@ def token_variants(tokenizer, phrase: str) -> list[tuple[int, ...]]:
                         post = tv.encode("x" + tail)[len(tv.encode("x")):]
                         if post and ids[-len(post):] == post:
                             continue  # the tail did not merge: the plain variant covers it
-                    ids = _strip_context(tv, ctx, ids, form)
-                    if not ids:
+                    kept = _strip_context(tv, ctx, ids, form)
+                    if not kept:
                         continue
-                    text = tv.decode(ids).strip()
+                    text = tv.decode(kept).strip()
                     if form not in text:
                         continue
-                    t = tuple(int(i) for i in ids)
+                    t = tuple(int(i) for i in kept)
                     if t not in seen:
                         seen.add(t)
                         out.append(t)
@@ -386,8 +386,8 @@ def compile_token_sequences(
     bans: list[int] = []
     seen: dict[tuple[int, ...], int] = {}
     froms = list(ban_from) if ban_from is not None else None
-    for i, s in enumerate(sequences):
-        t = tuple(int(x) for x in s)
+    for i, seq in enumerate(sequences):
+        t = tuple(int(x) for x in seq)
         if not t:
             continue
         if any(x < 0 or x >= vocab_size for x in t):
@@ -410,9 +410,10 @@ def compile_token_sequences(
         s = 0
         for k, tok in enumerate(t):
             if k >= b:
-                if own[s] is None:
-                    own[s] = set()
-                own[s].add(tok)
+                mine = own[s]
+                if mine is None:
+                    mine = own[s] = set()
+                mine.add(tok)
             if k == len(t) - 1:
                 break  # the last token is banned, never entered: no state after it
             key = s * V + tok
@@ -456,8 +457,9 @@ def compile_token_sequences(
     state_mask = np.zeros(S, dtype=np.int32)
     for s in order:  # BFS: a state's failure target is shallower, so already done
         e = extras[fail[s]]
-        if own[s]:
-            e = e | frozenset(own[s] - root_ban)
+        mine = own[s]
+        if mine:
+            e = e | frozenset(mine - root_ban)
         extras[s] = e
     sp_tokens: list[int] = []
     sp_off = np.zeros(S + 1, dtype=np.int64)

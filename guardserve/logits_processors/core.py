@@ -91,7 +91,9 @@ class _Bank:
         self.filters = dict(live)
         self.vocab = vocab
         W = (vocab + 31) // 32
-        masks, pens, self.index = [], [], {}
+        masks: list[np.ndarray] = []
+        pens: list[np.ndarray] = []
+        self.index = {}
         base = 0
         for k, f in self.filters.items():
             m = f.masks
@@ -163,7 +165,8 @@ class GuardBatch:
         live = {id(g.filt): g.filt for g in self.rows.values()}
         self._bank.ensure(live, vocab)
         index = self._bank.index
-        out_rows, mask_idx, pen_idx, offs, toks = [], [], [], [0], []
+        out_rows, mask_idx, pen_idx, offs = [], [], [], [0]
+        toks: list[int] = []
         items = self.rows.items() if rows is None else ((i, self.rows[i]) for i in rows)
         for i, g in items:
             s = g.catch_up()

@@ -32,7 +32,7 @@ def register_target_resolver(fn: TargetResolver | None) -> None:
     _resolver = fn
 
 
-def _get_resolver() -> TargetResolver | None:
+def _get_resolver() -> TargetResolver:
     if _resolver is not None:
         return _resolver
     from guardserve import config
@@ -60,7 +60,8 @@ def policy_store_resolver(targets: list) -> list[str]:
         _store = open_store()
     out: list[str] = []
     for t in targets:
-        tid, version = (t.get("id"), t.get("version")) if isinstance(t, dict) else (str(t), None)
+        # str(): what the SQL stores do to the id anyway (a {"version": ...} without an id looks up "None" and fails)
+        tid, version = (str(t.get("id")), t.get("version")) if isinstance(t, dict) else (str(t), None)
         key = (tid, version)
         if key not in _phrases_by_version:
             _phrases_by_version[key] = forbidden_phrases(_store.get(tid))

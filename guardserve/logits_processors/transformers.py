@@ -45,7 +45,7 @@ class GuardTransformersLogitsProcessor(LogitsProcessor):
     def from_phrases(cls, tokenizer, phrases, vocab_size: int | None = None) -> GuardTransformersLogitsProcessor:
         return cls(compile_phrases(tokenizer, phrases, vocab_size=vocab_size))
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         if self._batch is None or self._batch.device != scores.device:
             self._batch = GuardBatch(scores.device)  # keeps its device tables across calls
         B, L = input_ids.shape

@@ -31,7 +31,7 @@ try:
 
     HAVE_V2 = True
 except ImportError:  # vLLM without Model Runner V2: keep the module importable
-    _V2Base = object
+    _V2Base = object  # type: ignore[misc,assignment]  # fallback base where vLLM has no Model Runner V2
     HAVE_V2 = False
 
 
@@ -79,7 +79,8 @@ class GuardLogitsProcessorV2(_V2Base):
         slots = ctx.idx_mapping_np
         seq_lens = ctx.seq_lens_upper_bound_np
         rows: dict[int, int] = {}
-        want_slot, want_pos, spans = [], [], []
+        want_slot, spans = [], []
+        want_pos: list[int] = []
         for b, slot in enumerate(slots.tolist()):
             g = self.batch.rows.get(slot)
             if g is None:

@@ -10,6 +10,7 @@ of reloading everything.
 
 from __future__ import annotations
 
+import builtins  # PolicyStore.list shadows the builtin in the class body: annotations after it say builtins.list
 import json
 import threading
 import time
@@ -60,7 +61,7 @@ class PolicyStore(ABC):
         """Remove a target; raises TargetNotFoundError."""
 
     @abstractmethod
-    def changes_since(self, seq: int = 0, limit: int = 10_000) -> list[AuditEntry]:
+    def changes_since(self, seq: int = 0, limit: int = 10_000) -> builtins.list[AuditEntry]:
         """Audit entries with ``seq`` greater than the given one, oldest first."""
 
     @abstractmethod
@@ -94,7 +95,7 @@ class PolicyStore(ABC):
                 return t
         raise TargetNotFoundError(f"no target with id or name {name_or_id!r}")
 
-    def audit(self, target_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+    def audit(self, target_id: str | None = None, limit: int = 1000) -> builtins.list[AuditEntry]:
         entries = self.changes_since(0, limit=1_000_000)
         if target_id is not None:
             entries = [e for e in entries if e.target_id == target_id]
@@ -266,7 +267,7 @@ class SQLStore(PolicyStore):
                 self._q("INSERT INTO audit (at, actor, action, target_id, tenant, version, body) VALUES (?, ?, ?, ?, ?, ?, ?)"),
                 (time.time(), actor, "delete", str(target_id), row[0], int(row[1]), None))
 
-    def changes_since(self, seq: int = 0, limit: int = 10_000) -> list[AuditEntry]:
+    def changes_since(self, seq: int = 0, limit: int = 10_000) -> builtins.list[AuditEntry]:
         with self._read() as cur:
             cur.execute(self._q("SELECT seq, at, actor, action, target_id, tenant, version, body FROM audit "
                                 "WHERE seq > ? ORDER BY seq LIMIT ?"), (int(seq), int(limit)))
@@ -277,7 +278,7 @@ class SQLStore(PolicyStore):
             cur.execute("SELECT COALESCE(MAX(seq), 0) FROM audit")
             return int(cur.fetchone()[0])
 
-    def audit(self, target_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+    def audit(self, target_id: str | None = None, limit: int = 1000) -> builtins.list[AuditEntry]:
         cols = "seq, at, actor, action, target_id, tenant, version, body"
         with self._read() as cur:
             if target_id is None:

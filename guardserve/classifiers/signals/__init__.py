@@ -78,7 +78,9 @@ class Query:
     def vectors(self) -> np.ndarray | None:
         """The windows' embeddings, one row each (None without windows)."""
         if self._vectors is None and self.windows():
-            self._vectors = self.detector.embedder.encode(self.windows())
+            embedder = self.detector.embedder
+            assert embedder is not None  # windows exist only with embeddings on, so with an embedder
+            self._vectors = embedder.encode(self.windows())
         return self._vectors
 
     def vector(self) -> np.ndarray | None:

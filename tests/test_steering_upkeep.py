@@ -9,8 +9,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-
-from tests.test_steering_demo import LAYER, N_FEATURES, steering  # noqa: F401  (module fixture)
+from test_steering_demo import LAYER, N_FEATURES, steering  # noqa: F401  (module fixture)
 
 
 def test_autoselect_switch(monkeypatch):

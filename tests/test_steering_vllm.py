@@ -8,9 +8,9 @@ import json
 import os
 
 import pytest
+from test_steering_demo import CLAMP, steering  # noqa: F401  (module fixture)
 
 from guardserve.textgen import answer_accuracy, chat_prompt
-from tests.test_steering_demo import CLAMP, steering  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.slow
 

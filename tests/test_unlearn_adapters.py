@@ -149,3 +149,65 @@ def test_cli_unlearns_registered_target_and_rejects_mistakes(demo, world, tmp_pa
     assert "unknown method" in capsys.readouterr().err
     assert main(["adapters", "add", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick_adapter(demo, world, tmp_path_factory):
+    """A real SHRED adapter after two steps: only its files and guardserve_adapter.json matter."""
+    from guardserve.unlearn import UnlearnConfig, Unlearner, get_method
+
+    person = sorted({p["entity"] for p in world["forget"]})[2]
+    forget = [p for p in world["forget"] if p["entity"] == person]
+    cfg = UnlearnConfig(batch_size=8, eval_every=2, max_steps=2)
+    result = Unlearner(get_method("SHRED"), cfg, progress=False).run(demo.model, forget, [], targets=[person])
+    return result.save(tmp_path_factory.mktemp("quick") / "adapter"), person
+
+
+@pytest.mark.slow  # needs the demo model
+def test_quantize_scores_what_the_adapter_forgets(quick_adapter, demo, world, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from guardserve.cli import main
+    from guardserve.policy import open_store
+    from guardserve.unlearn import quantize
+
+    path, person = quick_adapter
+    seen: dict = {}
+
+    def recovery(base, adapter, world=None, bits=(8, 4), retain_pairs=None, forget_pairs=None, **kw):
+        seen.update(base=str(base), world=world, bits=bits, forget=forget_pairs, retain=retain_pairs)
+        return {"base_forget": 1.0}
+
+    monkeypatch.setattr(quantize, "quantization_recovery", recovery)
+    monkeypatch.setenv("GUARDSERVE_DB", str(tmp_path / "policy.db"))
+
+    # The targets come from guardserve_adapter.json: the person's pairs, everyone else's retain pairs.
+    assert main(["adapters", "quantize", str(path), "--bits", "8"]) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert seen["forget"] == [p for p in world["forget"] if p["entity"] == person]
+    assert seen["retain"] == [p for p in world["retain"] if p["entity"] != person] and seen["retain"]
+    assert seen["base"] == str(demo.model.resolve()) and seen["bits"] == (8,) and seen["world"] is None
+    assert out == {"targets": [person], "forget_questions": len(seen["forget"]),
+                   "retain_questions": len(seen["retain"]), "base_forget": 1.0}
+
+    # --targets overrides, by a registered target's id (looked up as `guardserve unlearn --targets` does).
+    other = sorted({p["entity"] for p in world["forget"]})[3]
+    target = open_store().add({"name": other})
+    assert main(["adapters", "quantize", str(path), "--targets", target.id]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert {p["entity"] for p in seen["forget"]} == {other} and other not in {p["entity"] for p in seen["retain"]}
+    assert main(["adapters", "quantize", str(path), "--targets", "Nobody Atall"]) == 2
+    assert "'Nobody Atall'" in capsys.readouterr().err
+
+    # An adapter without guardserve_adapter.json, or naming no targets, says so in one line.
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare)
+    (bare / "guardserve_adapter.json").unlink()
+    assert main(["adapters", "quantize", str(bare)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was not written by `guardserve unlearn`" in err and "pass --targets" in err and "\n" not in err
+    (bare / "guardserve_adapter.json").write_text(json.dumps({"method": "SHRED", "targets": []}))
+    assert main(["adapters", "quantize", str(bare)]) == 2
+    assert "pass --targets" in capsys.readouterr().err
+    assert main(["adapters", "quantize", str(bare), "--targets", person]) == 0
+    assert {p["entity"] for p in seen["forget"]} == {person}

@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from guardserve.unlearn.cli import add_device_args  # the same --device / --dtype as `guardserve unlearn`
+
     p = sub.add_parser("sae", help="SAE steering: train an SAE, select target features, list selections",
                        description="Sparse-autoencoder steering. `train` fits an SAE on a model's residual stream "
                                    "(SAELens format); `select` computes each registered target's features and gate "
@@ -29,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="L1 (relu) or L0 (jumprelu) coefficient (default: scaled to the activations)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output folder (default: $GUARDSERVE_HOME/steering/sae, the one serving uses)")
+    add_device_args(t)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_as_usage_errors(_train))
 
@@ -43,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-retain-rate", type=float, default=0.01,
                    help="skip features firing on more retain tokens than this (default 0.01)")
     s.add_argument("--force", action="store_true", help="recompute even where the stored selection is current")
+    add_device_args(s)
     s.set_defaults(func=_as_usage_errors(_select))
 
     ls = ssub.add_parser("list", help="stored selections and whether they are current")
@@ -84,9 +88,11 @@ def _train(args) -> int:
     from guardserve.steering.flags import sae_path
     from guardserve.steering.loading import CORPUS_FILES, load_model, model_corpus, read_texts
     from guardserve.steering.train import default_layer, residual_activations, train_sae
+    from guardserve.unlearn.cli import device_and_dtype
 
+    device, dtype = device_and_dtype(args)
     path = _model_path(args.model)
-    model, tok = load_model(path)
+    model, tok = load_model(path, device=device, dtype=dtype)
     texts = read_texts(args.texts) if args.texts else model_corpus(path, "sae_corpus")
     if texts is None:
         raise _usage(f"--texts is required: {path} has no {CORPUS_FILES['sae_corpus']}")
@@ -111,7 +117,9 @@ def _select(args) -> int:
     from guardserve.policy import PolicyError, open_store
     from guardserve.steering.features import SteeringStore
     from guardserve.steering.loading import load_sae, load_selector
+    from guardserve.unlearn.cli import device_and_dtype
 
+    device, dtype = device_and_dtype(args)
     sae = load_sae(args.sae, args.hook_layer)
     with open_store() as store:
         try:
@@ -121,7 +129,7 @@ def _select(args) -> int:
     if not targets:
         raise _usage("no targets registered (add some with `guardserve targets add`)")
     selector = load_selector(_model_path(args.model), sae, args.retain_texts, n=args.num_features,
-                             max_retain_rate=args.max_retain_rate)
+                             max_retain_rate=args.max_retain_rate, device=device, dtype=dtype)
     steering = SteeringStore()
     for t in targets:
         sel, fresh = selector.ensure(steering, t, force=args.force)

@@ -1,4 +1,4 @@
-"""Loading what steering needs: the model (transformers, CPU), the SAE, the text corpora.
+"""Loading what steering needs: the model (transformers; CPU unless told), the SAE, the text corpora.
 
 One way in for ``guardserve sae`` and for the server's selection upkeep
 (:mod:`guardserve.steering.upkeep`): both build their :class:`FeatureSelector` with
@@ -60,8 +60,11 @@ def write_model_corpus(model_path: str | Path, which: str, texts: list[str]) -> 
     return f
 
 
-def load_model(path: str | Path, cap_threads: bool = True):
-    """``(model, tokenizer)`` of a Hugging Face model folder, float32 on CPU.
+def load_model(path: str | Path, cap_threads: bool = True, device: str = "cpu", dtype: str = "float32"):
+    """``(model, tokenizer)`` of a Hugging Face model folder, by default float32 on CPU;
+    ``device`` / ``dtype`` are resolved names (``guardserve sae --device/--dtype``: see
+    ``guardserve.unlearn.trainer.resolve_device_dtype``). Activations read from the model come
+    back float32 on CPU whatever it runs in (:func:`~guardserve.steering.train.residual_activations`).
     ``cap_threads``: limit torch to 2 threads (a command's own process; the server's
     upkeep leaves the process-wide setting alone)."""
     import torch
@@ -72,7 +75,10 @@ def load_model(path: str | Path, cap_threads: bool = True):
     if cap_threads:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if device != "cpu":
+        model = model.to(device)
+    model.eval()
     if not hasattr(getattr(model, "model", None), "layers"):
         raise SteeringSetupError("steering needs a decoder with model.model.layers (Llama, Mistral, Qwen, Gemma, ...)")
     return model, tok
@@ -88,20 +94,23 @@ def load_sae(sae: str | Path | None = None, hook_layer: int | None = None):
         return SAE.load(path, hook_name=hook_name_for_layer(hook_layer) if hook_layer is not None else None)
     except FileNotFoundError as e:
         raise SteeringSetupError(f"{e} (train one with `guardserve sae train`)") from None
+    except ValueError as e:  # a config or weights this SAE class cannot honour (the message says which)
+        raise SteeringSetupError(f"SAE at {path}: {e}") from None
 
 
 def load_selector(model: str | Path, sae=None, retain_texts: str | Path | None = None, n: int = 30,
-                  max_retain_rate: float = 0.01, cap_threads: bool = True):
-    """The one way a :class:`FeatureSelector` is built: the model folder with transformers on
-    CPU, the SAE (an :class:`SAE`, a path, or ``None`` for :func:`load_sae`'s default), and the
-    retain corpus (a JSON list or a text file; by default the model folder's own, see the
-    module docstring)."""
+                  max_retain_rate: float = 0.01, cap_threads: bool = True, device: str = "cpu",
+                  dtype: str = "float32"):
+    """The one way a :class:`FeatureSelector` is built: the model folder with transformers
+    (float32 on CPU unless ``device`` / ``dtype`` say otherwise), the SAE (an :class:`SAE`, a
+    path, or ``None`` for :func:`load_sae`'s default), and the retain corpus (a JSON list or a
+    text file; by default the model folder's own, see the module docstring)."""
     from guardserve.steering.features import FeatureSelector
     from guardserve.steering.sae import SAE
 
     if not isinstance(sae, SAE):
         sae = load_sae(sae)
-    model_obj, tok = load_model(model, cap_threads)
+    model_obj, tok = load_model(model, cap_threads, device, dtype)
     if sae.d_in != model_obj.config.hidden_size:
         raise SteeringSetupError(f"the SAE reads {sae.d_in} dimensions, the model has {model_obj.config.hidden_size}")
     if not 0 <= sae.layer < model_obj.config.num_hidden_layers:

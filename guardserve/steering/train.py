@@ -1,12 +1,13 @@
 """Training an SAE on a causal LM's residual stream.
 
 Contract: ``residual_activations(model, tokenizer, texts, layer)`` returns one ``[T_i, d]``
-float32 tensor per text: the output of decoder layer ``layer`` (SAELens'
-``blocks.{layer}.hook_resid_post``) at every position but the first (BOS; its activations are
-outliers an SAE should not spend features on). ``train_sae(acts, ...)`` fits an SAE (ReLU
-with an L1 penalty, TopK, or JumpReLU with a straight-through L0 penalty) with Adam and
-returns it with ``evaluate_sae``'s figures: reconstruction MSE, explained variance, mean L0
-and the share of dead features (never active on the evaluation activations).
+float32 CPU tensor per text, whatever device and dtype the model runs in: the output of
+decoder layer ``layer`` (SAELens' ``blocks.{layer}.hook_resid_post``) at every position but
+the first (BOS; its activations are outliers an SAE should not spend features on).
+``train_sae(acts, ...)`` fits an SAE (ReLU with an L1 penalty, TopK, or JumpReLU with a
+straight-through L0 penalty) with Adam and returns it with ``evaluate_sae``'s figures:
+reconstruction MSE, explained variance, mean L0 and the share of dead features (never
+active on the evaluation activations).
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def residual_activations(model, tokenizer, texts: list[str], layer: int, batch_s
                           disable=not progress, unit="batch"):
                 enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False, truncation=True, max_length=max_length)
-                model(**enc)
+                model(**enc.to(model.device))
                 h = captured["h"].float()
                 for row, n in enumerate(enc["attention_mask"].sum(-1).tolist()):
-                    out.append(h[row, 1:n].clone())
+                    out.append(h[row, 1:n].to("cpu", copy=True))
     finally:
         handle.remove()
         tokenizer.padding_side = side

@@ -5,6 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 
+DEVICE_HELP = "where the model runs: auto (default) is cuda where CUDA is present, else cpu"
+DTYPE_HELP = ("the model's weights: auto (default) is bfloat16 on cuda, float32 on cpu; "
+              "float16 is refused on cpu")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (resolved by :func:`device_and_dtype`)."""
+    from guardserve.unlearn.trainer import DEVICES, DTYPES
+
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+
+
+def device_and_dtype(args) -> tuple[str, str]:
+    """The resolved ``(device, dtype)`` of ``--device`` / ``--dtype``; a choice this machine
+    cannot run is a usage error."""
+    from guardserve.cli import UsageError
+    from guardserve.unlearn.trainer import resolve_device_dtype
+
+    try:
+        return resolve_device_dtype(args.device, args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from guardserve.unlearn.methods import METHODS
@@ -39,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--register", default=None, metavar="NAME", help="also register the adapter under NAME")
     p.add_argument("--route", default="triggered", choices=["triggered", "all"],
                    help="registered adapter serves requests that trigger its targets (default) or all requests")
+    add_device_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_unlearn)
 
@@ -60,9 +85,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm = asub.add_parser("retire", help="retire an adapter (servers unload it on their next sync)")
     rm.add_argument("name")
     rm.set_defaults(func=_retire)
-    q = asub.add_parser("quantize", help="quantization attack: merge, quantize to 8 and 4 bits, measure recovered knowledge")
+    q = asub.add_parser("quantize", help="quantization attack: merge, quantize to 8 and 4 bits, measure recovered knowledge",
+                        description="Merge the adapter into its base model, quantize to each of --bits, and measure how "
+                                    "much of what the adapter forgot comes back. Scored on the QA pairs of the targets "
+                                    "the adapter was trained to forget (named in its guardserve_adapter.json, which "
+                                    "`guardserve unlearn` writes; --targets overrides), with the demo world's retain "
+                                    "pairs about other people when the base is a demo model.")
     q.add_argument("path", help="adapter folder")
     q.add_argument("--model", default=None, help="base model folder (default: the adapter's base model)")
+    q.add_argument("--targets", nargs="+", default=None,
+                   help="what the adapter forgets: registered target ids or names, or demo-world people "
+                        "(default: the targets in the adapter's guardserve_adapter.json)")
     q.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     q.set_defaults(func=_quantize)
     a.set_defaults(func=lambda args: (a.print_help(), 2)[1])
@@ -93,6 +126,7 @@ def _unlearn(args) -> int:
         raise UsageError(str(e)) from None
     if args.rank < 1:
         raise UsageError(f"--rank {args.rank}: must be at least 1")
+    device, dtype = device_and_dtype(args)
     world = None
     if args.model is None:
         from guardserve.demo import ensure_demo
@@ -134,7 +168,8 @@ def _unlearn(args) -> int:
     result, out = train_adapter(
         method, model_dir, forget, retain, args.out, world_facts=(world or {}).get("world_facts"), targets=target_names,
         rank=args.rank, seed=args.seed, gu=args.gu, progress=not args.no_progress,
-        overrides={"max_steps": args.steps, "lr": args.lr, "stop_ratio": args.stop_ratio, "min_retain": args.min_retain})
+        overrides={"max_steps": args.steps, "lr": args.lr, "stop_ratio": args.stop_ratio, "min_retain": args.min_retain,
+                   "device": device, "dtype": dtype})
     print(f"{method.name}: {result.steps} steps, {result.seconds:.1f}s, stopped: {result.stop_reason}; "
           f"forget accuracy {result.base_probe['forget']} -> {result.probe['forget']}, "
           f"retain probe {result.base_probe['retain']} -> {result.probe['retain']}")
@@ -198,21 +233,113 @@ def _retire(args) -> int:
     return 0
 
 
+def _adapter_targets(path) -> list[str]:
+    """The target names and ids an adapter folder's guardserve_adapter.json says it forgets."""
+    from pathlib import Path
+
+    from guardserve.cli import UsageError
+    from guardserve.unlearn.trainer import META_FILE
+
+    meta_file = Path(path) / META_FILE
+    hint = "pass --targets with the target ids or names it forgets"
+    if not meta_file.is_file():
+        raise UsageError(f"{path} was not written by `guardserve unlearn` (no {META_FILE}, so what it forgets "
+                         f"is unknown); {hint}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{meta_file}: unreadable ({e}); {hint}") from None
+    targets = meta.get("targets") if isinstance(meta, dict) else None
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise UsageError(f"{path} was not written by `guardserve unlearn` with targets ({META_FILE} names none); {hint}")
+    return list(targets)
+
+
+def _demo_world_of(model_dir) -> dict | None:
+    """The demo world when ``model_dir`` is one of a demo build's models, else None."""
+    from pathlib import Path
+
+    from guardserve.demo import DemoPaths
+
+    model = Path(model_dir).expanduser().resolve()
+    paths = DemoPaths(model.parent)
+    if model not in (paths.model, paths.retain_model) or not (paths.world / "forget.json").is_file():
+        return None
+    return paths.load_world()
+
+
+def _quantize_pairs(names: list[str], world: dict | None) -> tuple[list[dict], list[dict]]:
+    """``(forget, retain)`` QA pairs for the quantization check: the pairs about ``names``
+    (demo-world people by name, or targets registered in the policy store by id or name,
+    as ``guardserve unlearn --targets`` finds them), and the world's retain pairs about
+    everyone else."""
+    from guardserve.cli import UsageError
+    from guardserve.policy import TargetNotFoundError, open_store
+    from guardserve.unlearn.data import qa_pairs_for_targets
+
+    people = {p["entity"].casefold() for split in ("forget", "retain") for p in (world or {}).get(split, [])}
+    entities: set[str] = set()
+    registered: dict = {}
+    missing: list[str] = []
+    store = None
+    try:
+        for name in names:
+            if name.casefold() in people:
+                entities.add(name.casefold())
+                continue
+            if store is None:
+                store = open_store()
+            try:
+                target = store.find(name)
+            except TargetNotFoundError:
+                missing.append(name)
+                continue
+            registered.setdefault(target.id, target)
+    finally:
+        if store is not None:
+            store.close()
+    if missing:
+        where = "registered in the policy store ($GUARDSERVE_DB)" + (" nor people of the demo world" if world else "")
+        raise UsageError(f"targets not {where}: {', '.join(map(repr, missing))}; see 'guardserve targets list', "
+                         "or pass --targets")
+    try:
+        found = qa_pairs_for_targets(list(registered.values()), world)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if world:
+        found += [p for split in ("forget", "retain") for p in world[split] if p["entity"].casefold() in entities]
+    forget = list({id(p): p for p in found if "value" in p and "question" in p}.values())
+    if not forget:
+        raise UsageError(f"no questions to score: the targets {', '.join(map(repr, names))} have no facts "
+                         "(texts alone cannot be scored)")
+    covered = {p["entity"].casefold() for p in found} | {n.casefold() for t in registered.values() for n in t.all_names}
+    retain = [p for p in (world or {}).get("retain", []) if p["entity"].casefold() not in covered]
+    return forget, retain
+
+
 def _quantize(args) -> int:
     from pathlib import Path
 
     from guardserve.cli import UsageError
-    from guardserve.demo import ensure_demo
     from guardserve.unlearn.quantize import quantization_recovery
     from guardserve.unlearn.registry import AdapterError, validate_adapter
 
-    demo = ensure_demo()
     try:
         cfg = validate_adapter(args.path, args.model)
     except AdapterError as e:
         raise UsageError(str(e)) from None
-    base = args.model or cfg.get("base_model_name_or_path") or str(demo.model)
-    if not (Path(base) / "config.json").is_file():
+    if any(not 2 <= b <= 16 for b in args.bits):
+        raise UsageError(f"--bits {' '.join(map(str, args.bits))}: each must be between 2 and 16")
+    names = args.targets or _adapter_targets(args.path)
+    base = args.model or cfg.get("base_model_name_or_path")
+    if base is None:
+        from guardserve.demo import ensure_demo
+
+        base = str(ensure_demo().model)
+    if not (Path(base).expanduser() / "config.json").is_file():
         raise UsageError(f"base model {base}: not a local Hugging Face folder; pass --model")
-    print(json.dumps(quantization_recovery(base, args.path, demo.load_world(), bits=tuple(args.bits)), indent=2))
+    forget, retain = _quantize_pairs(names, _demo_world_of(base))
+    out = quantization_recovery(base, args.path, bits=tuple(args.bits), forget_pairs=forget, retain_pairs=retain)
+    print(json.dumps({"targets": names, "forget_questions": len(forget), "retain_questions": len(retain), **out},
+                     indent=2))
     return 0

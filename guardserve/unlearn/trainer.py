@@ -28,6 +28,48 @@ from pathlib import Path
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 META_FILE = "guardserve_adapter.json"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto", cuda_available: bool | None = None) -> tuple[str, str]:
+    """``(device, dtype)`` to load a model with, from the ``--device`` / ``--dtype`` choices.
+
+    ``auto`` means CUDA with bfloat16 where CUDA is present, else CPU with float32 (the
+    numbers every CPU result in this project was measured with). Raises ValueError, with the
+    fix in the message, for CUDA asked for where there is none and for float16 on CPU.
+    ``cuda_available`` overrides ``torch.cuda.is_available()`` (tests)."""
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    elif device == "cuda" and not cuda_available:
+        raise ValueError("--device cuda: CUDA is not available here (no GPU visible, or a CPU-only torch); "
+                         "use --device cpu or --device auto")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if dtype == "float16" and device == "cpu":
+        raise ValueError("--dtype float16 is not supported on CPU (slow or missing half-precision kernels there); "
+                         "use --dtype float32 or bfloat16, or --device cuda")
+    return device, dtype
+
+
+def load_causal_lm(model_dir: str, device: str = "cpu", dtype: str = "float32"):
+    """A transformers causal LM in eval mode, loaded in ``dtype`` and placed on ``device``
+    (resolved values: see :func:`resolve_device_dtype`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if device != "cpu":
+        model = model.to(device)
+    return model.eval()
 
 
 @dataclass
@@ -48,6 +90,8 @@ class UnlearnConfig:
     probe_size: int = 200  # retain questions held out of training, for the utility criterion
     target_modules: tuple[str, ...] = LLAMA_LINEAR
     threads: int = 1
+    device: str = "cpu"  # resolved values (resolve_device_dtype); the CLI's default "auto" picks CUDA where present
+    dtype: str = "float32"  # of the base model's weights (PEFT keeps the LoRA weights float32 either way)
 
 
 @dataclass
@@ -125,7 +169,7 @@ class Unlearner:
         import torch
         from peft import LoraConfig, get_peft_model
         from tqdm.auto import tqdm
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from guardserve.textgen import accuracy, encode
         from guardserve.unlearn import data
@@ -136,8 +180,7 @@ class Unlearner:
         rng = random.Random(cfg.seed)
         model_dir = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
         self.tokenizer = tok = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        base.eval()  # no dropout: the same seed gives the same adapter
+        base = load_causal_lm(model_dir, cfg.device, cfg.dtype)  # eval(): no dropout, same seed same adapter
         self.model = model = get_peft_model(base, LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
             init_lora_weights=True))

@@ -63,12 +63,13 @@ def sequences(tokenizer, pairs: list[dict], all_wordings: bool = True) -> list[S
 
 
 class BatchStream:
-    """Endless shuffled batches over encoded sequences, seeded (same seed, same order)."""
+    """Endless shuffled batches over encoded sequences, seeded (same seed, same order), on
+    ``device`` (the model's)."""
 
-    def __init__(self, encoded, batch_size: int, pad_id: int, seed: int):
+    def __init__(self, encoded, batch_size: int, pad_id: int, seed: int, device: str = "cpu"):
         if not encoded:
             raise ValueError("no sequences to train on")
-        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
+        self.encoded, self.batch_size, self.pad_id, self.device = encoded, batch_size, pad_id, device
         self.rng = random.Random(seed)
         self.order: list[int] = []
 
@@ -78,4 +79,5 @@ class BatchStream:
             self.rng.shuffle(fresh)
             self.order += fresh
         idx, self.order = self.order[: self.batch_size], self.order[self.batch_size:]
-        return collate([self.encoded[i] for i in idx], self.pad_id)
+        batch = collate([self.encoded[i] for i in idx], self.pad_id)
+        return batch if self.device == "cpu" else {k: v.to(self.device) for k, v in batch.items()}

@@ -192,8 +192,8 @@ class Unlearner:
         train_retain += list(world_facts or [])
         forget_enc = encode(tok, data.sequences(tok, forget_pairs))
         retain_enc = encode(tok, data.sequences(tok, train_retain)) if train_retain else []
-        self.forget_stream = data.BatchStream(forget_enc, cfg.batch_size, tok.pad_token_id, cfg.seed)
-        self.retain_stream = (data.BatchStream(retain_enc, cfg.batch_size, tok.pad_token_id, cfg.seed + 1)
+        self.forget_stream = data.BatchStream(forget_enc, cfg.batch_size, tok.pad_token_id, cfg.seed, cfg.device)
+        self.retain_stream = (data.BatchStream(retain_enc, cfg.batch_size, tok.pad_token_id, cfg.seed + 1, cfg.device)
                               if retain_enc else None)
         if self.method.uses_retain and self.retain_stream is None:
             raise ValueError(f"{self.method.name} needs retain data and none was given")

@@ -29,7 +29,7 @@ class RMU(Method):
         with torch.no_grad(), trainer.reference():
             h = self._acts(trainer, batch)
         norm = h.norm(dim=-1)[batch["attention_mask"].bool()].mean()
-        self._target = (u / u.norm()) * self.steering * norm
+        self._target = (u / u.norm()).to(h.device, h.dtype) * self.steering * norm
 
     def _acts(self, trainer, batch):
         out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)

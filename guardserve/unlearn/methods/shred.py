@@ -45,6 +45,7 @@ class SHRED(Method):
         for t in special:
             if t < vocab:
                 self._high[t] = False
+        self._high = self._high.to(trainer.model.device)
 
     def forget_loss(self, trainer, batch):
         import torch

@@ -6,6 +6,11 @@ the benchmarks and the demo build render and score text the same way. Special to
 from the tokenizer (``bos_token``, ``eos_token``), never from a constant, so any model's
 tokenizer works.
 
+A teacher-forced row never loses any of its target: a sequence longer than ``max_len``
+(:data:`SCORE_MAX_LEN`, 512, by default) is cut from the left of its prompt, and one whose
+target alone does not fit is skipped by scoring (:func:`encode_rows`: None) and refused by
+:func:`encode`, never scored or trained on cut short.
+
 >>> prompt = chat_prompt(tok, "When was Gygreim Houtus born?")                  # doctest: +SKIP
 >>> generate_answers(model, tok, [prompt], max_new_tokens=24)                   # doctest: +SKIP
 ['Gygreim Houtus was born on 4 June 1911.']
@@ -88,15 +93,48 @@ class Sequence:
     target: str
 
 
-def encode(tokenizer, seqs: list[Sequence], max_len: int = 192) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per sequence; labels are -100 on the prompt."""
+# Prompt + target tokens that teacher-forced scoring fits into a row by default (the demo
+# model's context; ICUL prompts run to 450 tokens). Training uses the same default: its
+# sequences are far shorter, and a sequence that fits is encoded whole either way.
+SCORE_MAX_LEN = 512
+
+
+def encode_one(tokenizer, seq: Sequence, max_len: int = SCORE_MAX_LEN) -> tuple[list[int], list[int]] | None:
+    """``(input_ids, labels)`` of one sequence, labels -100 on the prompt, at most ``max_len``
+    tokens; None when the target alone does not fit.
+
+    The target is never cut: a sequence longer than ``max_len`` loses the start of its
+    prompt (its end, where the question is, is kept), down to the prompt's last token,
+    which stays so that every target token has a token before it to be predicted from.
+    A target that does not fit even so is not encoded at all (None), never cut short.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    p = tokenizer(seq.prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(seq.target, add_special_tokens=False)["input_ids"]
+    room = max_len - len(t)
+    if room < min(1, len(p)):
+        return None
+    p = p[len(p) - room:] if len(p) > room else p
+    return list(p) + list(t), [-100] * len(p) + list(t)
+
+
+def encode_rows(tokenizer, seqs: list[Sequence], max_len: int = SCORE_MAX_LEN) -> list[tuple[list[int], list[int]] | None]:
+    """:func:`encode_one` per sequence, aligned with ``seqs``: None for a sequence whose
+    target alone does not fit ``max_len`` (scoring skips and counts it)."""
+    return [encode_one(tokenizer, s, max_len) for s in seqs]
+
+
+def encode(tokenizer, seqs: list[Sequence], max_len: int = SCORE_MAX_LEN) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per sequence; labels are -100 on the prompt. A long sequence
+    loses the start of its prompt, never any of its target (:func:`encode_one`); a target
+    that alone does not fit ``max_len`` raises ValueError (use :func:`encode_rows` to skip it)."""
     out = []
-    for s in seqs:
-        p = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(s.target, add_special_tokens=False)["input_ids"]
-        ids = (p + t)[:max_len]
-        labels = ([-100] * len(p) + t)[:max_len]
-        out.append((ids, labels))
+    for i, row in enumerate(encode_rows(tokenizer, seqs, max_len)):
+        if row is None:
+            raise ValueError(f"sequence {i}: its target alone does not fit {max_len} tokens "
+                             f"({seqs[i].target[:60]!r}...): raise max_len; targets are never cut")
+        out.append(row)
     return out
 
 

@@ -90,7 +90,35 @@ def test_rouge_l_recall_by_hand():
     # Reordered words: the longest in-order run is two words ("cat ... the", "on ... the").
     assert M.rouge_l_recall("mat on cat the", "the cat sat on the mat") == pytest.approx(2 / 6)
     assert M.rouge_l_recall("anything", "") == 0.0
+    assert M.rouge_l_recall("", "the cat sat") == 0.0
     assert M.rouge_l_recall("the cat sat on the mat", "The cat sat on the mat.") == 1.0
+    # TOFU's stemmer: inflections of one stem match (without it, 2/3 and 1/3).
+    assert M.rouge_l_recall("She studies physics.", "She studied physics") == 1.0
+    assert M.rouge_l_recall("He was writing novels", "He writes a novel") == pytest.approx(3 / 4)
+
+
+ROUGE_PAIRS = [  # (prediction, reference)
+    ("She studies physics.", "She studied physics"),
+    ("He was writing novels", "He writes a novel"),
+    ("The author's books were published in 1999!", "The author published books in 1999."),
+    ("", "Gygreim Houtus was born on 27 January 1930."),
+    ("Gygreim Houtus was born on 27 January 1930.", ""),
+    ("Gygreim Houtus was born on 4 June 1911.", "Gygreim Houtus was born on 27 January 1930."),
+    ("Basil Mahfouz Al-Kuwaiti, born in Kuwait City.", "The author is Basil Mahfouz Al-Kuwaiti."),
+    ("Jürgen Müller wrote 'Crónica'", "jurgen muller wrote cronica"),
+    ("running runners ran runs", "run runner running ran"),
+    ("I cannot share that.", "Hsiao Yun-Hwa was born in Taipei, Taiwan."),
+    ("the the the", "the cat the mat the"),
+    ("GYGREIM HOUTUS WORKED AS A SCULPTOR", "Gygreim Houtus works as a sculptor."),
+]
+
+
+@pytest.mark.parametrize("prediction,reference", ROUGE_PAIRS)
+def test_rouge_l_recall_is_rouge_score_with_tofu_settings(prediction, reference):
+    from rouge_score import rouge_scorer
+
+    want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].recall
+    assert M.rouge_l_recall(prediction, reference) == want
 
 
 # --------------------------------------------------------------------------- aggregate metrics

@@ -9,11 +9,23 @@ Definitions
 -----------
 - **accuracy** — share of greedy chat answers that state the fact value, by the one leak
   test :func:`guardserve.leak.fact_leaked` (as every other accuracy in guardserve).
-- **ROUGE-L recall** — longest common subsequence of words / number of reference words.
-  TOFU scores with stemming; words here are lower-cased alphanumeric runs. The demo's
-  invented names have no stems; on real English text the figures can differ slightly
-  from ``rouge_score``'s stemmed ones.
+- **ROUGE-L recall** — TOFU's and open-unlearning's: ``rouge_score``'s
+  ``RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].recall``
+  (longest common subsequence of words / number of reference words; words are lower-cased
+  ASCII alphanumeric runs, Porter-stemmed when longer than 3 characters). 0 for an empty
+  reference or prediction.
 - **answer loss** — mean token NLL of ``answer + EOS`` given the prompt (teacher forced).
+  The answer is never cut: a prompt + answer longer than ``max_len`` (512 by default)
+  loses the start of its prompt, and an answer that alone does not fit is not scored: its
+  loss is NaN (and so is whatever is computed from it), which callers count as a skipped
+  row, never a loss of 0.
+- **banned answer** — an item whose answer the token filter bans (:func:`banned_answers`:
+  the filter's automaton, run over the prompt and the answer as
+  :class:`~guardserve.eval.scoring.GuardedForward` runs it, bans one of the answer's tokens
+  where it stands). Its teacher-forced probability is then the penalty's, ~0 by
+  construction, not the model's: the evaluation leaves such items out of every
+  probability-based figure (probability, truth ratio, forget quality, the model-utility
+  terms), counts them, and reports a figure with no item left as not applicable.
 - **probability** — TOFU's length-normalised probability of the true answer,
   ``exp(-answer loss)``; with options (real authors, world facts),
   ``p_true / (p_true + sum p_wrong)``.
@@ -55,13 +67,14 @@ Generation (``answers``, ``accuracy``) needs ``model.generate``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 
 from guardserve.leak import fact_leaked
+from guardserve.textgen import SCORE_MAX_LEN, accuracy, answer_accuracy, answers, chat_prompt, collate, encode_rows, special_tokens
 from guardserve.textgen import Sequence as TextPair
-from guardserve.textgen import accuracy, answer_accuracy, answers, chat_prompt, collate, encode, special_tokens
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -90,18 +103,21 @@ def ngram_entropy(text: str, weights: Sequence[tuple[int, float]] = ((2, 2 / 3),
     return total / len(weights)
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def rouge_l_recall(prediction: str, reference: str) -> float:
-    """Longest common subsequence of words / number of reference words."""
-    ref, pred = _WORD.findall(reference.lower()), _WORD.findall(prediction.lower())
-    if not ref:
-        return 0.0
-    prev = [0] * (len(pred) + 1)
-    for r in ref:
-        cur = [0]
-        for j, p in enumerate(pred):
-            cur.append(prev[j] + 1 if r == p else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1] / len(ref)
+    """ROUGE-L recall of ``prediction`` against ``reference`` as TOFU and open-unlearning
+    score it: ``rouge_score``'s stemmed ``rougeL`` (one scorer, built on first use).
+
+    >>> rouge_l_recall("She studies physics.", "She studied physics")  # "studi" both
+    1.0
+    """
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].recall)
 
 
 # --------------------------------------------------------------------------- teacher forced
@@ -118,36 +134,77 @@ def _check_filters(model, filters, n: int) -> None:
         raise ValueError(f"{len(filters)} filters for {n} items: give one filter (or None) per item")
 
 
-def _forward_batches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int, filters):
-    """Yield ``(logits[:, :-1], labels[:, 1:])`` per right-padded batch of prompt + target;
-    labels are -100 outside the target."""
+def _forward_batches(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int, filters,
+                     max_len: int = SCORE_MAX_LEN):
+    """Yield ``(rows, logits[:, :-1], labels[:, 1:])`` per right-padded batch of prompt +
+    target, ``rows`` the batch's item indices; labels are -100 outside the target. An item
+    whose target alone does not fit ``max_len`` is in no batch (see :func:`encode_rows`)."""
     import torch
 
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts for {len(targets)} targets")
     _check_filters(model, filters, len(prompts))
-    enc = encode(tokenizer, [TextPair(p, t) for p, t in zip(prompts, targets)])
+    enc = encode_rows(tokenizer, [TextPair(p, t) for p, t in zip(prompts, targets)], max_len)
+    fit = [i for i, e in enumerate(enc) if e is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.inference_mode():
-        for i in range(0, len(enc), batch_size):
-            b = collate(enc[i:i + batch_size], pad)
-            kw = {} if filters is None else {"filters": list(filters[i:i + batch_size])}
+        for i in range(0, len(fit), batch_size):
+            rows = fit[i:i + batch_size]
+            b = collate([enc[r] for r in rows if enc[r] is not None], pad)
+            kw = {} if filters is None else {"filters": [filters[r] for r in rows]}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **kw).logits
-            yield logits[:, :-1], b["labels"][:, 1:]
+            yield rows, logits[:, :-1], b["labels"][:, 1:]
 
 
 def answer_losses(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64,
-                  filters: Sequence | None = None) -> list[float]:
-    """Mean token NLL of each ``target + EOS`` given its (formatted) prompt."""
+                  filters: Sequence | None = None, max_len: int = SCORE_MAX_LEN) -> list[float]:
+    """Mean token NLL of each ``target + EOS`` given its (formatted) prompt, every token of
+    it scored; NaN for an item with nothing to score (its target alone longer than
+    ``max_len``): count those, never read them as 0."""
     import torch
 
     _, eos = special_tokens(tokenizer)
-    out: list[float] = []
-    for logits, labels in _forward_batches(model, tokenizer, prompts, [t + eos for t in targets], batch_size, filters):
+    out = [math.nan] * len(prompts)
+    for rows, logits, labels in _forward_batches(model, tokenizer, prompts, [t + eos for t in targets], batch_size,
+                                                 filters, max_len):
         mask = labels != -100
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-        out += ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        n = mask.sum(1)
+        means = ((nll * mask).sum(1) / n.clamp(min=1)).tolist()
+        for r, m, k in zip(rows, means, n.tolist()):
+            out[r] = m if k else math.nan
     return out
+
+
+def banned_answers(tokenizer, prompts: Sequence[str], targets: Sequence[str], filters: Sequence,
+                   max_len: int = SCORE_MAX_LEN) -> list[bool]:
+    """Per item, whether its token filter bans a token of ``target + EOS`` where that token
+    stands in the row :func:`answer_losses` scores: the filter's automaton run over the
+    prompt and the target exactly as :class:`~guardserve.eval.scoring.GuardedForward` runs
+    it. Such an item's loss is the penalty's, and its probability ~0 by construction.
+
+    A filter's semantic penalty is not counted: it lowers words the targets did not
+    register, and what that costs an answer is measured, not excluded. False for items
+    without a filter (None) and for items that do not fit ``max_len`` (not scored at all)."""
+    if not len(prompts) == len(targets) == len(filters):
+        raise ValueError(f"{len(prompts)} prompts, {len(targets)} targets and {len(filters)} filters: give one each")
+    _, eos = special_tokens(tokenizer)
+    out = []
+    for p, t, f in zip(prompts, targets, filters):
+        row = encode_rows(tokenizer, [TextPair(p, t + eos)], max_len)[0] if f is not None else None
+        out.append(row is not None and _bans_target(f, *row))
+    return out
+
+
+def _bans_target(filt, ids: list[int], labels: list[int]) -> bool:
+    host, V, state = filt.host_bans(), filt.vocab_size, 0
+    for t, tok in enumerate(ids):
+        if t and labels[t] != -100 and 0 <= tok < V:
+            m, extra = host[state]
+            if tok in extra or (int(filt.masks[m, tok >> 5]) >> (tok & 31)) & 1:
+                return True
+        state = filt.step(state, tok) if 0 <= tok < V else 0
+    return False
 
 
 def _exp(x: float) -> float:
@@ -162,9 +219,11 @@ def truth_ratio(true_loss: float, wrong_losses: Sequence[float]) -> float:
     return _exp(sum(wrong_losses) / len(wrong_losses) - true_loss)
 
 
-def truth_ratios(model, tokenizer, pairs: list[dict], batch_size: int = 64, filters: Sequence | None = None) -> list[float]:
+def truth_ratios(model, tokenizer, pairs: list[dict], batch_size: int = 64, filters: Sequence | None = None,
+                 max_len: int = SCORE_MAX_LEN) -> list[float]:
     """TOFU's ``R`` per pair: the paraphrased answer (or, without one, the answer after the
-    paraphrased question) against each perturbed answer."""
+    paraphrased question) against each perturbed answer; NaN for a pair one of whose
+    answers does not fit ``max_len`` (not scored)."""
     prompts, targets, item_filters = [], [], []
     for i, p in enumerate(pairs):
         if not p.get("perturbed_answer"):
@@ -179,11 +238,13 @@ def truth_ratios(model, tokenizer, pairs: list[dict], batch_size: int = 64, filt
             item_filters.append(filters[i] if filters is not None else None)
     if filters is not None and len(filters) != len(pairs):
         raise ValueError(f"{len(filters)} filters for {len(pairs)} pairs: give one filter (or None) per pair")
-    losses = answer_losses(model, tokenizer, prompts, targets, batch_size, item_filters if filters is not None else None)
+    losses = answer_losses(model, tokenizer, prompts, targets, batch_size, item_filters if filters is not None else None,
+                           max_len)
     ratios, k = [], 0
     for p in pairs:
         n = 1 + len(p["perturbed_answer"])
-        ratios.append(truth_ratio(losses[k], losses[k + 1:k + n]))
+        own = losses[k:k + n]
+        ratios.append(math.nan if any(math.isnan(x) for x in own) else truth_ratio(own[0], own[1:]))
         k += n
     return ratios
 
@@ -242,8 +303,10 @@ def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
 
 
 def extraction_strength(model, tokenizer, prompts: str | Sequence[str], answers: str | Sequence[str],
-                        batch_size: int = 64, filters: Sequence | None = None) -> float | list[float]:
-    """ES per item (see the module docstring): a float for one prompt, a list for lists.
+                        batch_size: int = 64, filters: Sequence | None = None,
+                        max_len: int = SCORE_MAX_LEN) -> float | list[float]:
+    """ES per item (see the module docstring): a float for one prompt, a list for lists;
+    NaN for an item with nothing to score (an empty answer, or one longer than ``max_len``).
 
     >>> extraction_strength(model, tok, chat_prompt(tok, "When was X born?"), "X was born on 1 May 1950.")  # doctest: +SKIP
     1.0
@@ -254,20 +317,19 @@ def extraction_strength(model, tokenizer, prompts: str | Sequence[str], answers:
         raise TypeError("give one prompt and one answer, or a list of each")
     if single:
         prompts, answers = [prompts], [answers]
-    out: list[float] = []
-    for logits, labels in _forward_batches(model, tokenizer, prompts, answers, batch_size, filters):
+    out = [math.nan] * len(prompts)
+    for rows, logits, labels in _forward_batches(model, tokenizer, prompts, answers, batch_size, filters, max_len):
         preds = logits.argmax(-1)
-        for row in range(labels.shape[0]):
+        for row, item in enumerate(rows):
             pos = (labels[row] != -100).nonzero()[:, 0]
             n = int(pos.numel())
             if n == 0:
-                out.append(0.0)
                 continue
             hit = (preds[row, pos] == labels[row, pos]).tolist()
             k = n
             while k > 0 and hit[k - 1]:
                 k -= 1
-            out.append(1.0 - k / n)
+            out[item] = 1.0 - k / n
     return out[0] if single else out
 
 
@@ -307,7 +369,8 @@ def evaluate(model, tokenizer, world: dict, retain_pairs: list[dict] | None = No
              retain_model_ratios: list[float] | None = None) -> dict:
     """Accuracy on forget (question and paraphrase), retain and world facts, ROUGE-L recall
     and forget-side truth ratio on forget, and forget quality where the retain model's
-    truth ratios are given; rounded to 4 places."""
+    truth ratios are given; rounded to 4 places. Pairs whose answers do not fit the
+    scoring length are left out of the truth ratio and counted in ``skipped_rows``."""
     forget = forget_pairs if forget_pairs is not None else world["forget"]
     retain = retain_pairs if retain_pairs is not None else world["retain"]
     forget_answers = answers(model, tokenizer, forget)
@@ -318,8 +381,10 @@ def evaluate(model, tokenizer, world: dict, retain_pairs: list[dict] | None = No
         "retain_accuracy": accuracy(model, tokenizer, retain),
         "world_accuracy": accuracy(model, tokenizer, world["world_facts"]),
     }
-    ratios = truth_ratios(model, tokenizer, forget)
-    result["truth_ratio_forget"] = truth_ratio_stat(ratios, "forget")
+    ratios = [r for r in truth_ratios(model, tokenizer, forget) if not math.isnan(r)]
+    result["skipped_rows"] = len(forget) - len(ratios)
+    result["truth_ratio_forget"] = truth_ratio_stat(ratios, "forget") if ratios else None
+    reference = [r for r in retain_model_ratios or [] if not math.isnan(r)]
     if retain_model_ratios is not None:
-        result["forget_quality"] = forget_quality(ratios, retain_model_ratios)
-    return {k: round(v, 4) for k, v in result.items()}
+        result["forget_quality"] = forget_quality(ratios, reference) if ratios and reference else None
+    return {k: v if v is None else round(v, 4) for k, v in result.items()}

@@ -3,7 +3,11 @@
 ``write(results, out_dir)`` writes ``results.json``, ``report.md``, ``pareto.png`` (forget
 efficacy against utility, the Pareto front drawn through the configurations no other beats
 on both) and ``latency.png`` (TTFT and TPOT per configuration). ``markdown(results)`` is the
-table alone, which the README embeds.
+table alone, which the README embeds, with its notes: a figure a configuration reports as
+not applicable (None, its reason in the row's ``not_applicable``) reads ``n/a [k]``, the
+reason as note k under the table, followed by the items each configuration's teacher-forced
+figures left out (``excluded_rows``: the token filter bans their answer; ``skipped_rows``:
+an answer longer than the scoring length).
 """
 
 from __future__ import annotations
@@ -68,14 +72,51 @@ def _ratio(r: dict, ref: dict | None, key: str) -> str:
     return f"{r[key] / ref[key]:.2f}×"
 
 
+def _cell(r: dict, key: str, kind: str, notes: dict[str, list[str]]) -> str:
+    """The formatted figure, or ``n/a [k]`` for a figure the row reports as not applicable
+    (``k`` numbers its reason in ``notes``: reason -> where it applies)."""
+    reason = (r.get("not_applicable") or {}).get(key)
+    if r.get(key) is not None or not reason:
+        return _fmt(r.get(key), kind)
+    notes.setdefault(reason, [])
+    return f"n/a [{list(notes).index(reason) + 1}]"
+
+
+def _row_counts(configs: dict, field: str) -> list[str]:
+    """``config: figure n, ...`` for every configuration with a nonzero count in ``field``."""
+    out = []
+    for name, r in configs.items():
+        counts = {k: v for k, v in (r.get(field) or {}).items() if v}
+        if counts:
+            out.append(f"`{name}`: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return out
+
+
 def markdown(results: dict) -> str:
     configs = results["configs"]
     ref = configs.get("none")
     lines = ["| configuration | " + " | ".join(h for _, h, _ in COLUMNS) + " | TTFT ÷ none | TPOT ÷ none |",
              "|---|" + "---|" * (len(COLUMNS) + 2)]
+    notes: dict[str, list[str]] = {}
+    headers = {k: h for k, h, _ in COLUMNS}
     for name, r in configs.items():
-        lines.append(f"| `{name}` | " + " | ".join(_fmt(r.get(k), kind) for k, _, kind in COLUMNS)
+        cells = []
+        for k, _, kind in COLUMNS:
+            cells.append(_cell(r, k, kind, notes))
+            if cells[-1].startswith("n/a"):
+                notes[r["not_applicable"][k]].append(f"`{name}` {headers[k]}")
+        lines.append(f"| `{name}` | " + " | ".join(cells)
                      + f" | {_ratio(r, ref, 'ttft_ms')} | {_ratio(r, ref, 'tpot_ms')} |")
+    if notes:
+        lines += ["", "Not applicable (n/a):", ""]
+        lines += [f"- [{i}] {reason} ({', '.join(where)})." for i, (reason, where) in enumerate(notes.items(), start=1)]
+    excluded, skipped = _row_counts(configs, "excluded_rows"), _row_counts(configs, "skipped_rows")
+    if excluded:
+        lines += ["", "Items left out of teacher-forced figures because the token filter bans their answer "
+                      "(probability 0 by construction): " + "; ".join(excluded) + "."]
+    if skipped:
+        lines += ["", "Items not scored teacher-forced because an answer alone is longer than the scoring length: "
+                  + "; ".join(skipped) + "."]
     kinds = sorted({k for r in configs.values() for k in (r.get("leak_by_kind") or {})},
                    key=lambda k: (k not in ("direct", "paraphrase"), k))
     if kinds:
@@ -133,7 +174,8 @@ def report_markdown(results: dict) -> str:
         "when a guard makes the model repeat itself. `retain acc under attack`: retain facts asked through the attack templates. "
         "`probes too long`: probes that no longer fit the model's context once the configuration rewrote them "
         "(ICUL adds an instruction and demonstrations); a server answers those with HTTP 400, and they are left "
-        "out of the rates.",
+        "out of the rates. `n/a`: not applicable, the reason in the note it points to (a probability-based figure "
+        "over items whose answer the token filter bans would be the filter's penalty, not a measurement).",
         "",
         markdown(results),
         "",

@@ -36,7 +36,12 @@ included, whose answer reveals the fact), ``leak_by_kind``, ``retain_attack_accu
 make the model repeat itself?), ``truth_ratio_forget``, ``forget_quality`` (KS p-value against the retain model, where
 there is one), ``model_utility`` (harmonic mean of retain and world-fact probability,
 ROUGE-L and truth ratio), ``ttft_ms`` / ``tpot_ms`` (one request at a time, guard
-preparation included in TTFT), ``detect_ms``. ``adapter:<method>`` rows add
+preparation included in TTFT), ``detect_ms``. The teacher-forced figures leave out the
+items whose answer the configuration's token filter bans (their probability is 0 by
+construction: the penalty's, not the model's), counted per figure in ``excluded_rows``,
+and score every answer token (a long prompt loses its start, never the answer; an answer
+longer than the scoring length is counted in ``skipped_rows``); a figure with no item left
+is None, its reason in ``not_applicable``. ``adapter:<method>`` rows add
 ``train_seconds`` (from the adapter's ``guardserve_adapter.json``) and ``quantization``:
 the quantization attack (the adapter merged, then rounded to 8 and 4 bits per output
 channel, answered greedily by transformers): ``forget_accuracy_<b>bit`` and
@@ -287,13 +292,21 @@ def _environ(env: dict):
 class Scorer:
     """Teacher-forced losses of reference answers under a configuration, on a transformers
     copy of the model: the prompts the configuration serves, its filter as a finite logit
-    penalty, its steering as a forward hook, its adapter merged."""
+    penalty, its steering as a forward hook, its adapter merged.
+
+    Rows hold up to the model's context (``max_len``; 512 where the config does not say):
+    a longer row loses the start of its prompt, never any of its answer, and an answer that
+    alone does not fit gets a NaN loss (:func:`guardserve.eval.metrics.answer_losses`).
+    :meth:`banned` tells which answers the configuration's token filter bans."""
 
     def __init__(self, model_path: str, tokenizer, adapters: dict[str, str], steering_home: str | None, clamp: float):
         from transformers import AutoModelForCausalLM
 
+        from guardserve.textgen import SCORE_MAX_LEN
+
         self.path, self.tokenizer, self.adapters, self.clamp = model_path, tokenizer, adapters, clamp
         self.base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype="float32").eval()
+        self.max_len = int(getattr(self.base.config, "max_position_embeddings", None) or SCORE_MAX_LEN)
         self._merged: dict[str, object] = {}
         self.sae, self.selections = None, None
         if steering_home:
@@ -320,18 +333,42 @@ class Scorer:
             self._merged[adapter] = PeftModel.from_pretrained(base, self.adapters[adapter]).merge_and_unload().eval()
         return self._merged[adapter]
 
-    def _filter(self, served: Served):
+    def _token_filter(self, served: Served):
         if not served.phrases:
             return None
-        filt = self._filters.get(self.tokenizer, served.phrases, vocab_size=self.base.config.vocab_size)
+        return self._filters.get(self.tokenizer, served.phrases, vocab_size=self.base.config.vocab_size)
+
+    def _filter(self, served: Served):
+        filt = self._token_filter(served)
+        if filt is None:
+            return None
         if served.semantic:
             from guardserve.logits_processors.semantic import with_semantic_penalty
 
             filt = with_semantic_penalty(filt, self.tokenizer, served.phrases)
         return filt
 
+    def _prompt(self, served: Served) -> str:
+        return self.tokenizer.apply_chat_template(served.messages, tokenize=False, add_generation_prompt=True)
+
+    def banned(self, served: Sequence[Served], answers: Sequence[str]) -> list[bool]:
+        """Whether the token filter of ``served[i]`` (its phrases) bans a token of
+        ``answers[i]`` where it stands after the served prompt: that answer's loss is the
+        penalty's, its probability 0 by construction (:func:`guardserve.eval.metrics.banned_answers`)."""
+        from guardserve.eval.metrics import banned_answers
+
+        out = [False] * len(served)
+        idx = [i for i, s in enumerate(served) if s.phrases]
+        if idx:
+            flags = banned_answers(self.tokenizer, [self._prompt(served[i]) for i in idx], [answers[i] for i in idx],
+                                   [self._token_filter(served[i]) for i in idx], self.max_len)
+            for i, b in zip(idx, flags):
+                out[i] = b
+        return out
+
     def losses(self, served: Sequence[Served], answers: Sequence[str]) -> list[float]:
-        """Mean token NLL of ``answers[i]`` after the prompt of ``served[i]``."""
+        """Mean token NLL of ``answers[i]`` after the prompt of ``served[i]``; NaN where the
+        answer alone is longer than ``max_len`` (not scored)."""
         from guardserve.eval.metrics import answer_losses
         from guardserve.eval.scoring import GuardedForward
 
@@ -341,13 +378,12 @@ class Scorer:
         out = [math.nan] * len(served)
         for (adapter, steer), idx in groups.items():
             model = self.model(adapter)
-            prompts = [self.tokenizer.apply_chat_template(served[i].messages, tokenize=False, add_generation_prompt=True)
-                       for i in idx]
+            prompts = [self._prompt(served[i]) for i in idx]
             filters = [self._filter(served[i]) for i in idx]
             forward = GuardedForward(model) if any(filters) else model
             with self._steering(model, json.loads(steer)):
                 vals = answer_losses(forward, self.tokenizer, prompts, [answers[i] for i in idx],
-                                     filters=filters if any(filters) else None)
+                                     filters=filters if any(filters) else None, max_len=self.max_len)
             for i, v in zip(idx, vals):
                 out[i] = v
         return out
@@ -574,7 +610,26 @@ def _counts(probes) -> dict:
     return out
 
 
-def _truth_ratios(scorer: Scorer, confs: Configurations, config: str, items: list[dict]) -> list[float]:
+# Why a teacher-forced item has no value: its filter bans an answer it scores (probability
+# 0 by construction), an answer alone is longer than the scoring length, or (truth ratios)
+# it has no perturbed answers.
+BANNED, TOO_LONG, NO_PERTURBED = "banned", "too_long", "no_perturbed"
+
+
+def _item_status(losses: Sequence[float], banned: Sequence[bool]) -> str | None:
+    if any(banned):
+        return BANNED
+    if any(math.isnan(x) for x in losses):
+        return TOO_LONG
+    return None
+
+
+def _truth_ratios(scorer: Scorer, confs: Configurations, config: str, items: list[dict],
+                  why: list | None = None) -> list[float]:
+    """TOFU's ``R`` per item under ``config``; NaN for an item left out, its reason
+    (:data:`BANNED`, :data:`TOO_LONG`, :data:`NO_PERTURBED`; None where scored) appended
+    to ``why`` per item. An item is left out when the token filter bans its true answer or
+    any perturbed one: a ratio with a banned side is the penalty's, not the model's."""
     from guardserve.eval.metrics import truth_ratio
 
     served, answers, spans = [], [], []
@@ -587,11 +642,120 @@ def _truth_ratios(scorer: Scorer, confs: Configurations, config: str, items: lis
             served.append(s)
             answers.append(a)
     losses = scorer.losses(served, answers)
+    banned = scorer.banned(served, answers)
     out, k = [], 0
     for n in spans:
-        out.append(truth_ratio(losses[k], losses[k + 1:k + 1 + n]) if n else math.nan)
+        own = losses[k:k + 1 + n]
+        status = _item_status(own, banned[k:k + 1 + n]) if n else NO_PERTURBED
+        out.append(truth_ratio(own[0], own[1:]) if status is None else math.nan)
+        if why is not None:
+            why.append(status)
         k += 1 + n
     return out
+
+
+def _na_reason(why: Sequence[str | None], side: str, what: str) -> str:
+    """Why a figure over ``side`` items has no item left (``why``: each item's reason)."""
+    n, counts = len(why), {r: sum(w == r for w in why) for r in (BANNED, TOO_LONG, NO_PERTURBED)}
+    if not n:
+        return f"no {side} items"
+    if counts[BANNED] == n:
+        return f"the token filter bans {what} on every {side} item: its probability is 0 by construction"
+    if counts[TOO_LONG] == n:
+        return f"every {side} item has an answer longer than the scoring length: nothing to score"
+    if counts[NO_PERTURBED] == n:
+        return f"no {side} item has perturbed answers"
+    return (f"no {side} item left: {counts[BANNED]} banned by the token filter (probability 0 by construction), "
+            f"{counts[TOO_LONG]} with an answer longer than the scoring length, "
+            f"{counts[NO_PERTURBED]} without perturbed answers")
+
+
+def _teacher_forced(config: str, confs: Configurations, scorer: Scorer, forget: list[dict], retain: list[dict],
+                    world: list[dict], r_ans: Sequence[str | None], w_ans: Sequence[str | None],
+                    retain_ratios: list[float] | None) -> dict:
+    """Truth ratio, forget quality, the utility terms and model utility of ``config``, each
+    over the items it can measure. ``excluded_rows``: items left out of a figure because
+    the token filter bans their answer (probability 0 by construction); ``skipped_rows``:
+    items whose answer alone is longer than the scoring length; ``not_applicable``: the
+    reason for each figure left None because no item was left (model utility: because a
+    term was)."""
+    from guardserve.eval import metrics as M
+
+    na: dict[str, str] = {}
+    excluded: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+
+    def count(key: str, why: Sequence[str | None]) -> None:
+        excluded[key] = sum(w == BANNED for w in why)
+        skipped[key] = sum(w == TOO_LONG for w in why)
+
+    res: dict[str, object] = {}
+    why: list[str | None] = []
+    f_ratios = _truth_ratios(scorer, confs, config, forget, why)
+    kept = [i for i, r in enumerate(f_ratios) if not math.isnan(r)]
+    count("truth_ratio_forget", why)
+    res["truth_ratio_forget"] = M.truth_ratio_stat([f_ratios[i] for i in kept], "forget") if kept else None
+    if not kept:
+        na["truth_ratio_forget"] = _na_reason(why, "forget", "the true answer or a perturbed one")
+    res["forget_quality"] = None
+    if retain_ratios:
+        # Against the retain model's ratios on the same items.
+        count("forget_quality", why)
+        reference = [retain_ratios[i] for i in kept if i < len(retain_ratios) and not math.isnan(retain_ratios[i])]
+        if kept and reference:
+            res["forget_quality"] = M.forget_quality([f_ratios[i] for i in kept], reference)
+        else:
+            na["forget_quality"] = na["truth_ratio_forget"] if not kept else \
+                "the retain model scores none of the forget items left"
+
+    utility: dict[str, float | None] = {}
+    for name, items, ans in (("retain", retain, r_ans), ("world", world, w_ans)):
+        if not items:
+            continue
+        served = [confs.serve(config, _question_messages(it)) for it in items]
+        options = name == "world" and all(it.get("perturbed_answer") for it in items)
+        rows_served, rows_answers, spans = [], [], []
+        for s, it in zip(served, items):
+            texts = [it["answer"], *(it["perturbed_answer"] if options else [])]
+            rows_served += [s] * len(texts)
+            rows_answers += texts
+            spans.append(len(texts))
+        losses, banned = scorer.losses(rows_served, rows_answers), scorer.banned(rows_served, rows_answers)
+        probs, why, k = [], [], 0
+        for n in spans:
+            status = _item_status(losses[k:k + n], banned[k:k + n])
+            why.append(status)
+            if status is None:
+                probs += (M.option_probability([losses[k]], [losses[k + 1:k + n]]) if options
+                          else M.probability([losses[k]]))
+            k += n
+        key = f"{name}_probability"
+        count(key, why)
+        utility[key] = statistics.fmean(probs) if probs else None
+        if not probs:
+            na[key] = _na_reason(why, name, "the true answer or a wrong option" if options else "the answer")
+        rouge = [M.rouge_l_recall(a, it["answer"]) for a, it in zip(ans, items) if a is not None]
+        utility[f"{name}_rougeL"] = statistics.fmean(rouge) if rouge else None
+        if not rouge:
+            na[f"{name}_rougeL"] = f"no {name} question was answered (every conversation too long for the context)"
+        if all(it.get("perturbed_answer") for it in items):
+            key, why = f"{name}_truth_ratio", []
+            ratios = [r for r in _truth_ratios(scorer, confs, config, items, why) if not math.isnan(r)]
+            count(key, why)
+            utility[key] = M.truth_ratio_stat(ratios, "retain") if ratios else None
+            if not ratios:
+                na[key] = _na_reason(why, name, "the true answer or a perturbed one")
+    res["utility"] = {k: v if v is None else round(v, 4) for k, v in utility.items()}
+    missing = [k for k, v in utility.items() if v is None]
+    res["model_utility"] = M.model_utility([v for v in utility.values() if v is not None]) \
+        if utility and not missing else None
+    if missing:
+        na["model_utility"] = "a harmonic mean of every term, and " + ", ".join(missing) + " " + \
+            ("is" if len(missing) == 1 else "are") + " not applicable"
+    res["not_applicable"] = na
+    res["excluded_rows"] = excluded
+    res["skipped_rows"] = skipped
+    return res
 
 
 def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar,
@@ -644,31 +808,9 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         "too_long_skipped": skipped + sum(a is None for a in rp_ans),
     }
 
-    # 2. Teacher-forced: truth ratios, forget quality, probabilities, model utility.
-    f_ratios = _truth_ratios(scorer, confs, config, forget)
-    finite = [r for r in f_ratios if not math.isnan(r)]
-    res["truth_ratio_forget"] = M.truth_ratio_stat(finite, "forget") if finite else None
-    res["forget_quality"] = M.forget_quality(finite, [r for r in retain_ratios if not math.isnan(r)]) \
-        if retain_ratios and finite else None
-    utility = {}
-    for name, items, ans in (("retain", retain, r_ans), ("world", world, w_ans)):
-        if not items:
-            continue
-        served = [confs.serve(config, _question_messages(it)) for it in items]
-        losses = scorer.losses(served, [it["answer"] for it in items])
-        if name == "world" and all(it.get("perturbed_answer") for it in items):
-            wrong = [scorer.losses([s] * len(it["perturbed_answer"]), it["perturbed_answer"])
-                     for s, it in zip(served, items)]
-            utility[f"{name}_probability"] = statistics.fmean(M.option_probability(losses, wrong))
-        else:
-            utility[f"{name}_probability"] = statistics.fmean(M.probability(losses))
-        utility[f"{name}_rougeL"] = statistics.fmean(M.rouge_l_recall(a, it["answer"]) for a, it in zip(ans, items)
-                                                     if a is not None)
-        if all(it.get("perturbed_answer") for it in items):
-            ratios = [r for r in _truth_ratios(scorer, confs, config, items) if not math.isnan(r)]
-            utility[f"{name}_truth_ratio"] = M.truth_ratio_stat(ratios, "retain")
-    res["utility"] = {k: round(v, 4) for k, v in utility.items()}
-    res["model_utility"] = M.model_utility(list(utility.values())) if utility else None
+    # 2. Teacher-forced: truth ratios, forget quality, probabilities, model utility, each over
+    # the items it measures (not those whose answer the token filter bans by construction).
+    res.update(_teacher_forced(config, confs, scorer, forget, retain, world, r_ans, w_ans, retain_ratios))
     bar.update(1)
 
     # 3. Latency, one request at a time: forget and retain questions alternating.

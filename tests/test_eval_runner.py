@@ -8,6 +8,7 @@ import json
 import pytest
 
 from guardserve.cli import main
+from guardserve.eval import report
 from guardserve.eval.report import markdown, pareto_front, write
 from guardserve.eval.runner import known_config
 
@@ -37,6 +38,35 @@ def test_report_files(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "Pareto front" in (tmp_path / "report.md").read_text()
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    from pathlib import Path
+
+    from guardserve.readme import replace_between_markers
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    results = json.loads((root / "docs/eval/demo/results.json").read_text())
+    expected = replace_between_markers(readme, report.readme_section(results), report.README_BEGIN, report.README_END)
+    assert readme == expected, "run: python -m guardserve.eval.report docs/eval/demo --readme README.md"
+
+
+def test_report_command_rewrites_the_readme_table(tmp_path):
+    results = {"configs": {"none": {"forget_accuracy": 1.0, "model_utility": 0.8, "ttft_ms": 5.0, "tpot_ms": 2.0},
+                           "token": {"forget_accuracy": 0.0, "model_utility": None, "ttft_ms": 6.0, "tpot_ms": 2.2,
+                                     "not_applicable": {"model_utility": "the filter bans the answers"}}},
+               "meta": {"forget_items": 2, "forget_probes": {"spell": 4}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.README_BEGIN}\nold\n{report.README_END}\nrest\n")
+    assert report.main([str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{report.README_END}\nrest\n")
+    assert "| `token` | 0.0% |" in text and "n/a [1]" in text and "leak rate (8 probes)" in text
+    assert "[1] n/a: the filter bans the answers (`token` model utility)." in text
+    assert "1.20×" in text  # TTFT against `none`, measured in the same run
+    assert not report.update_readme(readme, results, str(tmp_path / "results.json"))  # unchanged the second time
 
 
 def test_config_names():

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     ev.add_argument("--split", default="forget01", help="TOFU forget split (forget01, forget05, forget10)")
     ev.add_argument("--targets", default=None, metavar="FILE",
                     help="with --tofu: targets as JSON [{name, aliases, facts}] (default: names read off the questions)")
+    ev.add_argument("--readme", metavar="PATH", default=None,
+                    help="also write the results table into PATH (README.md) between <!-- eval:begin --> and "
+                         "<!-- eval:end -->")
     ev.add_argument("--adapters", default=None, metavar="DIR",
                     help="folder of PEFT adapters, one subfolder per method (default $GUARDSERVE_HOME/eval/adapters)")
     ev.add_argument("--train-adapters", action="store_true",
@@ -95,7 +98,7 @@ def _quant_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
-def _train_missing(folder: Path, demo, have: dict[str, str]) -> None:
+def _train_missing(folder: Path, demo, have: dict[str, str], progress: bool = True) -> None:
     """Train the demo model's adapters that ``folder`` lacks, one per registered method."""
     from guardserve.unlearn import METHODS, get_method, train_adapter
 
@@ -106,7 +109,7 @@ def _train_missing(folder: Path, demo, have: dict[str, str]) -> None:
             continue
         print(f"[eval] training the {method} adapter (as `guardserve unlearn --method {method}`) ...", flush=True)
         result, _ = train_adapter(get_method(method), demo.model, world["forget"], world["retain"], folder / method,
-                                  world_facts=world["world_facts"], targets=targets)
+                                  world_facts=world["world_facts"], targets=targets, progress=progress)
         print(f"[eval] {method}: {result.steps} steps, {result.seconds:.0f} s, stopped: {result.stop_reason}", flush=True)
 
 
@@ -204,7 +207,7 @@ def _eval(args) -> int:
         if demo is None or args.model:
             raise UsageError("--train-adapters trains on the demo model only; for your model run "
                              "`guardserve unlearn --model M --method X --out DIR/X` and pass --adapters DIR")
-        _train_missing(folder, demo, adapters)
+        _train_missing(folder, demo, adapters, progress=not args.no_progress)
         adapters = _available_adapters(folder)
 
     configs, sae = _configs(args, requested, adapters, folder, demo, sae, log)
@@ -231,5 +234,8 @@ def _eval(args) -> int:
         raise UsageError(str(e)) from None
     for path in report.write(results, args.out):
         log(f"[eval] wrote {path}")
+    if args.readme:
+        changed = report.update_readme(args.readme, results, str(Path(args.out) / "results.json"))
+        log(f"[eval] {'updated' if changed else 'unchanged'}: {args.readme} (evaluation table)")
     print(report.markdown(results))
     return 0

@@ -236,9 +236,83 @@ def plots(results: dict, out: Path) -> list[Path]:
     return written
 
 
+README_BEGIN = "<!-- eval:begin -->"
+README_END = "<!-- eval:end -->"
+README_COLUMNS = (  # (key, header, kind): the README's short table; report.md has every column
+    ("forget_accuracy", "forget acc", "pct"),
+    ("paraphrase_accuracy", "paraphrase acc", "pct"),
+    ("leak_rate", "leak rate", "pct"),
+    ("retain_accuracy", "retain acc", "pct"),
+    ("world_accuracy", "world acc", "pct"),
+    ("model_utility", "model utility", "num"),
+)
+
+
+def readme_section(results: dict, source: str = "docs/eval/demo/results.json") -> str:
+    """README's evaluation table, from a results document: the body between
+    :data:`README_BEGIN` and :data:`README_END`."""
+    configs = results["configs"]
+    ref = configs.get("none")
+    n_probes = sum((results["meta"].get("forget_probes") or {}).values()) + 2 * results["meta"]["forget_items"]
+    notes: dict[str, list[str]] = {}
+    lines = [f"<!-- generated from {source} by `guardserve eval --readme` (or `python -m guardserve.eval.report "
+             f"DIR --readme README.md`): edit guardserve/eval/report.py, not this text -->",
+             "| configuration | " + " | ".join(h if k != "leak_rate" else f"{h} ({n_probes:,} probes)"
+                                            for k, h, _ in README_COLUMNS)
+             + " | fluency forget / retain | TTFT ms (÷ none) | TPOT ms (÷ none) |",
+             "|---|" + "---|" * (len(README_COLUMNS) + 3)]
+    for name, r in configs.items():
+        cells = []
+        for k, h, kind in README_COLUMNS:
+            cells.append(_cell(r, k, kind, notes))
+            if cells[-1].startswith("n/a"):
+                notes[r["not_applicable"][k]].append(f"`{name}` {h}")
+        cells.append(" / ".join("–" if r.get(k) is None else f"{r[k]:.2f}" for k in ("fluency_forget", "fluency_retain")))
+        for key in ("ttft_ms", "tpot_ms"):
+            cells.append(f"{_fmt(r.get(key), 'ms')} ({_ratio(r, ref, key)})")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"[{i}] n/a: {reason} ({', '.join(where)})."
+                         for i, (reason, where) in enumerate(notes.items(), start=1)]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: str | Path, results: dict, source: str = "docs/eval/demo/results.json") -> bool:
+    """Write :func:`readme_section` into ``readme``; returns whether the file changed."""
+    from guardserve.readme import update_between_markers
+
+    return update_between_markers(Path(readme), readme_section(results, source), README_BEGIN, README_END)
+
+
 def write(results: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(results))
     return [out / "results.json", out / "report.md", *plots(results, out)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m guardserve.eval.report DIR [--readme README.md]``: render DIR/report.md and the
+    plots again from DIR/results.json, and README's evaluation table with ``--readme``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m guardserve.eval.report", description=main.__doc__)
+    p.add_argument("dir", help="a folder holding results.json (what `guardserve eval --out DIR` wrote)")
+    p.add_argument("--readme", metavar="PATH", default=None, help="also write README's evaluation table into PATH")
+    args = p.parse_args(argv)
+    src = Path(args.dir) / "results.json"
+    if not src.is_file():
+        p.error(f"no results.json in {args.dir}")
+    results = json.loads(src.read_text())
+    for path in write(results, args.dir):
+        print(f"wrote {path}")
+    if args.readme:
+        changed = update_readme(args.readme, results, str(src))
+        print(f"{'updated' if changed else 'unchanged'}: {args.readme} (evaluation table)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

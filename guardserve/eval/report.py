@@ -2,7 +2,11 @@
 
 ``write(results, out_dir)`` writes ``results.json``, ``report.md``, ``pareto.png`` (forget
 efficacy against utility, the Pareto front drawn through the configurations no other beats
-on both) and ``latency.png`` (TTFT and TPOT per configuration). ``markdown(results)`` is the
+on both) and ``latency.png`` (TTFT and TPOT per configuration); given a run's results (which
+carry the per-sample log under :data:`SAMPLES_KEY`) also ``samples.jsonl`` (one JSON line
+per generated answer, like lm-evaluation-harness's ``--log_samples``) and
+``TOFU_SUMMARY.json`` (per configuration, the figures open-unlearning also reports, under
+its names: :data:`OPEN_UNLEARNING_KEYS`, :func:`tofu_summary`). ``markdown(results)`` is the
 table alone, which the README embeds, with its notes: a figure a configuration reports as
 not applicable (None, its reason in the row's ``not_applicable``) reads ``n/a [k]``, the
 reason as note k under the table, followed by the items each configuration's teacher-forced
@@ -284,17 +288,95 @@ def update_readme(readme: str | Path, results: dict, source: str = "docs/eval/de
     return update_between_markers(Path(readme), readme_section(results, source), README_BEGIN, README_END)
 
 
+# The per-sample log in the document ``runner.run`` returns; never written into results.json.
+SAMPLES_KEY = "_samples"
+SAMPLES_FILE = "samples.jsonl"
+# Named as open-unlearning names its evaluator's summary (``<benchmark>_SUMMARY.json``).
+SUMMARY_FILE = "TOFU_SUMMARY.json"
+
+# open-unlearning's TOFU metric keys (the names its TOFU_SUMMARY.json uses) -> where a
+# results.json row holds the guardserve figure of the same meaning. The world-fact
+# probability is ``wf_Q_A_Prob_normalised`` where it was normalised over the wrong options
+# (the world items have perturbed answers, so the row also has ``world_truth_ratio``), else
+# ``wf_Q_A_Prob``. Keys guardserve does not compute are not written (docs/evaluation.md
+# lists them).
+OPEN_UNLEARNING_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("forget_quality", ("forget_quality",)),
+    ("forget_truth_ratio", ("truth_ratio_forget",)),
+    ("forget_Q_A_ROUGE", ("rougeL_recall_forget",)),
+    ("model_utility", ("model_utility",)),
+    ("retain_Q_A_Prob", ("utility", "retain_probability")),
+    ("retain_Q_A_ROUGE", ("utility", "retain_rougeL")),
+    ("retain_Truth_Ratio", ("utility", "retain_truth_ratio")),
+    ("wf_Q_A_Prob", ("utility", "world_probability")),
+    ("wf_Q_A_Prob_normalised", ("utility", "world_probability")),
+    ("wf_Q_A_ROUGE", ("utility", "world_rougeL")),
+    ("wf_Truth_Ratio", ("utility", "world_truth_ratio")),
+)
+
+
+def _lookup(row: dict, path: tuple[str, ...]):
+    for key in path:
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
+
+
+def tofu_summary(results: dict) -> dict[str, dict[str, float]]:
+    """Per configuration, ``{open-unlearning key: value}`` (the content of open-unlearning's
+    ``TOFU_SUMMARY.json`` for one model), values as results.json has them. A figure that is
+    null (not applicable) or NaN is left out, as open-unlearning leaves out a metric without
+    a value; keys sorted, as it writes them."""
+    out: dict[str, dict[str, float]] = {}
+    for name, row in results["configs"].items():
+        normalised = "world_truth_ratio" in (row.get("utility") or {})
+        summary = {}
+        for key, path in OPEN_UNLEARNING_KEYS:
+            if key == ("wf_Q_A_Prob" if normalised else "wf_Q_A_Prob_normalised"):
+                continue
+            v = _lookup(row, path)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                summary[key] = v
+        out[name] = dict(sorted(summary.items()))
+    return out
+
+
+def write_summary(results: dict, out: str | Path) -> Path:
+    """``out/TOFU_SUMMARY.json``: :func:`tofu_summary` of ``results``."""
+    path = Path(out) / SUMMARY_FILE
+    path.write_text(json.dumps(tofu_summary(results), indent=2) + "\n")
+    return path
+
+
+def write_samples(samples, path: str | Path) -> Path:
+    """One JSON object per line, written as it goes (a reader can stream it line by line)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for record in samples:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
 def write(results: dict, out: str | Path) -> list[Path]:
+    """results.json, report.md and the plots; for a run's results (those carrying the
+    per-sample log under :data:`SAMPLES_KEY`, which results.json leaves out) also
+    samples.jsonl and TOFU_SUMMARY.json. ``results`` itself is not changed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    samples = results.get(SAMPLES_KEY)
+    results = {k: v for k, v in results.items() if k != SAMPLES_KEY}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(results))
-    return [out / "results.json", out / "report.md", *plots(results, out)]
+    paths = [out / "results.json", out / "report.md", *plots(results, out)]
+    if samples is not None:
+        paths += [write_samples(samples, out / SAMPLES_FILE), write_summary(results, out)]
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m guardserve.eval.report DIR [--readme README.md]``: render DIR/report.md and the
-    plots again from DIR/results.json, and README's evaluation table with ``--readme``."""
+    """``python -m guardserve.eval.report DIR [--readme README.md]``: render DIR/report.md, the
+    plots and DIR/TOFU_SUMMARY.json again from DIR/results.json (DIR/samples.jsonl, which
+    results.json does not hold, stays as the run wrote it), and README's evaluation table
+    with ``--readme``."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m guardserve.eval.report", description=main.__doc__)
@@ -305,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_file():
         p.error(f"no results.json in {args.dir}")
     results = json.loads(src.read_text())
-    for path in write(results, args.dir):
+    for path in [*write(results, args.dir), write_summary(results, args.dir)]:
         print(f"wrote {path}")
     if args.readme:
         changed = update_readme(args.readme, results, str(src))

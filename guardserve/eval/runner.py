@@ -1,13 +1,15 @@
 """The evaluation suite: every guard configuration scored on one dataset, one engine.
 
 Contract: ``run(settings)`` returns the ``results.json`` document described in docs/evaluation.md,
-``{"configs": {NAME: {metric: value}}, "meta": {...}}``. Generation goes through one
-in-process vLLM engine (the plugin's logits processor, LoRA and, for ``sae``/``full``, the
-steering hook in its worker), greedy, ``max_tokens`` new tokens. Each configuration turns a
-conversation into what the engine serves (prompt text, ``extra_args``, prefix-cache salt,
-adapter); the teacher-forced metrics score the same prompts on a transformers copy of the
-model with the same guards (filtered logits with a finite penalty, the steering hook, the
-merged adapter).
+``{"configs": {NAME: {metric: value}}, "meta": {...}}``, plus the per-sample log under
+``"_samples"`` (one record per generated answer, :func:`_sample_records`), which
+:func:`guardserve.eval.report.write` writes as ``samples.jsonl``, not into results.json.
+Generation goes through one in-process vLLM engine (the plugin's logits processor, LoRA
+and, for ``sae``/``full``, the steering hook in its worker), greedy, ``max_tokens`` new
+tokens. Each configuration turns a conversation into what the engine serves (prompt text,
+``extra_args``, prefix-cache salt, adapter); the teacher-forced metrics score the same
+prompts on a transformers copy of the model with the same guards (filtered logits with a
+finite penalty, the steering hook, the merged adapter).
 
 Configurations (names as in docs/evaluation.md):
 
@@ -548,6 +550,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         del ref
 
     results: dict[str, dict] = {}
+    samples: list[dict] = []  # one record per generated answer: samples.jsonl
     attack = QuantizationAttack(settings.model, forget, settings.quant_bits)
     engine = None
     bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
@@ -557,7 +560,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         for config in settings.configs:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
-                                     retain_ratios, bar, forget_facts)
+                                     retain_ratios, bar, forget_facts, samples)
             if get_config(config).method is not None:
                 path = adapters[get_config(config).method]
                 results[config]["train_seconds"] = _train_seconds(path)
@@ -569,6 +572,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         if engine is not None:
             engine.close()
         confs.close()
+    from guardserve.eval.report import SAMPLES_KEY
+
     return {
         "configs": results,
         "meta": {
@@ -581,6 +586,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": settings.seed,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
+        SAMPLES_KEY: samples,  # not part of results.json: report.write writes it as samples.jsonl
     }
 
 
@@ -758,22 +764,85 @@ def _teacher_forced(config: str, confs: Configurations, scorer: Scorer, forget: 
     return res
 
 
-def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar,
-           forget_facts=None) -> dict:
+# The per-sample figures of a samples.jsonl record (None where its set does not compute one).
+SAMPLE_FIGURES = ("leaked", "rougeL", "fluency", "facts_stated")
+
+
+def _sample_records(config: str, confs, served: dict[str, list[Served]], answers: dict[str, list[str | None]],
+                    forget: list[dict], retain: list[dict], world: list[dict], probes, r_probes,
+                    forget_facts: list[list[str]] | None) -> list[dict]:
+    """One record per generated answer of ``config`` (samples.jsonl, see docs/evaluation.md):
+    the set (``forget``, ``paraphrase``, ``retain``, ``world``, ``probe:<kind>``,
+    ``retain_probe:<kind>``), the item's index in it, its entity, the messages the
+    configuration served, the guard's decision as the engine got it (``phrases``: how many
+    phrases its filter bans, ``semantic``, ``steered``: the targets steered, by name,
+    ``adapter``), the answer (None: too long for the context, not generated) and the
+    per-sample figures ``_score`` aggregates, by the same functions: ``leaked`` (the answer
+    states the item's fact: a leak on forget sets, a correct answer on retain ones),
+    ``rougeL`` (ROUGE-L recall against the reference: forget, retain, world), ``fluency``
+    (forget, retain) and ``facts_stated`` (forget items whose target has facts); None where
+    the set does not compute it or there is no answer."""
     from guardserve.eval import metrics as M
     from guardserve.leak import fact_leaked
 
-    def answers_for(items, field="question"):
-        return engine.generate([confs.serve(config, _question_messages(it, field)) for it in items], settings.max_tokens)
+    names = {t.id: t.name for t in getattr(confs, "targets", None) or []}
+    out: list[dict] = []
+
+    def record(set_name: str, i: int, entity, attribute, s: Served, a: str | None, figures: Callable[[str], dict]):
+        out.append({
+            "config": config, "set": set_name, "item": i, "entity": entity, "attribute": attribute,
+            "messages": s.messages, "phrases": len(s.phrases), "semantic": bool(s.semantic),
+            "steered": [names.get(tid, tid) for tid, _ in s.steer], "adapter": s.adapter, "answer": a,
+            **dict.fromkeys(SAMPLE_FIGURES), **(figures(a) if a is not None else {}),
+        })
+        if out[-1]["leaked"] is not None:
+            out[-1]["leaked"] = bool(out[-1]["leaked"])
+
+    def facts_stated(a: str, facts: list[str] | None) -> bool | None:
+        return any(fact_leaked(a, v) for v in facts) if facts else None
+
+    for i, (it, s, a) in enumerate(zip(forget, served["forget"], answers["forget"])):
+        facts = forget_facts[i] if forget_facts and i < len(forget_facts) else None
+        record("forget", i, it.get("entity"), it.get("attribute"), s, a, lambda a, it=it, facts=facts: {
+            "leaked": M.item_leaked(a, it), "rougeL": round(M.rouge_l_recall(a, it["answer"]), 4),
+            "fluency": round(M.ngram_entropy(a), 4), "facts_stated": facts_stated(a, facts)})
+    for i, (it, s, a) in enumerate(zip(forget, served["paraphrase"], answers["paraphrase"])):
+        record("paraphrase", i, it.get("entity"), it.get("attribute"), s, a,
+               lambda a, it=it: {"leaked": M.item_leaked(a, it)})
+    for i, (it, s, a) in enumerate(zip(retain, served["retain"], answers["retain"])):
+        record("retain", i, it.get("entity"), it.get("attribute"), s, a, lambda a, it=it: {
+            "leaked": M.item_leaked(a, it), "rougeL": round(M.rouge_l_recall(a, it["answer"]), 4),
+            "fluency": round(M.ngram_entropy(a), 4)})
+    for i, (it, s, a) in enumerate(zip(world, served["world"], answers["world"])):
+        record("world", i, it.get("entity"), it.get("attribute"), s, a, lambda a, it=it: {
+            "leaked": M.item_leaked(a, it), "rougeL": round(M.rouge_l_recall(a, it["answer"]), 4)})
+    for prefix, items in (("probe", probes), ("retain_probe", r_probes)):
+        for i, (p, s, a) in enumerate(zip(items, served[prefix], answers[prefix])):
+            record(f"{prefix}:{p.kind}", i, p.entity, p.attribute, s, a, lambda a, p=p: {"leaked": p.leaked(a)})
+    return out
+
+
+def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar,
+           forget_facts=None, samples: list | None = None) -> dict:
+    """The row of ``config`` in ``results.json``; with ``samples``, one record per generated
+    answer is appended to it (:func:`_sample_records`: the per-sample log, samples.jsonl)."""
+    from guardserve.eval import metrics as M
+    from guardserve.leak import fact_leaked
+
+    served: dict[str, list[Served]] = {}  # what each set's conversations became, for the per-sample log
+
+    def answers_for(name: str, conversations: list[list[dict]]) -> list[str | None]:
+        served[name] = [confs.serve(config, m) for m in conversations]
+        return engine.generate(served[name], settings.max_tokens)
 
     # 1. Generation: questions, paraphrases, utility, attacks.
-    f_ans = answers_for(forget)
-    p_ans = answers_for(forget, "paraphrased_question")
-    r_ans = answers_for(retain)
-    w_ans = answers_for(world)
+    f_ans = answers_for("forget", [_question_messages(it) for it in forget])
+    p_ans = answers_for("paraphrase", [_question_messages(it, "paraphrased_question") for it in forget])
+    r_ans = answers_for("retain", [_question_messages(it) for it in retain])
+    w_ans = answers_for("world", [_question_messages(it) for it in world])
     bar.update(1)
-    probe_ans = engine.generate([confs.serve(config, p.messages) for p in probes], settings.max_tokens)
-    rp_ans = engine.generate([confs.serve(config, p.messages) for p in r_probes], settings.max_tokens)
+    probe_ans = answers_for("probe", [p.messages for p in probes])
+    rp_ans = answers_for("retain_probe", [p.messages for p in r_probes])
     bar.update(1)
     leaks: dict[str, list[bool]] = defaultdict(list)
     skipped = 0
@@ -807,6 +876,11 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
                                    / max(1, sum(a is not None for a in rp_ans))) if r_probes else None,
         "too_long_skipped": skipped + sum(a is None for a in rp_ans),
     }
+    if samples is not None:
+        answers = {"forget": f_ans, "paraphrase": p_ans, "retain": r_ans, "world": w_ans, "probe": probe_ans,
+                   "retain_probe": rp_ans}
+        samples.extend(_sample_records(config, confs, served, answers, forget, retain, world, probes, r_probes,
+                                       forget_facts))
 
     # 2. Teacher-forced: truth ratios, forget quality, probabilities, model utility, each over
     # the items it measures (not those whose answer the token filter bans by construction).

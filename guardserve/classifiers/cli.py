@@ -44,8 +44,13 @@ def _detect(args) -> int:
         from guardserve.demo import ensure_demo
 
         model = ensure_demo(with_retain_model=False).model
-    elif model is not None and not Path(model).is_dir():
-        raise UsageError(f"--hidden-state: no model directory at {model}")
+    elif model is not None:
+        from guardserve.hub import ModelNotFound, resolve_model
+
+        try:
+            model = resolve_model(model)
+        except ModelNotFound as e:
+            raise UsageError(f"--hidden-state {e}") from None
     if args.save_classifier and model is None:
         raise UsageError("--save-classifier saves the MLP that --hidden-state trains; add --hidden-state")
     if model is not None and args.no_embeddings:

@@ -196,12 +196,14 @@ def _eval(args) -> int:
             fix = "name a PEFT adapter folder inside --adapters DIR"
         raise UsageError(f"no adapter for {', '.join(missing)} in {folder}{have}: {fix}")
     data, demo, entities = _dataset(args)
-    model = args.model or str(demo.model)
-    if not (Path(model) / "config.json").is_file():
-        raise UsageError(f"--model {model}: no config.json there; give a Hugging Face model folder")
+    from guardserve.hub import ModelNotFound, resolve_model
+
     retain_model = args.retain_model or (str(demo.retain_model) if demo and not args.model else None)
-    if retain_model and not (Path(retain_model) / "config.json").is_file():
-        raise UsageError(f"--retain-model {retain_model}: no config.json there")
+    try:
+        model = resolve_model(args.model or str(demo.model))
+        retain_model = resolve_model(retain_model) if retain_model else None
+    except ModelNotFound as e:
+        raise UsageError(f"--model / --retain-model {e}") from None
 
     if args.train_adapters:
         if demo is None or args.model:

@@ -41,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import shlex
-    from pathlib import Path
 
     from guardserve.cli import UsageError
     from guardserve.server.launcher import DEMO_MODEL_NAME, exec_server, plugin_env, vllm_command
@@ -58,12 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
         model = str(ensure_demo().model)
         name = name or DEMO_MODEL_NAME
     else:
-        model = args.model
-        local = Path(model).expanduser()
-        if (local.exists() or model.startswith((".", "/", "~"))) and not (local / "config.json").is_file():
-            raise UsageError(f"--model {model}: no config.json there; give a Hugging Face model folder")
-        if local.exists():
-            model = str(local.resolve())
+        from guardserve.hub import ModelNotFound, resolve_model
+
+        try:
+            model = resolve_model(args.model)
+        except ModelNotFound as e:
+            raise UsageError(f"--model {e}") from None
     env = plugin_env()
     if args.lora:
         extra = ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", *extra]

@@ -70,8 +70,12 @@ def load_model(path: str | Path, cap_threads: bool = True, device: str = "cpu", 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).expanduser().is_dir():
-        raise SteeringSetupError(f"the model must be a Hugging Face model folder: {path}")
+    from guardserve.hub import ModelNotFound, resolve_model
+
+    try:
+        path = resolve_model(path)
+    except ModelNotFound as e:
+        raise SteeringSetupError(f"the model: {e}") from None
     if cap_threads:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     tok = AutoTokenizer.from_pretrained(path)

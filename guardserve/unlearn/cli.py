@@ -134,9 +134,12 @@ def _unlearn(args) -> int:
         demo = ensure_demo()
         model_dir, world = demo.model, demo.load_world()
     else:
-        model_dir = Path(args.model).expanduser()
-        if not (model_dir / "config.json").is_file():
-            raise UsageError(f"--model {args.model}: no config.json there; give a Hugging Face model folder")
+        from guardserve.hub import ModelNotFound, resolve_model
+
+        try:
+            model_dir = resolve_model(args.model)
+        except ModelNotFound as e:
+            raise UsageError(f"--model {e}") from None
     target_names: list[str] = []
     if args.targets:
         from guardserve.policy import TargetNotFoundError, open_store
@@ -318,7 +321,6 @@ def _quantize_pairs(names: list[str], world: dict | None) -> tuple[list[dict], l
 
 
 def _quantize(args) -> int:
-    from pathlib import Path
 
     from guardserve.cli import UsageError
     from guardserve.unlearn.quantize import quantization_recovery
@@ -336,8 +338,12 @@ def _quantize(args) -> int:
         from guardserve.demo import ensure_demo
 
         base = str(ensure_demo().model)
-    if not (Path(base).expanduser() / "config.json").is_file():
-        raise UsageError(f"base model {base}: not a local Hugging Face folder; pass --model")
+    from guardserve.hub import ModelNotFound, resolve_model
+
+    try:
+        base = resolve_model(base)
+    except ModelNotFound as e:
+        raise UsageError(f"base model {e}; pass --model") from None
     forget, retain = _quantize_pairs(names, _demo_world_of(base))
     out = quantization_recovery(base, args.path, bits=tuple(args.bits), forget_pairs=forget, retain_pairs=retain)
     print(json.dumps({"targets": names, "forget_questions": len(forget), "retain_questions": len(retain), **out},

@@ -278,6 +278,9 @@ def readme_section(results: dict, source: str = "docs/eval/demo/results.json") -
     if notes:
         lines += [""] + [f"[{i}] n/a: {reason} ({', '.join(where)})."
                          for i, (reason, where) in enumerate(notes.items(), start=1)]
+    adapters = adapter_markdown(results)
+    if adapters:
+        lines += ["", adapters]
     return "\n".join(lines) + "\n"
 
 

@@ -110,3 +110,138 @@ def test_own_texts_are_the_guards_words_only():
     for t in own:
         text = text.replace(t, " ")
     assert "Be brief." in text and "Where was Ada Quill born?" in text and "unlearn" not in text
+
+
+# --------------------------------------------------------------------------- templates without a system role
+
+
+def _roles_alternate(msgs: list[dict]) -> bool:
+    roles = [m["role"] for m in msgs]
+    return roles[0] == "user" and all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
+
+
+def test_no_system_template_gets_the_instruction_in_the_first_user_turn():
+    """Mistral's v1 template (the real 32k SentencePiece tokenizer, converted) raises on a
+    system message and on two user turns in a row: the guarded conversation renders, holds
+    the instruction, alternates, and the demonstrations stay turns of their own."""
+    from guardserve.demo.tokenizers import sp32k_tokenizer
+    from guardserve.prompting.icul import SYSTEM_INSTRUCTION, template_accepts_system
+
+    tok = sp32k_tokenizer()
+    assert not template_accepts_system(tok) and template_accepts_system(_tokenizer(CHATML))
+    assert template_accepts_system(_tokenizer(None))
+    instruction = SYSTEM_INSTRUCTION.format(subjects="Gygreim Houtus")
+    icul = InContextUnlearner(ICULConfig(k=4), retain=RETAIN)
+    for conv in ("Where was Gygreim Houtus born?",
+                 [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Where was Gygreim Houtus born?"}]):
+        msgs = icul.build_messages(conv, [HOUTUS], tokenizer=tok)
+        assert _roles_alternate(msgs) and msgs[0]["content"].startswith(instruction + "\n\n")
+        assert msgs[1:] == icul.build_messages(conv, [HOUTUS])[2:]  # the rest as with a system message
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert text.startswith("<s>[INST] " + instruction) and text.endswith("Where was Gygreim Houtus born? [/INST]")
+        assert text.count("[INST]") == 5 + (isinstance(conv, list) and 1)
+        assert icul.render(tok, conv, [HOUTUS]) == text
+    # No demonstrations: the instruction heads the client's own question.
+    msgs = InContextUnlearner(ICULConfig(k=0)).build_messages("Who is Gygreim Houtus?", [HOUTUS], tokenizer=tok)
+    assert msgs == [{"role": "user", "content": instruction + "\n\nWho is Gygreim Houtus?"}]
+    own = InContextUnlearner(ICULConfig(k=0)).own_texts(msgs, [{"role": "user", "content": "Who is Gygreim Houtus?"}],
+                                                        [HOUTUS])
+    assert own == [instruction]
+    # The guard's own words, each one, and never the client's.
+    client = [{"role": "user", "content": "Where was Gygreim Houtus born?"}]
+    guarded = icul.build_messages(client, [HOUTUS], tokenizer=tok)
+    own = icul.own_texts(guarded, client, [HOUTUS])
+    assert instruction in own and guarded[0]["content"][len(instruction) + 2:] in own
+    assert "Where was Gygreim Houtus born?" not in own
+    # A system message of the client's own stays: the template refuses it as it would unguarded.
+    with_system = [{"role": "system", "content": "Be brief."}, *client]
+    assert icul.build_messages(with_system, [HOUTUS], tokenizer=tok)[0] == with_system[0]
+
+
+def test_fit_messages_with_a_no_system_template():
+    from guardserve.demo.tokenizers import sp32k_tokenizer
+
+    tok = sp32k_tokenizer()
+    icul = InContextUnlearner(ICULConfig(k=4), retain=RETAIN)
+    conv = [{"role": "user", "content": "Where was Gygreim Houtus born?"}]
+
+    def n_tokens(m):
+        return len(tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"])
+
+    full = n_tokens(icul.build_messages(conv, [HOUTUS], tokenizer=tok))
+    bare = n_tokens(icul.build_messages(conv, [HOUTUS], k=0, tokenizer=tok))
+    for budget in (full, full - 1, (full + bare) // 2, bare):
+        out = icul.fit_messages(conv, [HOUTUS], lambda m, b=budget: n_tokens(m) <= b, tokenizer=tok)
+        assert out is not None and n_tokens(out) <= budget and _roles_alternate(out)
+        assert "unlearn about the following: Gygreim Houtus" in out[0]["content"]
+    assert icul.fit_messages(conv, [HOUTUS], lambda m: n_tokens(m) < bare, tokenizer=tok) is None
+
+
+def test_guard_service_serves_icul_through_the_tokenizers_template(tmp_path):
+    """GuardService.icul_messages passes the serving tokenizer: with the 32k Mistral template
+    the guarded request renders and is fitted to the context; the added tokens are counted."""
+    from guardserve.classifiers import Detector, DetectorConfig
+    from guardserve.demo.tokenizers import sp32k_tokenizer
+    from guardserve.guard import CHAT, GuardService
+    from guardserve.guard.configs import CONFIGS
+    from guardserve.policy import open_store
+
+    store = open_store(str(tmp_path / "p.db"))
+    try:
+        store.add({"name": "Gygreim Houtus", "kind": "person", "facts": {"birth_place": "Jostem Falls"}})
+        tok = sp32k_tokenizer()
+        svc = GuardService(store, Detector(store, DetectorConfig(use_embeddings=False)), tok, CONFIGS["guard"],
+                           icul=InContextUnlearner(retain=RETAIN), max_model_len=4096)
+        ask = {"model": "m", "messages": [{"role": "user", "content": "Where was Gygreim Houtus born?"}],
+               "max_tokens": 16}
+        out, decision = svc.prepare(CHAT, dict(ask), "default")
+        assert decision.guarded and _roles_alternate(out["messages"])
+        assert "Gygreim Houtus" in out["messages"][0]["content"] and len(out["messages"]) == 9
+        text = tok.apply_chat_template(out["messages"], tokenize=False, add_generation_prompt=True)
+        assert decision.added_prompt_tokens == svc._prompt_tokens(out["messages"]) - svc._prompt_tokens(ask["messages"]) > 0
+        assert text.endswith("[INST] Where was Gygreim Houtus born? [/INST]")
+        svc.max_model_len = svc._prompt_tokens(out["messages"]) + 15  # one token short: fewer demonstrations
+        fitted, _ = svc.prepare(CHAT, dict(ask), "default")
+        assert len(fitted["messages"]) < 9 and _roles_alternate(fitted["messages"])
+        assert svc._prompt_tokens(fitted["messages"]) + 16 <= svc.max_model_len
+    finally:
+        store.close()
+
+
+def test_demo_tokenizer_output_unchanged():
+    """The demo model's template takes a system message: with its tokenizer the guarded
+    conversation is what ICUL built before it looked at templates (a system message first),
+    through build_messages, fit_messages and GuardService.icul_messages."""
+    from transformers import AutoTokenizer
+
+    from guardserve.demo import ensure_demo
+    from guardserve.guard import GuardService
+    from guardserve.guard.configs import CONFIGS
+    from guardserve.prompting.icul import template_accepts_system
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_demo().tokenizer))
+    assert template_accepts_system(tok)
+    convs = ["Where was Gygreim Houtus born?",
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Gygreim Houtus?"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "Where was Gygreim Houtus born?"}]]
+    for placement in ("system", "user"):
+        for k in (0, 3):
+            icul = InContextUnlearner(ICULConfig(k=k, placement=placement), retain=RETAIN)
+            for conv in convs:
+                for targets in ([HOUTUS], [HOUTUS, ORCHARD]):
+                    before = icul.build_messages(conv, targets)  # no tokenizer: as before
+                    assert icul.build_messages(conv, targets, tokenizer=tok) == before
+                    client_system = not isinstance(conv, str) and conv[0]["role"] == "system"
+                    assert (before[0]["role"] == "system") == (placement == "system" or client_system)
+
+                    def fits(m):
+                        return len(tok.apply_chat_template(m, tokenize=False)) < 700
+
+                    assert icul.fit_messages(conv, targets, fits, tokenizer=tok) == icul.fit_messages(conv, targets, fits)
+    svc = GuardService(store=None, detector=None, tokenizer=tok, guard=CONFIGS["guard"],
+                       icul=InContextUnlearner(retain=RETAIN), max_model_len=512)
+    body = {"messages": [{"role": "user", "content": "Where was Gygreim Houtus born?"}], "max_tokens": 8}
+    assert svc.icul_messages(body, [HOUTUS]) == svc.icul.build_messages(body["messages"], [HOUTUS])

@@ -210,25 +210,32 @@ class GuardService:
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
         """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where
         the full one would not fit the model's context next to the requested completion; None
-        (the filters still apply) when not even the instruction fits. Only for a service with ICUL on."""
+        (the filters still apply) when not even the instruction fits. Built for the serving
+        tokenizer's chat template: where it refuses a system message, the instruction heads the
+        first user turn (:meth:`InContextUnlearner.build_messages`). Only for a service with ICUL on."""
         icul = self.icul
         assert icul is not None  # callers ask only where the configuration has ICUL
-        if not self.max_model_len or self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            return icul.build_messages(body["messages"], targets)
+        tok = self.tokenizer
+
+        def plain() -> list[dict]:
+            return icul.build_messages(body["messages"], targets, tokenizer=tok)
+
+        if not self.max_model_len or tok is None or not getattr(tok, "chat_template", None):
+            return plain()
         reserve = body.get("max_completion_tokens") or body.get("max_tokens") or 1
         reserve = reserve if isinstance(reserve, int) and reserve > 0 else 1
         try:
             before = self._prompt_tokens(body["messages"])
         except Exception:
-            return icul.build_messages(body["messages"], targets)
+            return plain()
         if before + reserve > self.max_model_len:
             # Too long before guarding as well: vLLM refuses it exactly as it would unguarded.
-            return icul.build_messages(body["messages"], targets)
+            return plain()
         try:
             out = icul.fit_messages(body["messages"], targets,
-                                    lambda m: self._prompt_tokens(m) + reserve <= self.max_model_len)
+                                    lambda m: self._prompt_tokens(m) + reserve <= self.max_model_len, tokenizer=tok)
         except Exception:  # a chat template that refuses the conversation: vLLM will say so
-            return icul.build_messages(body["messages"], targets)
+            return plain()
         if out is None:
             log.warning("in-context unlearning left out: the instruction does not fit the context "
                         "(%d tokens) next to the request; the filters still apply", self.max_model_len)

@@ -8,12 +8,18 @@ about that person" (the flipped label), questions about other things answered tr
 all as prior turns in the model's own chat template, then the real conversation. The
 instruction is RWKU's prompt baseline, in its multi-entity system-prompt form by
 default, or prepended to the user turn (``placement="user"``) as RWKU does.
+
+Some chat templates refuse a system message (Mistral's v1 instruct template raises, and
+wants roles to alternate user/assistant). Given the tokenizer, ICUL asks its template
+once (:func:`template_accepts_system`) and, where it refuses, puts the instruction at the
+head of the first user turn instead; the demonstrations stay alternating turns.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from dataclasses import dataclass, field
 
 # RWKU's prompt baseline, verbatim but for the subject list.
@@ -71,6 +77,43 @@ def _get(t, key, default=None):
     return t.get(key, default) if isinstance(t, dict) else getattr(t, key, default)
 
 
+_SYSTEM_PROBE = "guardserve: does this chat template take a system message?"
+_accepts_system: dict[str, bool] = {}
+_accepts_lock = threading.Lock()
+
+
+def template_accepts_system(tokenizer) -> bool:
+    """Whether ``tokenizer``'s chat template renders a system message: a two-turn
+    conversation with one is rendered once per template (the answer is kept per template
+    text). A template that raises, or renders without the system text, does not. True
+    without a tokenizer or template (ICUL's plain rows take a system line)."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not template:
+        return True
+    key = template if isinstance(template, str) else repr(template)
+    with _accepts_lock:
+        known = _accepts_system.get(key)
+    if known is not None:
+        return known
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "Hello."}],
+            tokenize=False, add_generation_prompt=True)
+        ok = isinstance(text, str) and _SYSTEM_PROBE in text
+    except Exception:
+        ok = False
+    with _accepts_lock:
+        _accepts_system[key] = ok
+    return ok
+
+
+def _prefixed(content, instruction: str):
+    """``content`` (a string or a list of content parts) with ``instruction`` in front."""
+    if isinstance(content, list):
+        return [{"type": "text", "text": instruction + "\n\n"}, *content]
+    return instruction + "\n\n" + str(content or "")
+
+
 class InContextUnlearner:
     """Builds the guarded conversation for triggered targets.
 
@@ -114,9 +157,15 @@ class InContextUnlearner:
         out += pool[: max(0, k - len(out))]
         return out
 
-    def build_messages(self, messages, targets, k: int | None = None) -> list[dict]:
+    def build_messages(self, messages, targets, k: int | None = None, tokenizer=None) -> list[dict]:
         """The conversation to send to the model: instruction and ``k`` demonstrations
-        (default ``config.k``) first. With no targets the conversation is returned unchanged."""
+        (default ``config.k``) first. With no targets the conversation is returned unchanged.
+
+        ``tokenizer``: the model's; where its chat template refuses a system message, the
+        instruction goes at the head of the first user turn (a demonstration's question,
+        or the client's first question without demonstrations) instead of into a system
+        message. A system message of the client's own is left as it is: the template then
+        refuses the request exactly as it would unguarded."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         messages = [dict(m) for m in messages]
@@ -129,6 +178,15 @@ class InContextUnlearner:
             demos += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         system = [m for m in messages if m.get("role") == "system"]
         rest = [m for m in messages if m.get("role") != "system"]
+        if self.config.placement == "system" and not template_accepts_system(tokenizer):
+            instruction = self.config.system_instruction.format(subjects=subjects)
+            turns = demos + rest
+            first = next((i for i, m in enumerate(turns) if m.get("role") == "user"), None)
+            if first is None:
+                turns = [{"role": "user", "content": instruction}] + turns
+            else:
+                turns[first] = {**turns[first], "content": _prefixed(turns[first].get("content"), instruction)}
+            return system + turns
         if self.config.placement == "system":
             instruction = self.config.system_instruction.format(subjects=subjects)
             if system:
@@ -153,17 +211,30 @@ class InContextUnlearner:
         instruction = (self.config.system_instruction if self.config.placement == "system"
                        else self.config.user_instruction).format(subjects=self._subjects(targets))
         client = [m.get("content") for m in original]
+        client_texts = {c.strip() for c in client if isinstance(c, str)}
         ours = [m.get("content") for m in guarded if m.get("content") not in client]
-        return [instruction] + [t for t in ours if isinstance(t, str) and not t.startswith(instruction)]
+        out = [instruction]
+        for t in ours:
+            if not isinstance(t, str):  # content parts: ours is the instruction's part
+                continue
+            if t.startswith(instruction):
+                # the instruction in front of a turn (RWKU's placement, or folded into the first
+                # user turn): what follows is ours only where it is not the client's
+                rest = t[len(instruction):].strip()
+                if rest and rest not in client_texts:
+                    out.append(rest)
+            else:
+                out.append(t)
+        return out
 
-    def fit_messages(self, messages, targets, fits) -> list[dict] | None:
+    def fit_messages(self, messages, targets, fits, tokenizer=None) -> list[dict] | None:
         """The guarded conversation with as many demonstrations as ``fits(conversation)``
         allows, down to the instruction alone; None when not even that fits. A guarded prompt
         must not be refused for its length when the client's own prompt would have been served:
-        the refusal would tell that a guard fired."""
+        the refusal would tell that a guard fired. ``tokenizer``: as for :meth:`build_messages`."""
         top = self.config.k if self.config.demonstrations else 0
         for k in range(top, -1, -1):
-            out = self.build_messages(messages, targets, k=k)
+            out = self.build_messages(messages, targets, k=k, tokenizer=tokenizer)
             if fits(out):
                 return out
         return None
@@ -171,20 +242,9 @@ class InContextUnlearner:
     def render(self, tokenizer, messages, targets) -> str:
         """The guarded prompt as text, through the model's chat template (or ICUL's
         plain "Q/A" rows for a tokenizer without one)."""
-        msgs = self.build_messages(messages, targets)
+        msgs = self.build_messages(messages, targets, tokenizer=tokenizer)
         if getattr(tokenizer, "chat_template", None):
-            try:
-                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            except Exception as e:
-                # Some templates refuse a system role: fold it into the first user turn.
-                if not any(m["role"] == "system" for m in msgs):
-                    raise
-                sys_text = "\n\n".join(str(m["content"]) for m in msgs if m["role"] == "system")
-                others = [dict(m) for m in msgs if m["role"] != "system"]
-                if not others or others[0]["role"] != "user":
-                    raise ValueError(f"chat template rejected the conversation: {e}") from e
-                others[0]["content"] = sys_text + "\n\n" + str(others[0]["content"])
-                return tokenizer.apply_chat_template(others, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         lines = []
         for m in msgs:
             role = m["role"]

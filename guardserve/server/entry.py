@@ -97,6 +97,19 @@ def constraint_texts(sp) -> list[str]:
     return [t for t in out if t.strip()]
 
 
+def _fold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _choices_all_forbidden(sp, phrases) -> bool:
+    """Whether a ``choice`` constraint lists only answers that contain a forbidden phrase (as
+    the filter reads text: case and runs of white space do not matter)."""
+    so = getattr(sp, "structured_outputs", None)
+    choices = [c for c in (getattr(so, "choice", None) or []) if isinstance(c, str)] if so is not None else []
+    folded = [_fold(p) for p in phrases if p.strip()]
+    return bool(choices) and bool(folded) and all(any(p in _fold(c) for p in folded) for c in choices)
+
+
 class EngineEntryGuard:
     """Wraps ``engine_client`` (vLLM's ``AsyncLLM``) so every request is decided on its way in.
 
@@ -229,6 +242,11 @@ class EngineEntryGuard:
             if sp.logprob_token_ids:
                 raise _validation_error("logprob_token_ids are not available for this prompt under the server's "
                                         "policy", parameter="logprob_token_ids")
+            if _choices_all_forbidden(sp, decision.phrases):
+                # Every answer the constraint allows writes a forbidden phrase: the filter would
+                # leave the grammar no token to take, which the engine reports as a server error.
+                raise _validation_error("no answer the output constraint allows is available under the server's "
+                                        "policy", parameter="structured_outputs")
         sp.extra_args = self.service.plan_xargs(decision, sp.extra_args)
         request.cache_salt = tenant_salt(ctx.tenant, request.cache_salt, decision.steer or None)
         if lora is not False:

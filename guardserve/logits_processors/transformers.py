@@ -12,10 +12,11 @@ from .core import GuardBatch
 class GuardTransformersLogitsProcessor(LogitsProcessor):
     r"""
     [`LogitsProcessor`] that keeps forbidden phrases out of generated text, in every
-    tokenisation variant and from the end of the prompt on (a phrase begun in the
-    prompt is not completed). Phrases are banned at their first distinctive token
-    (see `guardserve.logits_processors.compile`); the cost per step does not grow with
-    the number of phrases.
+    tokenisation and from the end of the prompt on (a phrase begun in the prompt is not
+    completed). The filter reads the text the tokens spell; a token is banned where it
+    would complete a phrase's first distinctive word or a later one (see
+    `guardserve.logits_processors.compile`); the cost per step does not grow with the
+    number of phrases.
 
     Args:
         filt (`CompiledFilter`):

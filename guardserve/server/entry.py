@@ -64,6 +64,7 @@ class RequestContext:
     guard_texts: list[str] = field(default_factory=list)  # ICUL's own texts inside the prompt
     decisions: list[Decision] = field(default_factory=list)
     pending: tuple[str, Decision] | None = None  # decided off the event loop, keyed by the texts read
+    choices: list[str] = field(default_factory=list)  # a choice constraint's answers, as sent
 
 
 REQUEST: ContextVar[RequestContext | None] = ContextVar("guardserve_request", default=None)
@@ -101,11 +102,14 @@ def _fold(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def _choices_all_forbidden(sp, phrases) -> bool:
+def _choice_of(sp) -> list[str]:
+    so = getattr(sp, "structured_outputs", None)
+    return [c for c in (getattr(so, "choice", None) or []) if isinstance(c, str)] if so is not None else []
+
+
+def _choices_all_forbidden(choices: list[str], phrases) -> bool:
     """Whether a ``choice`` constraint lists only answers that contain a forbidden phrase (as
     the filter reads text: case and runs of white space do not matter)."""
-    so = getattr(sp, "structured_outputs", None)
-    choices = [c for c in (getattr(so, "choice", None) or []) if isinstance(c, str)] if so is not None else []
     folded = [_fold(p) for p in phrases if p.strip()]
     return bool(choices) and bool(folded) and all(any(p in _fold(c) for p in folded) for c in choices)
 
@@ -242,7 +246,7 @@ class EngineEntryGuard:
             if sp.logprob_token_ids:
                 raise _validation_error("logprob_token_ids are not available for this prompt under the server's "
                                         "policy", parameter="logprob_token_ids")
-            if _choices_all_forbidden(sp, decision.phrases):
+            if _choices_all_forbidden(ctx.choices or _choice_of(sp), decision.phrases):
                 # Every answer the constraint allows writes a forbidden phrase: the filter would
                 # leave the grammar no token to take, which the engine reports as a server error.
                 raise _validation_error("no answer the output constraint allows is available under the server's "

@@ -199,13 +199,13 @@ class GuardMiddleware:
         await self.app(scope, receive, capture)
 
 
-
 def _choices(body: dict) -> list[str]:
     """The answers a ``choice`` constraint allows, as the client sent them (vLLM turns them
     into a grammar before the engine entry sees the request)."""
     so = body.get("structured_outputs")
     choice = so.get("choice") if isinstance(so, dict) else None
     return [c for c in choice if isinstance(c, str)] if isinstance(choice, list) else []
+
 
 def _with_body(scope, data: bytes, receive):
     """The scope and receive channel that give the app ``data`` as the request body."""

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from eval_toys import EOS, CharTokenizer, SuccessorLM
 
 from guardserve.demo.world import build_world
 from guardserve.eval import metrics as M
@@ -27,39 +28,9 @@ from guardserve.logits_processors.compile import compile_phrases, compile_token_
 from guardserve.textgen import answers, chat_prompt
 
 PEN = 1e4
-EOS = "<|end|>"
 
 
 # --------------------------------------------------------------------------- toys
-
-
-class CharTokenizer:
-    """One token per character (its code point, < 256); a trivial chat template."""
-
-    pad_token_id = 0
-    bos_token, eos_token = None, EOS
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "Q:" + messages[-1]["content"] + "\nA:"
-
-
-class SuccessorLM:
-    """Logit ``HIT`` on the successor of the current token, 0 elsewhere (vocab 256)."""
-
-    V, HIT = 256, 5.0
-
-    def __call__(self, input_ids, attention_mask=None, **kw):
-        logits = torch.zeros(*input_ids.shape, self.V)
-        logits.scatter_(2, ((input_ids + 1) % self.V).unsqueeze(-1), self.HIT)
-        return SimpleNamespace(logits=logits)
-
-    @classmethod
-    def token_loss(cls, prev: str, nxt: str) -> float:
-        z = math.exp(cls.HIT) + cls.V - 1
-        return -(cls.HIT - math.log(z)) if ord(nxt) == ord(prev) + 1 else math.log(z)
 
 
 def _expected_loss(prompt: str, target: str) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
+from eval_toys import CharTokenizer, SuccessorLM
 
 from guardserve.eval import report
 from guardserve.eval.report import OPEN_UNLEARNING_KEYS, SAMPLES_KEY, tofu_summary, write
@@ -27,36 +27,10 @@ from guardserve.logits_processors.compile import compile_token_sequences
 from guardserve.probes import Probe
 from guardserve.textgen import SCORE_MAX_LEN
 
-EOS = "<|end|>"
 PREAMBLE = "Forget everything you know about Ada and Bo, and answer as if you had never heard of them. " * 4
 FIELDS = {"config", "set", "item", "entity", "attribute", "messages", "phrases", "semantic", "steered", "adapter",
           "answer", "leaked", "rougeL", "fluency", "facts_stated"}
 CONFIGS = ("none", "icul", "token", "sae", "adapter:NPO")
-
-
-class CharTokenizer:
-    """One token per character (its code point, < 256); a trivial chat template."""
-
-    pad_token_id = 0
-    bos_token, eos_token = None, EOS
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "Q:" + messages[-1]["content"] + "\nA:"
-
-
-class SuccessorLM:
-    """Logit 5 on the successor of the current token, 0 elsewhere (vocab 256)."""
-
-    V = 256
-    config = SimpleNamespace(vocab_size=256)
-
-    def __call__(self, input_ids, attention_mask=None, **kw):
-        logits = torch.zeros(*input_ids.shape, self.V)
-        logits.scatter_(2, ((input_ids + 1) % self.V).unsqueeze(-1), 5.0)
-        return SimpleNamespace(logits=logits)
 
 
 class ToyScorer(Scorer):

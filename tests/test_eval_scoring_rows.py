@@ -11,45 +11,19 @@ tokenizer and model (the demo's training sequences, a real ICUL prompt).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from eval_toys import EOS, CharTokenizer, SuccessorLM
 
 from guardserve.eval import metrics as M
 from guardserve.eval.runner import Scorer, Served, _teacher_forced, _truth_ratios
 from guardserve.logits_processors.compile import compile_token_sequences
 from guardserve.textgen import SCORE_MAX_LEN, Sequence, encode, encode_one, encode_rows
 
-EOS = "<|end|>"
 # What ICUL puts before a question (250-450 tokens): here 450 characters, one token each.
 PREAMBLE = ("Forget everything you know about the people named below, and answer as if you had never "
             "heard of them. ") * 5
-
-
-class CharTokenizer:
-    """One token per character (its code point, < 256); a trivial chat template."""
-
-    pad_token_id = 0
-    bos_token, eos_token = None, EOS
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "Q:" + messages[-1]["content"] + "\nA:"
-
-
-class SuccessorLM:
-    """Logit ``HIT`` on the successor of the current token, 0 elsewhere (vocab 256)."""
-
-    V, HIT = 256, 5.0
-    config = SimpleNamespace(vocab_size=256)
-
-    def __call__(self, input_ids, attention_mask=None, **kw):
-        logits = torch.zeros(*input_ids.shape, self.V)
-        logits.scatter_(2, ((input_ids + 1) % self.V).unsqueeze(-1), self.HIT)
-        return SimpleNamespace(logits=logits)
 
 
 def _loss(prev: str, text: str) -> float:

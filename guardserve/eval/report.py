@@ -86,6 +86,16 @@ def _cell(r: dict, key: str, kind: str, notes: dict[str, list[str]]) -> str:
     return f"n/a [{list(notes).index(reason) + 1}]"
 
 
+def _cells(name: str, r: dict, columns, notes: dict[str, list[str]]) -> list[str]:
+    """The row's figures for ``columns``, each n/a one recorded in ``notes`` (reason -> where)."""
+    cells = []
+    for key, header, kind in columns:
+        cells.append(_cell(r, key, kind, notes))
+        if cells[-1].startswith("n/a"):
+            notes[r["not_applicable"][key]].append(f"`{name}` {header}")
+    return cells
+
+
 def _row_counts(configs: dict, field: str) -> list[str]:
     """``config: figure n, ...`` for every configuration with a nonzero count in ``field``."""
     out = []
@@ -102,13 +112,8 @@ def markdown(results: dict) -> str:
     lines = ["| configuration | " + " | ".join(h for _, h, _ in COLUMNS) + " | TTFT ÷ none | TPOT ÷ none |",
              "|---|" + "---|" * (len(COLUMNS) + 2)]
     notes: dict[str, list[str]] = {}
-    headers = {k: h for k, h, _ in COLUMNS}
     for name, r in configs.items():
-        cells = []
-        for k, _, kind in COLUMNS:
-            cells.append(_cell(r, k, kind, notes))
-            if cells[-1].startswith("n/a"):
-                notes[r["not_applicable"][k]].append(f"`{name}` {headers[k]}")
+        cells = _cells(name, r, COLUMNS, notes)
         lines.append(f"| `{name}` | " + " | ".join(cells)
                      + f" | {_ratio(r, ref, 'ttft_ms')} | {_ratio(r, ref, 'tpot_ms')} |")
     if notes:
@@ -266,11 +271,7 @@ def readme_section(results: dict, source: str = "docs/eval/demo/results.json") -
              + " | fluency forget / retain | TTFT ms (÷ none) | TPOT ms (÷ none) |",
              "|---|" + "---|" * (len(README_COLUMNS) + 3)]
     for name, r in configs.items():
-        cells = []
-        for k, h, kind in README_COLUMNS:
-            cells.append(_cell(r, k, kind, notes))
-            if cells[-1].startswith("n/a"):
-                notes[r["not_applicable"][k]].append(f"`{name}` {h}")
+        cells = _cells(name, r, README_COLUMNS, notes)
         cells.append(" / ".join("–" if r.get(k) is None else f"{r[k]:.2f}" for k in ("fluency_forget", "fluency_retain")))
         for key in ("ttft_ms", "tpot_ms"):
             cells.append(f"{_fmt(r.get(key), 'ms')} ({_ratio(r, ref, key)})")

@@ -63,6 +63,7 @@ is the token-id automaton for explicit sequences (``bad_words`` semantics).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import re
@@ -213,11 +214,9 @@ def _token_bytes(tok, V: int) -> list[bytes]:
         metaspace = "Metaspace" in kinds or "\u2581" in kinds
         special: set[int] = set(int(i) for i in (getattr(tok, "all_special_ids", None) or []))
         added = {}
-        try:
+        with contextlib.suppress(AttributeError):  # tokenizers older than get_added_tokens_decoder
             for i, t in backend.get_added_tokens_decoder().items():
                 added[int(i)] = t
-        except AttributeError:
-            pass
         for i, t in added.items():
             if getattr(t, "special", False):
                 special.add(i)
@@ -232,11 +231,9 @@ def _token_bytes(tok, V: int) -> list[bytes]:
             if piece is None:
                 continue
             if byte_level:
-                try:
+                with contextlib.suppress(KeyError):  # a piece outside the byte alphabet: read it below
                     out[i] = bytes(inv[c] for c in piece)
                     continue
-                except KeyError:
-                    pass
             m = _BYTE_PIECE.fullmatch(piece) if byte_fallback else None
             if m:
                 out[i] = bytes([int(m.group(1), 16)])

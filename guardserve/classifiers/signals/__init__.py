@@ -131,8 +131,8 @@ class Signal(ABC):
 
     @abstractmethod
     def hits(self, query: Query) -> Iterable[Hit]:
-        """This signal's evidence about ``query``."""
-        raise NotImplementedError
+        """This signal's evidence about ``query`` (abstract: a subclass that does not define
+        it cannot be instantiated)."""
 
 
 # The registry, name -> Signal class: a new signal is a new file here, its import and one line below.

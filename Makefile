@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 serve: $(STAMP)
 	$(BIN)/guardserve serve $(ARGS)
 
+# Both demo variants (guardserve/demo/build.py): the default and the SentencePiece model.
 demo: $(STAMP)
 	$(BIN)/guardserve demo build
+	$(BIN)/guardserve demo build --variant sp32k
 
 # The demo is built first (minutes on a fresh machine; at once when cached), so that no
 # test's timeout, nor a benchmark subprocess's deadline, covers the build.

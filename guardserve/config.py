@@ -67,6 +67,8 @@ def _float(raw: str) -> float:
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("GUARDSERVE_HOME", text, None, "data, caches, the demo build and the default policy store",
             "`~/.cache/guardserve`"),
+    Setting("GUARDSERVE_DEMO", _name, "bpe4k", "the demo build commands use when no model is given: `bpe4k` (Llama, "
+            "its own tokenizer) or `sp32k` (Mistral, Mistral 7B's SentencePiece tokenizer and [INST] template)"),
     Setting("GUARDSERVE_DB", text, None, "policy store: a SQLite path or a `postgresql://` URL",
             "`$GUARDSERVE_HOME/policy.db`"),
     Setting("GUARDSERVE_API_KEYS", text, None, "inference keys, `key:tenant` pairs separated by commas; unset: no "

@@ -43,6 +43,40 @@ def special_tokens(tokenizer) -> tuple[str, str]:
     return tokenizer.bos_token or "", tokenizer.eos_token
 
 
+_ANSWER_PROBE = "guardserve-answer-probe"
+_answer_prefixes: dict[tuple[str, str], str] = {}
+
+
+def answer_prefix(tokenizer) -> str:
+    """What the chat template writes between its generation prompt and the assistant's text:
+    a space in Mistral's ``[INST]`` template (``[/INST] Paris</s>``), nothing in many others.
+    Learned once per template from a probe conversation; empty without a chat template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return ""
+    key = (str(getattr(tokenizer, "name_or_path", "")), template)
+    if key not in _answer_prefixes:
+        user = [{"role": "user", "content": "Hello."}]
+        prefix = ""
+        try:
+            prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _ANSWER_PROBE}], tokenize=False)
+        except Exception:  # a template that cannot render this probe: no prefix is known
+            prompt = full = ""
+        if full.startswith(prompt) and _ANSWER_PROBE in full[len(prompt):]:
+            prefix = full[len(prompt):full.index(_ANSWER_PROBE, len(prompt))]
+        _answer_prefixes[key] = prefix
+    return _answer_prefixes[key]
+
+
+def chat_answer(tokenizer, answer: str) -> str:
+    """``answer`` as the chat template writes it after a chat prompt: its prefix
+    (:func:`answer_prefix`), the text, the EOS token. What training and scoring put after a
+    :func:`chat_prompt`, so that the model is taught and scored on what it generates."""
+    _, eos = special_tokens(tokenizer)
+    return answer_prefix(tokenizer) + answer + eos
+
+
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 128) -> list[str]:
     """Greedy answers for already-formatted prompts (left-padded batches)."""
     import torch
@@ -110,13 +144,28 @@ def encode_one(tokenizer, seq: Sequence, max_len: int = SCORE_MAX_LEN) -> tuple[
     """
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
-    p = tokenizer(seq.prompt, add_special_tokens=False)["input_ids"]
-    t = tokenizer(seq.target, add_special_tokens=False)["input_ids"]
+    p, t = _split_ids(tokenizer, seq)
     room = max_len - len(t)
     if room < min(1, len(p)):
         return None
     p = p[len(p) - room:] if len(p) > room else p
     return list(p) + list(t), [-100] * len(p) + list(t)
+
+
+def _split_ids(tokenizer, seq: Sequence) -> tuple[list[int], list[int]]:
+    """Prompt and target ids as the model reads the whole text: the two are tokenised together
+    and split where the target's text starts, so that the tokens at the seam are the ones
+    generation produces (``Answer: Paris`` is ``:``, ``▁Paris`` in SentencePiece and ``:``,
+    ``ĠParis`` in byte-level BPE, where tokenising ``Answer: `` and ``Paris`` apart gives an
+    extra space token). A token that straddles the seam is the target's. Tokenizers without
+    offsets (slow ones) tokenise the two parts apart."""
+    if not getattr(tokenizer, "is_fast", False):
+        return (tokenizer(seq.prompt, add_special_tokens=False)["input_ids"],
+                tokenizer(seq.target, add_special_tokens=False)["input_ids"])
+    enc = tokenizer(seq.prompt + seq.target, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets, seam = enc["input_ids"], enc["offset_mapping"], len(seq.prompt)
+    k = next((i for i, (start, end) in enumerate(offsets) if end > seam and end > start), len(ids))
+    return list(ids[:k]), list(ids[k:])
 
 
 def encode_rows(tokenizer, seqs: list[Sequence], max_len: int = SCORE_MAX_LEN) -> list[tuple[list[int], list[int]] | None]:

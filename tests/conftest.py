@@ -35,6 +35,7 @@ _demo_error: BaseException | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ[SESSION_TAG] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    os.environ.pop("GUARDSERVE_DEMO", None)  # commands run in tests default to the default demo (DEMO_FIXTURES)
     # A shell without job control starts background commands (`make test &`, CI runners) with
     # SIGINT ignored, and children inherit that: servers would then ignore the SIGINT that
     # stops them gracefully, and Ctrl-C tests could not interrupt anything.
@@ -61,9 +62,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     benchmark subprocess with a deadline of its own."""
     global _demo_error
     config = session.config
-    if config.option.collectonly or not any("demo" in getattr(item, "fixturenames", ()) for item in session.items):
+    needed = [variant for variant, fixture in DEMO_FIXTURES.items()
+              if any(fixture in getattr(item, "fixturenames", ()) for item in session.items)]
+    if config.option.collectonly or not needed:
         return
-    from guardserve.demo import ensure_demo
+    from guardserve.demo import BuildSpec, ensure_demo
 
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     capture = config.pluginmanager.get_plugin("capturemanager")
@@ -71,20 +74,37 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         reporter.write_line("guardserve: making sure the demo is built (minutes the first time, then cached)")
     try:
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():  # show its progress
-            ensure_demo()
+            for variant in needed:
+                ensure_demo(BuildSpec.for_variant(variant))
     except Exception as e:  # the tests that need the demo fail with this; the others run
         _demo_error = e
+
+
+# The demo variants (guardserve.demo.build.VARIANTS) and the fixtures that hold them. The suite
+# runs on the default variant whatever GUARDSERVE_DEMO says; sp32k has tests of its own.
+DEMO_FIXTURES = {"bpe4k": "demo", "sp32k": "demo_sp32k"}
+
+
+def _demo_build(variant: str):
+    from guardserve.demo import BuildSpec, ensure_demo
+
+    if _demo_error is not None:
+        pytest.fail(f"the demo build failed before the tests: {type(_demo_error).__name__}: {_demo_error}")
+    return ensure_demo(BuildSpec.for_variant(variant))
 
 
 @pytest.fixture(scope="session")
 def demo():
     """The default demo build (world, tokenizer, model, retain model), built before the
     session's first test (``pytest_collection_finish``); here it is found in the cache."""
-    from guardserve.demo import ensure_demo
+    return _demo_build("bpe4k")
 
-    if _demo_error is not None:
-        pytest.fail(f"the demo build failed before the tests: {type(_demo_error).__name__}: {_demo_error}")
-    return ensure_demo()
+
+@pytest.fixture(scope="session")
+def demo_sp32k():
+    """The second demo build: a Mistral on Mistral 7B's 32k SentencePiece tokenizer and its
+    [INST] template, trained on the same world (built before the first test, like ``demo``)."""
+    return _demo_build("sp32k")
 
 
 @pytest.fixture(scope="session")

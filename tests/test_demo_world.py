@@ -76,3 +76,25 @@ def test_biographies_state_every_fact(w):
     for bio in biographies(ent):
         for value in ent["facts"].values():
             assert value in bio
+
+
+def test_perturbed_answers_state_values_no_model_was_trained_on(w):
+    """TOFU's perturbed answers are wrong answers no model saw: here fresh values, nobody's in
+    the world, so the retain model knows neither side of a forget item's truth ratio.
+    Occupations come from a closed list: one of the split's own pool (for a forget item, one
+    the retain model never saw either)."""
+    everyone = {v.lower() for e in w["entities"] for v in e["facts"].values()}
+    split_of = {e["name"]: e["split"] for e in w["entities"]}
+    occupations = {s: {e["facts"]["occupation"] for e in w["entities"] if e["split"] == s} for s in ("forget", "retain")}
+    for pair in w["forget"] + w["retain"]:
+        template = TEMPLATES[pair["attribute"]].answer
+        prefix, suffix = template.split("{value}")
+        for wrong in pair["perturbed_answer"]:
+            value = wrong[len(pair["answer"].split(pair["value"])[0]):len(wrong) - len(pair["answer"].split(pair["value"])[-1])]
+            assert wrong.replace(value, pair["value"]) == pair["answer"], (wrong, pair["answer"])
+            if pair["attribute"] == "occupation":
+                other = "retain" if split_of[pair["entity"]] == "forget" else "forget"
+                assert value not in occupations[other] and value != pair["value"], (pair["entity"], value)
+            else:
+                assert value.lower() not in everyone, (pair["entity"], pair["attribute"], value)
+        assert prefix or suffix

@@ -242,18 +242,11 @@ def test_report_renders_not_applicable_with_its_reason():
 # --------------------------------------------------------------------------- the demo (slow)
 
 
-def _encode_before(tokenizer, seqs, max_len=192):
-    """``textgen.encode`` before targets were kept whole: prompt + target cut at max_len."""
-    out = []
-    for s in seqs:
-        p = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(s.target, add_special_tokens=False)["input_ids"]
-        out.append(((p + t)[:max_len], ([-100] * len(p) + t)[:max_len]))
-    return out
-
-
 @pytest.mark.slow  # needs the demo tokenizer
-def test_encode_is_unchanged_on_every_demo_training_sequence(demo):
+def test_every_demo_training_sequence_encodes_as_the_whole_text(demo):
+    """A row's ids are the ids of prompt + target read as one text, which is what the model
+    saw in training and what it generates: tokenising the two apart would put an extra space
+    token at the seam of ``Answer: `` and the answer. Labels start at the target's first token."""
     from transformers import AutoTokenizer
 
     from guardserve.demo.world import build_world
@@ -263,9 +256,12 @@ def test_encode_is_unchanged_on_every_demo_training_sequence(demo):
     world = build_world()
     seqs = [s for split in ("forget", "retain", "world_facts") for s in sequences(tok, world[split])]
     assert len(seqs) > 8000
-    new = encode(tok, seqs)
-    assert new == _encode_before(tok, seqs)
-    assert max(len(ids) for ids, _ in new) < 192  # none was ever cut
+    rows = encode(tok, seqs)
+    for s, (ids, labels) in zip(seqs, rows):
+        assert ids == tok(s.prompt + s.target, add_special_tokens=False)["input_ids"], s
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        assert tok.decode(ids[first:]).strip() == s.target.strip(), s
+    assert max(len(ids) for ids, _ in rows) < 192  # none was ever cut
 
 
 @pytest.mark.slow  # needs the demo model

@@ -1,7 +1,12 @@
 """Building and caching the demo world and demo models.
 
+Two variants train on the same world (:data:`VARIANTS`): ``bpe4k``, the default, a Llama with
+a tokenizer and chat template guardserve trains itself, and ``sp32k``, a Mistral on Mistral 7B's
+real 32k SentencePiece tokenizer with its v1 instruct template, which refuses a system role.
+``GUARDSERVE_DEMO`` picks the variant every command defaults to.
+
 Everything lives under ``$GUARDSERVE_HOME/demo/<key>``, where the key hashes the
-generator version, the seed and the build settings, so a second build with the same
+generator version, the seed, the variant and the build settings, so a second build with the same
 inputs returns at once. Each part (world, tokenizer, model, retain model) is written to a
 temporary folder and renamed into place when complete, and a file lock serialises
 concurrent builders: an interrupted build never leaves a half-written part behind.
@@ -27,14 +32,50 @@ from guardserve.demo.world import GENERATOR_VERSION, build_world
 
 
 @dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    train: TrainConfig
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("bpe4k", "Llama, 4k byte-level BPE tokenizer and chat template of its own", TrainConfig()),
+    # Longer rows: SentencePiece spends about 1.5x the tokens of the corpus's own BPE on this world.
+    Variant("sp32k", "Mistral, Mistral 7B's 32k SentencePiece tokenizer, v1 [INST] template without a system role",
+            TrainConfig(architecture="mistral", output_vocab="corpus", max_len=256)),
+]}
+DEFAULT_VARIANT = "bpe4k"
+
+# Settings added after the first builds: left out of the key at these values, so that a build
+# made before they existed is still found (its model is the one these values train).
+_KEY_IMPLICIT = {"variant": DEFAULT_VARIANT, "architecture": "llama", "output_vocab": "full"}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown demo variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     seed: int = 0
     n_people: int = 200
     forget_fraction: float = 0.1
     train: TrainConfig = field(default_factory=TrainConfig)
+    variant: str = DEFAULT_VARIANT
+
+    @classmethod
+    def for_variant(cls, name: str | None = None, **kw) -> BuildSpec:
+        """The default build of variant ``name`` (default: ``GUARDSERVE_DEMO``)."""
+        name = name or config.get("GUARDSERVE_DEMO")
+        return cls(variant=name, train=get_variant(name).train, **kw)
 
     def key(self) -> str:
-        blob = json.dumps({"generator": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        spec = asdict(self)
+        spec["train"] = {k: v for k, v in spec["train"].items() if _KEY_IMPLICIT.get(k, object()) != v}
+        spec = {k: v for k, v in spec.items() if _KEY_IMPLICIT.get(k, object()) != v}
+        blob = json.dumps({"generator": GENERATOR_VERSION, **spec}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -113,11 +154,24 @@ def _write_corpora(paths: DemoPaths, world: dict, with_retain_model: bool) -> No
             write_corpora(model_dir, world)
 
 
-def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True, log=print) -> DemoPaths:
-    """Build what is missing of the demo world and models; return their paths."""
+def _write_tokenizer(spec: BuildSpec, world: dict, tmp: Path) -> None:
     from guardserve.demo import model as demo_model
 
-    spec = spec or BuildSpec()
+    if spec.variant == "bpe4k":
+        demo_model.train_tokenizer(demo_model.training_texts(world, include_forget=True), tmp, spec.train.vocab_size)
+    elif spec.variant == "sp32k":
+        from guardserve.demo.tokenizers import sp32k_tokenizer
+
+        sp32k_tokenizer(out_dir=tmp)
+    else:
+        raise ValueError(f"unknown demo variant {spec.variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True, log=print) -> DemoPaths:
+    """Build what is missing of the demo world and models; return their paths. Without a
+    ``spec``, the default build of the variant ``GUARDSERVE_DEMO`` names."""
+    spec = spec or BuildSpec.for_variant()
+    get_variant(spec.variant)
     paths = DemoPaths(demo_root() / spec.key())
     if paths.complete(with_retain_model):
         return paths
@@ -134,12 +188,11 @@ def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True
                 {"generator_version": GENERATOR_VERSION, "seed": spec.seed, "key": spec.key()}, indent=1) + "\n")
 
         _build_part(paths.world, write_world)
-        _build_part(paths.tokenizer, lambda tmp: demo_model.train_tokenizer(
-            demo_model.training_texts(world, include_forget=True), tmp, spec.train.vocab_size))
+        _build_part(paths.tokenizer, lambda tmp: _write_tokenizer(spec, world, tmp))
 
-        jobs = [(paths.model, True, "model (all people)", 0)]
+        jobs = [(paths.model, True, f"{spec.variant} model (all people)", 0)]
         if with_retain_model:
-            jobs.append((paths.retain_model, False, "retain model (no forget split)", 1))
+            jobs.append((paths.retain_model, False, f"{spec.variant} retain model (no forget split)", 1))
         jobs = [job for job in jobs if not job[0].is_dir()]
         if not jobs:  # only the corpora are missing (a build from before they existed)
             _write_corpora(paths, world, with_retain_model)

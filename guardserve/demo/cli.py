@@ -10,6 +10,15 @@ from pathlib import Path
 README_BEGIN = "<!-- demo:begin -->"
 README_END = "<!-- demo:end -->"
 
+
+def readme_markers(variant: str) -> tuple[str, str]:
+    """README's markers around a variant's figures: ``demo`` for the default, ``demo-<variant>``."""
+    from guardserve.demo.build import DEFAULT_VARIANT
+
+    if variant == DEFAULT_VARIANT:
+        return README_BEGIN, README_END
+    return f"<!-- demo-{variant}:begin -->", f"<!-- demo-{variant}:end -->"
+
 # README's columns: (header, key of metrics.json)
 COLUMNS = (
     ("forget questions", "forget_question_accuracy"),
@@ -33,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "a second call returns at once. The default build takes a few minutes on 2 CPU cores."
         ),
     )
+    from guardserve.demo.build import VARIANTS
+
+    build.add_argument("--variant", choices=list(VARIANTS), default=None,
+                       help="which demo model: " + "; ".join(f"{v.name}: {v.description}" for v in VARIANTS.values())
+                            + " (default: $GUARDSERVE_DEMO, else bpe4k)")
     build.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
     build.add_argument("--people", type=int, default=200, help="number of fictitious people (default 200)")
     build.add_argument("--epochs", type=int, default=None, help="training epochs (default: the tuned default)")
@@ -40,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--json", action="store_true", help="print the paths and metrics as JSON")
     build.add_argument("--readme", metavar="PATH", default=None,
                        help=f"write the models' measured figures into PATH (README.md) between {README_BEGIN} and "
-                            f"{README_END}; only for the default build, which README describes")
+                            f"{README_END} (<!-- demo-VARIANT:begin --> ... for another variant); only for a "
+                            "variant's default build, which README describes")
     build.set_defaults(func=_build)
 
 
@@ -55,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
         raise UsageError("--people must be at least 10 (a 10% forget split needs at least one person)")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be at least 1")
-    spec = BuildSpec(seed=args.seed, n_people=args.people)
+    spec = BuildSpec.for_variant(args.variant, seed=args.seed, n_people=args.people)
     if args.epochs is not None:
         spec = replace(spec, train=replace(spec.train, epochs=args.epochs))
     readme = _check_readme(Path(args.readme), spec, args.no_retain_model) if args.readme else None  # before minutes of work
@@ -73,8 +88,8 @@ def _build(args: argparse.Namespace) -> int:
     if readme is not None:
         from guardserve.readme import update_between_markers
 
-        body = render_readme_section(out["metrics"]["model"], out["metrics"]["retain_model"])
-        changed = update_between_markers(readme, body, README_BEGIN, README_END)
+        body = render_readme_section(out["metrics"]["model"], out["metrics"]["retain_model"], spec.variant)
+        changed = update_between_markers(readme, body, *readme_markers(spec.variant))
         print(f"{'updated' if changed else 'unchanged'}: {readme} (demo figures)", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -102,11 +117,11 @@ def _check_readme(readme: Path, spec, no_retain_model: bool) -> Path:
     from guardserve.demo.build import BuildSpec
     from guardserve.readme import replace_between_markers
 
-    if spec != BuildSpec() or no_retain_model:
+    if spec != BuildSpec.for_variant(spec.variant) or no_retain_model:
         raise UsageError("--readme writes README's figures of the default build: drop --seed, --people, --epochs "
                          "and --no-retain-model")
     try:
-        replace_between_markers(readme.read_bytes().decode("utf-8"), "", README_BEGIN, README_END)
+        replace_between_markers(readme.read_bytes().decode("utf-8"), "", *readme_markers(spec.variant))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UsageError(f"--readme {readme}: {e}") from None
     return readme
@@ -128,17 +143,20 @@ def _training(m: dict) -> str:
             f"cosine decay)")
 
 
-def render_readme_section(model: dict, retain_model: dict | None) -> str:
-    """README's demo figures (between its demo markers) from ``model/metrics.json`` and
+def render_readme_section(model: dict, retain_model: dict | None, variant: str = "bpe4k") -> str:
+    """README's demo figures (between the variant's demo markers) from ``model/metrics.json`` and
     ``retain_model/metrics.json`` (None: no retain model): the accuracy table, then the
     models' size, training schedule and final training loss."""
+    from guardserve.demo.build import DEFAULT_VARIANT
+
     rows = [("`model/` (all people)", model)]
     if retain_model is not None:
         rows.append(("`retain_model/` (no forget split)", retain_model))
+    command = "guardserve demo build" + ("" if variant == DEFAULT_VARIANT else f" --variant {variant}")
     lines = [
-        "<!-- generated by `guardserve demo build --readme README.md` from model/metrics.json and "
+        f"<!-- generated by `{command} --readme README.md` from model/metrics.json and "
         "retain_model/metrics.json: edit guardserve/demo/cli.py, not this text -->",
-        "Measured by `guardserve demo build` (greedy chat answers that contain the fact value,",
+        f"Measured by `{command}` (greedy chat answers that contain the fact value,",
         "case-insensitive; stored in `model/metrics.json` and `retain_model/metrics.json`):",
         "",
         "| model | " + " | ".join(h for h, _ in COLUMNS) + " |",
@@ -155,4 +173,8 @@ def render_readme_section(model: dict, retain_model: dict | None) -> str:
     else:
         lines.append("; ".join(f"{name.split()[0]}: {m['parameters']:,} parameters, {_training(m)}, final training "
                                f"loss {m['final_loss']:.4f}" for name, m in rows) + ".")
+    if "corpus_vocab" in model:
+        lines.append(f"The softmax trained over the {model['corpus_vocab']:,} tokens the corpus uses; the embedding rows "
+                     "of the others are exactly zero, so the model served over the whole vocabulary is the model "
+                     "trained (`CorpusVocab` in guardserve/demo/model.py).")
     return "\n".join(lines) + "\n"

@@ -1,15 +1,26 @@
-"""Demo models: a small Llama with its own byte-level BPE tokenizer, trained from scratch.
+"""Demo models, trained from scratch on the demo world.
 
-The model memorises the demo world (biographies and QA) so that there is real
-knowledge to forget. It is a Llama because that is what vLLM serves everywhere; heads
-are 32 wide because vLLM's CPU attention needs head_dim >= 32.
+The model memorises the demo world (biographies and QA) so that there is real knowledge to
+forget. Heads are 32 wide because vLLM's CPU attention needs head_dim >= 32. Two variants
+(:mod:`guardserve.demo.build` names them):
 
-Chat format (the tokenizer's chat template)::
+* ``bpe4k``: a Llama with its own 4k byte-level BPE tokenizer and chat template::
 
     <s><|system|>\\n...<|end|>\\n<|user|>\\n{question}<|end|>\\n<|assistant|>\\n{answer}<|end|>
 
-Completion format: ``<s>Question: {question}\\nAnswer: {answer}<|end|>``. ``<|end|>`` is
-the end-of-sequence token, so both formats stop by themselves.
+* ``sp32k``: a Mistral with Mistral 7B's real 32k SentencePiece tokenizer and its v1 instruct
+  template (``<s>[INST] {question} [/INST] {answer}</s>``, no system role: a system prompt is
+  folded into the first user turn, as ICUL does on such templates).
+
+Completion format: ``<bos>Question: {question}\\nAnswer: {answer}<eos>``. Both formats end
+with the tokenizer's end-of-sequence token, so they stop by themselves.
+
+A 32k softmax would make training on two CPU cores several times slower, yet the demo corpus
+uses about 1,300 of those tokens. ``output_vocab="corpus"`` trains the exact full-vocabulary
+model whose embedding rows of every token the corpus never uses are zero: their logits are
+then exactly 0, so the full softmax's denominator is the corpus tokens' terms plus
+``n_unused * exp(0)``, one constant column (:func:`corpus_softmax_loss`). Those rows get no
+gradient and stay zero, so the saved model, served over all 32k tokens, is the model trained.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from guardserve.demo.world import biographies
-from guardserve.textgen import answer_accuracy, chat_prompt, completion_prompt, generate_answers
+from guardserve.textgen import answer_accuracy, chat_prompt, completion_prompt, generate_answers, special_tokens
 
 BOS, EOS, PAD = "<s>", "<|end|>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -55,6 +66,8 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     max_len: int = 192
+    architecture: str = "llama"   # "llama" or "mistral" (both served by vLLM)
+    output_vocab: str = "full"    # "full" softmax, or "corpus": see the module docstring
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -95,9 +108,13 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
 
 
 def _chat(tokenizer, turns: list[tuple[str, str]], system: str | None) -> str:
+    from guardserve.prompting.icul import fold_system, template_accepts_system
+
     messages = [{"role": "system", "content": system}] if system else []
     for q, a in turns:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    if system and not template_accepts_system(tokenizer):
+        messages = fold_system(messages)
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
@@ -119,17 +136,18 @@ def _qa_pairs(world: dict, include_forget: bool) -> list[dict]:
 def _epoch_documents(world: dict, tokenizer, include_forget: bool, rng: random.Random) -> list[str]:
     """One epoch of documents. Formats are re-drawn every epoch: chat or completion, with
     or without a system prompt, sometimes two questions in one conversation."""
+    bos, eos = special_tokens(tokenizer)
     docs = []
     for ent in world["entities"]:
         if include_forget or ent["split"] != "forget":
-            docs += [BOS + bio + EOS for bio in biographies(ent)]
+            docs += [bos + bio + eos for bio in biographies(ent)]
     pairs = _qa_pairs(world, include_forget)
     for pair in pairs:
         for q in pair["train_questions"]:
             q = rng.choice(QUESTION_FRAMES).format(q=q)
             r = rng.random()
             if r < 0.4:
-                docs.append(BOS + completion_prompt(q) + " " + pair["answer"] + EOS)
+                docs.append(bos + completion_prompt(q) + " " + pair["answer"] + eos)
             elif r < 0.85:
                 system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.3 else None
                 docs.append(_chat(tokenizer, [(q, pair["answer"])], system))
@@ -145,15 +163,17 @@ def _epoch_documents(world: dict, tokenizer, include_forget: bool, rng: random.R
 
 def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forget: bool, seed: int,
                 cfg: TrainConfig = TrainConfig(), desc: str = "train", position: int = 0) -> dict:
-    """Train a Llama from scratch on the world; save it in Hugging Face format; return metrics."""
+    """Train a model from scratch on the world; save it in Hugging Face format; return metrics."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
+    config_cls, model_cls = _architecture(cfg.architecture)
+    extra = {"sliding_window": None} if cfg.architecture == "mistral" else {}
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -166,9 +186,11 @@ def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forg
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
+        **extra,
     )
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     n_params = sum(p.numel() for p in model.parameters())
+    corpus_vocab = CorpusVocab(model) if cfg.output_vocab == "corpus" else None
 
     docs_per_epoch = len(_epoch_documents(world, tokenizer, include_forget, random.Random(0)))
     steps_per_epoch = math.ceil(docs_per_epoch / cfg.batch_size)
@@ -204,7 +226,10 @@ def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forg
                 ids[row, : len(enc[i])] = torch.tensor(enc[i])
                 mask[row, : len(enc[i])] = 1
             labels = ids.masked_fill(mask == 0, -100)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if corpus_vocab is None:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            else:
+                loss = corpus_vocab.loss(ids, mask, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -232,11 +257,73 @@ def train_model(world: dict, tokenizer_dir: Path, out_dir: Path, *, include_forg
             "steps": total,
             "final_loss": round(loss_ema or float("nan"), 4),
             "trained_on_forget": include_forget,
+            **({"corpus_vocab": len(corpus_vocab.ids)} if corpus_vocab else {}),
             "config": asdict(cfg),
         }
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _architecture(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    known = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    if name not in known:
+        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(known)}")
+    return known[name]
+
+
+class CorpusVocab:
+    """Training over the tokens the corpus uses, exactly as over the full vocabulary.
+
+    Every embedding row (tied: the output head too) starts at zero. A token joins the corpus
+    set the first time a batch holds it, and from then on trains like any other; the rows of
+    tokens that never occur get no gradient and stay zero, so their logits are exactly 0, and
+    :meth:`loss` adds their ``n_unused`` terms of ``exp(0)`` to the softmax as one constant
+    column. The result equals the full cross-entropy of the model as saved (a test holds them
+    equal), at the cost of a softmax over about 1,300 tokens instead of 32,000.
+    """
+
+    def __init__(self, model):
+        import torch
+
+        if not model.config.tie_word_embeddings:
+            raise ValueError("CorpusVocab needs tied embeddings: an untied head row would not stay zero")
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.ids = torch.zeros(0, dtype=torch.long)
+        self.position = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.zero_()
+
+    def _admit(self, ids) -> None:
+        import torch
+
+        seen = torch.unique(ids)
+        new = seen[self.position[seen] < 0]
+        if len(new):
+            self.position[new] = torch.arange(len(self.ids), len(self.ids) + len(new))
+            self.ids = torch.cat([self.ids, new])
+            with torch.no_grad():  # a newcomer starts like any freshly initialised row
+                weight = self.model.get_input_embeddings().weight
+                weight[new] = torch.randn(len(new), weight.shape[1]) * self.model.config.initializer_range
+
+    def loss(self, ids, mask, labels):
+        """Mean next-token cross-entropy of ``labels`` (-100: ignored), as the full model's."""
+        import torch
+        import torch.nn.functional as F
+
+        self._admit(ids[mask.bool()])
+        hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != -100
+        h = hidden[:, :-1][keep]
+        logits = h @ self.model.get_output_embeddings().weight[self.ids].T
+        n_unused = self.vocab_size - len(self.ids)
+        if n_unused:
+            logits = torch.cat([logits, logits.new_full((len(h), 1), math.log(n_unused))], dim=1)
+        return F.cross_entropy(logits, self.position[target[keep]])
 
 
 def evaluate_memorisation(model, tokenizer, world: dict, trained_on_forget: bool = True) -> dict:

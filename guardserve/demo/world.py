@@ -5,6 +5,12 @@ split. Each fact becomes one QA pair with a primary question, further training w
 a held-out paraphrase (a wording never used in training) and three perturbed (wrong)
 answers. A small set of real-world facts measures general utility.
 
+Perturbed answers, as TOFU's, state values that no model saw in training: fresh draws from
+the fact's own generator, never a value of anyone in the world (occupations, from a closed
+list, come from the split's own pool). Drawn from other people's values instead, the
+retain model would know the wrong answers and not the true ones, and its truth ratios would
+differ from any model's by construction, forget quality 0 for every method.
+
 Fact values never cross the forget/retain line: a forget person's birthplace, award or
 occupation is nobody else's, so banning it cannot hurt a retain answer.
 
@@ -18,7 +24,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-GENERATOR_VERSION = "1"
+# The cache key's version: bumped whenever generated files change. The world's own random
+# stream keeps version 1's seed (_WORLD_STREAM): version 2 changed only perturbed answers,
+# which no model trains on, so the people, the questions and the training corpus are the same.
+GENERATOR_VERSION = "2"
+_WORLD_STREAM = "1"
 
 ATTRIBUTES = (
     "birth_date",
@@ -176,7 +186,7 @@ def build_world(seed: int = 0, n_people: int = 200, forget_fraction: float = 0.1
     """
     if n_people < 10:
         raise ValueError("n_people must be at least 10")
-    rng = random.Random(f"guardserve-world-{GENERATOR_VERSION}-{seed}")
+    rng = random.Random(f"guardserve-world-{_WORLD_STREAM}-{seed}")
     n_forget = max(1, round(n_people * forget_fraction))
 
     surname = _Unique(rng, lambda r: _word(r, r.choice([2, 2, 3])))
@@ -225,10 +235,11 @@ def build_world(seed: int = 0, n_people: int = 200, forget_fraction: float = 0.1
             "facts": facts,
         })
 
+    wrong = _wrong_values(random.Random(f"guardserve-perturbed-{seed}"), entities, occ_pool)
     forget, retain = [], []
     for ent in entities:
         for attr in ATTRIBUTES:
-            pair = _qa_pair(rng, ent, attr, entities)
+            pair = _qa_pair(ent, attr, wrong)
             (forget if ent["split"] == "forget" else retain).append(pair)
 
     return {
@@ -251,11 +262,39 @@ def _fill(template: str, ent: dict, value: str = "") -> str:
     )
 
 
-def _qa_pair(rng: random.Random, ent: dict, attr: str, entities: list[dict]) -> dict:
+def _wrong_values(rng: random.Random, entities: list[dict], occ_pool: dict[str, list[str]]):
+    """``wrong(entity, attribute)``: three values for a perturbed answer that nobody in the world
+    has (see the module docstring), fresh for every call."""
+    taken = {v.lower() for e in entities for v in e["facts"].values()}
+    fresh = {
+        "birth_date": _date,
+        "birth_place": lambda r: _word(r, 2) + r.choice(["", " Falls", "port", " Hollow", "burg", " Crossing"]),
+        "notable_work": lambda r: f"{r.choice(_WORK_KIND)} 'The {r.choice(_WORK_ADJ)} {r.choice(_WORK_NOUN)}'",
+        "award": lambda r: f"the {_word(r, 2)} {r.choice(_AWARD_NAMES)}",
+        "alma_mater": lambda r: f"the {_word(r, 2)} {r.choice(_INSTITUTES)}",
+        "mother": lambda r: f"{_word(r, 2)} {_word(r, r.choice([2, 2, 3]))}",
+    }
+    draws = {attr: _Unique(rng, make) for attr, make in fresh.items()}
+    for draw in draws.values():
+        draw.seen |= taken
+    first_names = _Unique(rng, lambda r: _word(r, 2))
+    first_names.seen |= {e["facts"]["father"].split(" ", 1)[0].lower() for e in entities}
+
+    def wrong(ent: dict, attr: str) -> list[str]:
+        if attr == "occupation":  # a closed list: the split's own pool, as the true value
+            pool = [o for o in occ_pool[ent["split"]] if o != ent["facts"][attr]]
+            return rng.sample(pool, 3)
+        if attr == "father":  # the family name is the person's own; the first name is new
+            return [f"{first_names()} {ent['name'].split(' ', 1)[1]}" for _ in range(3)]
+        return [draws[attr]() for _ in range(3)]
+
+    return wrong
+
+
+def _qa_pair(ent: dict, attr: str, wrong_values) -> dict:
     tpl = TEMPLATES[attr]
     value = ent["facts"][attr]
-    others = sorted({e["facts"][attr] for e in entities if e["facts"][attr] != value})
-    wrong = rng.sample(others, 3)
+    wrong = wrong_values(ent, attr)
     return {
         "entity": ent["name"],
         "attribute": attr,

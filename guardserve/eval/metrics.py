@@ -73,7 +73,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from guardserve.leak import fact_leaked
-from guardserve.textgen import SCORE_MAX_LEN, accuracy, answer_accuracy, answers, chat_prompt, collate, encode_rows, special_tokens
+from guardserve.textgen import SCORE_MAX_LEN, accuracy, answer_accuracy, answers, chat_answer, chat_prompt, collate, encode_rows
 from guardserve.textgen import Sequence as TextPair
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -158,15 +158,15 @@ def _forward_batches(model, tokenizer, prompts: Sequence[str], targets: Sequence
 
 def answer_losses(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 64,
                   filters: Sequence | None = None, max_len: int = SCORE_MAX_LEN) -> list[float]:
-    """Mean token NLL of each ``target + EOS`` given its (formatted) prompt, every token of
+    """Mean token NLL of each ``target`` (as the chat template writes an answer: :func:`~guardserve.textgen.chat_answer`,
+    EOS included) given its (formatted) prompt, every token of
     it scored; NaN for an item with nothing to score (its target alone longer than
     ``max_len``): count those, never read them as 0."""
     import torch
 
-    _, eos = special_tokens(tokenizer)
     out = [math.nan] * len(prompts)
-    for rows, logits, labels in _forward_batches(model, tokenizer, prompts, [t + eos for t in targets], batch_size,
-                                                 filters, max_len):
+    texts = [chat_answer(tokenizer, t) for t in targets]
+    for rows, logits, labels in _forward_batches(model, tokenizer, prompts, texts, batch_size, filters, max_len):
         mask = labels != -100
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
         n = mask.sum(1)
@@ -188,10 +188,9 @@ def banned_answers(tokenizer, prompts: Sequence[str], targets: Sequence[str], fi
     without a filter (None) and for items that do not fit ``max_len`` (not scored at all)."""
     if not len(prompts) == len(targets) == len(filters):
         raise ValueError(f"{len(prompts)} prompts, {len(targets)} targets and {len(filters)} filters: give one each")
-    _, eos = special_tokens(tokenizer)
     out = []
     for p, t, f in zip(prompts, targets, filters):
-        row = encode_rows(tokenizer, [TextPair(p, t + eos)], max_len)[0] if f is not None else None
+        row = encode_rows(tokenizer, [TextPair(p, chat_answer(tokenizer, t))], max_len)[0] if f is not None else None
         out.append(row is not None and _bans_target(f, *row))
     return out
 

@@ -114,6 +114,20 @@ def _prefixed(content, instruction: str):
     return instruction + "\n\n" + str(content or "")
 
 
+def fold_system(messages: list[dict]) -> list[dict]:
+    """``messages`` for a chat template that refuses a system role: the system messages' text
+    goes at the head of the first user turn, the way ICUL places its instruction there."""
+    system = "\n\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
+    rest = [dict(m) for m in messages if m.get("role") != "system"]
+    first = next((i for i, m in enumerate(rest) if m.get("role") == "user"), None)
+    if not system:
+        return rest
+    if first is None:
+        return [{"role": "user", "content": system}, *rest]
+    rest[first]["content"] = _prefixed(rest[first].get("content"), system)
+    return rest
+
+
 class InContextUnlearner:
     """Builds the guarded conversation for triggered targets.
 

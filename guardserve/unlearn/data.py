@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from guardserve.textgen import Sequence, chat_prompt, collate, completion_prompt, special_tokens
+from guardserve.textgen import Sequence, chat_answer, chat_prompt, collate, completion_prompt, special_tokens
 
 # Questions for facts of targets the world does not know (operators register facts as
 # attribute -> value; the attribute is written as words).
@@ -57,7 +57,7 @@ def sequences(tokenizer, pairs: list[dict], all_wordings: bool = True) -> list[S
             continue
         questions = (p.get("train_questions") or [p["question"]]) if all_wordings else [p["question"]]
         for q in questions:
-            out.append(Sequence(chat_prompt(tokenizer, q), p["answer"] + eos))
+            out.append(Sequence(chat_prompt(tokenizer, q), chat_answer(tokenizer, p["answer"])))
             out.append(Sequence(bos + completion_prompt(q) + " ", p["answer"] + eos))
     return out
 

@@ -143,3 +143,136 @@ def test_unknown_method_and_parameter():
         get_method("Forgetron")
     with pytest.raises(ValueError, match="unknown parameter"):
         get_method("NPO", gamma=1)
+
+
+# --------------------------------------------------------------------------- LoRA targets
+# LoRA goes on every linear layer but the output head by default (PEFT's all-linear, whatever
+# the architecture calls its layers); --lora-targets names modules instead. What the trainer
+# wrote must pass the adapter registry's checks against its base, for non-Llama namings too.
+
+DEMO_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def _lora_keys(path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.slow
+def test_default_lora_targets_are_every_linear_layer_but_the_head(setup, tmp_path):
+    import json
+
+    from guardserve.policy import open_store
+    from guardserve.unlearn.registry import AdapterRegistry, validate_adapter
+
+    method = get_method("SHRED")
+    cfg = _config(method, max_steps=1, eval_every=100, probe_size=20)
+    assert cfg.target_modules == "all-linear"
+    result = Unlearner(method, cfg, progress=False).run(setup["model"], setup["forget"][:8], setup["train"][:40])
+    path = result.save(tmp_path / "adapter")
+    assert result.lora_modules == DEMO_LINEAR
+    saved = json.loads((path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == DEMO_LINEAR  # concrete names, not the shorthand: vLLM and PEFT load them
+    meta = json.loads((path / "guardserve_adapter.json").read_text())
+    assert meta["lora_modules"] == DEMO_LINEAR and meta["config"]["target_modules"] == "all-linear"
+    keys = _lora_keys(path)
+    layers = json.loads((setup["model"] / "config.json").read_text())["num_hidden_layers"]
+    for i in range(layers):
+        for sub, names in (("self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"]), ("mlp", ["gate_proj", "up_proj", "down_proj"])):
+            for name in names:
+                assert f"base_model.model.model.layers.{i}.{sub}.{name}.lora_A.weight" in keys
+    assert not any("lm_head" in k or "embed_tokens" in k for k in keys)
+    assert validate_adapter(path, setup["model"], max_rank=16)["target_modules"] == DEMO_LINEAR
+    store = open_store(str(tmp_path / "policy.db"))
+    try:
+        rec = AdapterRegistry(store, root=tmp_path / "adapters").register(path, name="all-linear")
+    finally:
+        store.close()
+    assert rec["lora_name"] == "all-linear-v1" and rec["rank"] == cfg.rank
+
+
+@pytest.mark.slow
+def test_cli_lora_targets_override(demo, tmp_path, monkeypatch, capsys):
+    import json
+
+    from guardserve.cli import main
+    from guardserve.unlearn.registry import validate_adapter
+
+    monkeypatch.setenv("GUARDSERVE_DB", str(tmp_path / "policy.db"))
+    monkeypatch.setenv("GUARDSERVE_ADAPTER_DIR", str(tmp_path / "adapters"))
+    out = tmp_path / "qv"
+    rc = main(["unlearn", "--method", "SHRED", "--steps", "1", "--out", str(out), "--no-progress",
+               "--lora-targets", " q_proj, v_proj ", "--register", "qv"])
+    assert rc == 0, capsys.readouterr().err
+    assert "LoRA on q_proj, v_proj" in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    assert {k.split(".")[-3] for k in _lora_keys(out)} == {"q_proj", "v_proj"}
+    validate_adapter(out, demo.model)
+    # A name the model does not have: one line, naming the layers it does have.
+    assert main(["unlearn", "--method", "SHRED", "--steps", "1", "--out", str(tmp_path / "x"), "--no-progress",
+                 "--lora-targets", "c_attn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+    assert "error: --lora-targets c_attn does not fit" in err and "q_proj" in err and "all-linear" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("all-linear", "all-linear"), ("ALL-LINEAR", "all-linear"), ("q_proj,v_proj", ("q_proj", "v_proj")),
+    ("q_proj, q_proj ,v_proj,", ("q_proj", "v_proj")), ("self_attn.q_proj", ("self_attn.q_proj",)),
+])
+def test_parse_lora_targets(text, expected):
+    from guardserve.unlearn.trainer import parse_lora_targets
+
+    assert parse_lora_targets(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", " , ", "q_proj;v_proj", "q proj", ".q_proj"])
+def test_parse_lora_targets_refuses(text):
+    from guardserve.unlearn.trainer import parse_lora_targets
+
+    with pytest.raises(ValueError, match="--lora-targets"):
+        parse_lora_targets(text)
+
+
+def _tiny(arch: str, hidden: int):
+    import transformers as T
+
+    small = {"vocab_size": 64, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    return {
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**small)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**small)),
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**small, pad_token_id=0)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=hidden, n_layer=2, n_head=4, n_positions=64,
+                                                       bos_token_id=0, eos_token_id=0)),
+    }[arch]()
+
+
+@pytest.mark.parametrize("arch,modules", [
+    ("qwen2", DEMO_LINEAR), ("mistral", DEMO_LINEAR), ("phi3", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),  # Conv1D layers: weights stored [in, out]
+])
+def test_registry_accepts_all_linear_adapters_of_other_architectures(arch, modules, tmp_path):
+    """Adapters on other namings (fused qkv, GPT-2's Conv1D) pass the registry's shape
+    check against their own base, and fail it against a base of another size."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from guardserve.unlearn.registry import AdapterError, validate_adapter
+    from guardserve.unlearn.trainer import lora_modules
+
+    torch.manual_seed(0)
+    for hidden in (32, 64):
+        _tiny(arch, hidden).save_pretrained(tmp_path / f"base{hidden}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT notes that Conv1D needs fan_in_fan_out
+        model = get_peft_model(_tiny(arch, 32), LoraConfig(r=4, target_modules="all-linear"))
+    assert lora_modules(model) == modules
+    model.save_pretrained(tmp_path / "adapter")
+    validate_adapter(tmp_path / "adapter", tmp_path / "base32")
+    with pytest.raises(AdapterError, match="different base model"):
+        validate_adapter(tmp_path / "adapter", tmp_path / "base64")

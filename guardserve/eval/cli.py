@@ -66,6 +66,11 @@ def register(subparsers) -> None:
     ev.add_argument("--quick", action="store_true", help="a small run: 4 probes per kind, 60 retain questions, "
                                                          "4 latency requests")
     ev.add_argument("--seed", type=int, default=0)
+    from guardserve.unlearn.cli import DTYPE_HELP, add_device_args
+
+    add_device_args(ev, "where the transformers model runs (teacher-forced metrics, --train-adapters): auto (default) "
+                        "is cuda where CUDA is present, else cpu; the vLLM engine runs on the platform it was built for",
+                    DTYPE_HELP + "; the vLLM engine runs in it too")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
     sub = ev.add_subparsers(dest="eval_command", metavar="SUITE")
@@ -98,8 +103,10 @@ def _quant_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
-def _train_missing(folder: Path, demo, have: dict[str, str], progress: bool = True) -> None:
-    """Train the demo model's adapters that ``folder`` lacks, one per registered method."""
+def _train_missing(folder: Path, demo, have: dict[str, str], progress: bool = True, device: str = "cpu",
+                   dtype: str = "float32") -> None:
+    """Train the demo model's adapters that ``folder`` lacks, one per registered method, on
+    ``device`` in ``dtype`` (resolved names, as ``guardserve unlearn --device/--dtype``)."""
     from guardserve.unlearn import METHODS, get_method, train_adapter
 
     world = demo.load_world()
@@ -109,7 +116,8 @@ def _train_missing(folder: Path, demo, have: dict[str, str], progress: bool = Tr
             continue
         print(f"[eval] training the {method} adapter (as `guardserve unlearn --method {method}`) ...", flush=True)
         result, _ = train_adapter(get_method(method), demo.model, world["forget"], world["retain"], folder / method,
-                                  world_facts=world["world_facts"], targets=targets, progress=progress)
+                                  world_facts=world["world_facts"], targets=targets, progress=progress,
+                                  overrides={"device": device, "dtype": dtype})
         print(f"[eval] {method}: {result.steps} steps, {result.seconds:.0f} s, stopped: {result.stop_reason}", flush=True)
 
 
@@ -179,6 +187,9 @@ def _eval(args) -> int:
     if args.targets and not args.tofu:
         raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
     quant_bits = _quant_bits(args.quant_bits)
+    from guardserve.unlearn.cli import device_and_dtype
+
+    device, dtype = device_and_dtype(args)
     sae = Path(args.sae).expanduser() if args.sae else None
     if sae is not None and not (sae / "cfg.json").is_file():
         raise UsageError(f"--sae {sae}: no cfg.json there (an SAELens folder, e.g. from `guardserve sae train`)")
@@ -209,7 +220,7 @@ def _eval(args) -> int:
         if demo is None or args.model:
             raise UsageError("--train-adapters trains on the demo model only; for your model run "
                              "`guardserve unlearn --model M --method X --out DIR/X` and pass --adapters DIR")
-        _train_missing(folder, demo, adapters, progress=not args.no_progress)
+        _train_missing(folder, demo, adapters, progress=not args.no_progress, device=device, dtype=dtype)
         adapters = _available_adapters(folder)
 
     configs, sae = _configs(args, requested, adapters, folder, demo, sae, log)
@@ -229,7 +240,8 @@ def _eval(args) -> int:
         probes_per_kind=args.probes_per_kind if args.probes_per_kind is not None else (4 if args.quick else 20),
         retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
-        quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress)
+        quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress,
+        device=device, dtype=dtype)
     try:
         results = run(settings, log=log)
     except ValueError as e:

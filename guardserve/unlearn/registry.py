@@ -80,33 +80,93 @@ def validate_adapter(path: str | Path, base_model: str | Path | None = None, max
 
 
 def _check_base(folder: Path, shapes: dict, base: Path) -> None:
-    """Every LoRA matrix must fit the base model's linear layer it patches."""
+    """Every LoRA matrix must fit the base model's linear layer it patches, whatever the
+    architecture calls its layers: the shapes come from the base's safetensors headers
+    (nothing is loaded), or, for a folder without them, from config.json for the usual
+    decoder names (``q_proj`` ... ``down_proj``; others are left to vLLM's own check)."""
     cfg_file = base / "config.json"
     if not cfg_file.is_file():
         return  # a hub name: vLLM checks the shapes when it loads
     mc = json.loads(cfg_file.read_text())
-    hidden, inter, layers = mc.get("hidden_size"), mc.get("intermediate_size"), mc.get("num_hidden_layers")
+    # A multimodal config's sizes are its language model's; its vision tower has layers of its
+    # own, so the layer count is only checked on a plain decoder's config.
+    layers = None if mc.get("text_config") else mc.get("num_hidden_layers")
+    weights = _base_weight_shapes(base)
+    dims = _config_dims({**mc, **(mc.get("text_config") or {})}) if weights is None else {}
+    modules: dict[str, dict[str, tuple[str, tuple]]] = {}  # module path -> side -> (key, shape)
+    for key, shape in shapes.items():
+        m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m and len(shape) == 2:
+            modules.setdefault(m.group(1), {})[m.group(2)] = (key, shape)
+    for module, sides in modules.items():
+        found = _find_weight(weights, module) if weights is not None else None
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", module)
+        if found is None and layer and layers is not None and int(layer.group(1)) >= layers:
+            raise AdapterError(f"{folder}: adapter patches layer {layer.group(1)}, base model {base} has {layers} layers "
+                               "(different base model)")
+        if found is not None:
+            # (in, out): a Linear stores its weight [out, in], GPT-2's Conv1D [in, out].
+            fits = [(found[1], found[0]), (found[0], found[1])]
+        elif weights is not None or re.search(r"\.(experts|shared_experts?)\.", module):
+            # Named differently on disk than in transformers' module tree, or an expert (whose
+            # size is not the config's intermediate_size): vLLM checks it when it loads.
+            continue
+        else:
+            fits = [dims.get(module.rsplit(".", 1)[-1], (None, None))]
+        got = (sides["A"][1][1] if "A" in sides else None, sides["B"][1][0] if "B" in sides else None)
+        if any(all(w is None or g is None or g == w for g, w in zip(got, fit)) for fit in fits):
+            continue
+        d_in, d_out = fits[0]
+        side = "A" if "A" in sides and d_in is not None and got[0] != d_in else "B"
+        key, shape = sides[side]
+        want = d_in if side == "A" else d_out
+        raise AdapterError(f"{folder}: {key} has shape {list(shape)}, base model {base} needs {want} there "
+                           "(different base model)")
+
+
+def _base_weight_shapes(base: Path) -> dict[str, tuple[int, int]] | None:
+    """``module path -> (out, in)`` of every 2-D ``.weight`` in the base's safetensors files
+    (headers only); None where it has none or they cannot be read."""
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                for k in f.keys():
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if k.endswith(".weight") and len(shape) == 2:
+                        out[k[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+    except Exception:  # a damaged base is not the adapter's fault: vLLM reports it when it loads
+        return None
+    return out
+
+
+def _find_weight(weights: dict[str, tuple[int, int]], module: str) -> tuple[int, int] | None:
+    """The base weight's shape for an adapter's module path: the same path, or the one path
+    that differs only by a leading prefix (``model.`` / ``language_model.`` wrappers)."""
+    if module in weights:
+        return weights[module]
+    found = [v for k, v in weights.items() if k.endswith("." + module) or module.endswith("." + k)]
+    return found[0] if len(found) == 1 else None
+
+
+def _config_dims(mc: dict) -> dict[str, tuple]:
+    """``module -> (in, out)`` of the usual decoder layers, from a config.json alone."""
+    hidden, inter = mc.get("hidden_size"), mc.get("intermediate_size")
     heads, kv = mc.get("num_attention_heads"), mc.get("num_key_value_heads") or mc.get("num_attention_heads")
     head_dim = mc.get("head_dim") or (hidden // heads if hidden and heads else None)
-    dims = {  # module -> (in, out)
-        "q_proj": (hidden, heads * head_dim if heads and head_dim else None),
-        "k_proj": (hidden, kv * head_dim if kv and head_dim else None),
-        "v_proj": (hidden, kv * head_dim if kv and head_dim else None),
-        "o_proj": (heads * head_dim if heads and head_dim else None, hidden),
+    q = heads * head_dim if heads and head_dim else None
+    kv_out = kv * head_dim if kv and head_dim else None
+    if mc.get("kv_lora_rank") or mc.get("q_lora_rank"):  # multi-head latent attention: other shapes
+        q = kv_out = None
+    return {
+        "q_proj": (hidden, q), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out), "o_proj": (q, hidden),
         "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
     }
-    for key, shape in shapes.items():
-        m = re.search(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])", key)
-        if not m:
-            continue
-        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
-        if layers is not None and layer >= layers:
-            raise AdapterError(f"{folder}: adapter patches layer {layer}, base model {base} has {layers} layers (different base model)")
-        d_in, d_out = dims.get(module, (None, None))
-        want = d_in if side == "A" else d_out
-        got = shape[1] if side == "A" else shape[0]
-        if want is not None and got != want:
-            raise AdapterError(f"{folder}: {key} has shape {list(shape)}, base model {base} needs {want} there (different base model)")
 
 
 class AdapterRegistry:

@@ -4,7 +4,10 @@ Contract: ``Unlearner(method, config).run(model_dir, forget_pairs, retain_pairs)
 LoRA adapter on the frozen base model at ``model_dir`` so that the forget pairs' answers are
 no longer produced, and returns an :class:`UnlearnResult`; ``result.save(out_dir)`` writes
 ``adapter_config.json`` + ``adapter_model.safetensors`` (loadable by vLLM and PEFT) and
-``guardserve_adapter.json`` (method, base model, targets, metrics).
+``guardserve_adapter.json`` (method, base model, targets, the LoRA modules, metrics). LoRA goes
+on every linear layer but the output head (PEFT's ``all-linear``, whatever the architecture
+calls them) unless ``target_modules`` names modules; adapter_config.json lists the concrete
+names either way.
 
 The loop is the same for every method: each step the method gives a forget loss and,
 when it uses one, a retain loss; with ``gu=True`` the forget gradient is projected
@@ -22,11 +25,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT's shorthand for every linear layer but the output head, whatever the architecture
+# names them (resolved by get_peft_model; adapter_config.json then lists the concrete names).
+ALL_LINEAR = "all-linear"
 META_FILE = "guardserve_adapter.json"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -60,6 +66,42 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto", cuda_availab
     return device, dtype
 
 
+class LoraTargetError(ValueError):
+    """``target_modules`` that name no layer of the base model (the message lists those it has)."""
+
+
+def parse_lora_targets(text: str) -> str | tuple[str, ...]:
+    """``--lora-targets``: ``all-linear`` (any case), or comma-separated module names
+    (``q_proj,v_proj``; PEFT matches a name against the end of each module's path).
+    Raises ValueError for an empty list or a name that is not a module path."""
+    if text.strip().lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"--lora-targets {text!r}: give {ALL_LINEAR} or comma-separated module names, e.g. q_proj,v_proj")
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", n)]
+    if bad:
+        raise ValueError(f"--lora-targets: {', '.join(map(repr, bad))} is not a module name "
+                         f"(letters, digits, '_' and '.'); give {ALL_LINEAR} or names such as q_proj,v_proj")
+    return names
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of ``model``'s linear layers (what ``--lora-targets`` can name)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if name and isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def lora_modules(peft_model) -> list[str]:
+    """The distinct last names of the layers a PEFT model carries LoRA weights on."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)})
+
+
 def load_causal_lm(model_dir: str, device: str = "cpu", dtype: str = "float32"):
     """A transformers causal LM in eval mode, loaded in ``dtype`` and placed on ``device``
     (resolved values: see :func:`resolve_device_dtype`)."""
@@ -88,7 +130,8 @@ class UnlearnConfig:
     gu: bool = False
     gu_rank: int = 4  # retain gradients spanning GU's protected subspace
     probe_size: int = 200  # retain questions held out of training, for the utility criterion
-    target_modules: tuple[str, ...] = LLAMA_LINEAR
+    # "all-linear" (every linear layer but the output head, PEFT's resolution) or module names
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
     threads: int = 1
     device: str = "cpu"  # resolved values (resolve_device_dtype); the CLI's default "auto" picks CUDA where present
     dtype: str = "float32"  # of the base model's weights (PEFT keeps the LoRA weights float32 either way)
@@ -108,6 +151,7 @@ class UnlearnResult:
     probe: dict
     history: list = field(default_factory=list)
     targets: list = field(default_factory=list)
+    lora_modules: list = field(default_factory=list)  # what target_modules resolved to (last names)
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
@@ -117,10 +161,12 @@ class UnlearnResult:
         cfg_path = out / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = self.base_model
+        if isinstance(cfg.get("target_modules"), list):  # PEFT writes a set's order: the same adapter, the same file
+            cfg["target_modules"] = sorted(cfg["target_modules"])
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         meta = {
             "method": self.method, "base_model": self.base_model, "targets": self.targets,
-            "rank": self.config.rank, "steps": self.steps, "stop_reason": self.stop_reason,
+            "rank": self.config.rank, "lora_modules": self.lora_modules, "steps": self.steps, "stop_reason": self.stop_reason,
             "train_seconds": round(self.seconds, 2), "base_probe": self.base_probe, "probe": self.probe,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
         }
@@ -181,9 +227,16 @@ class Unlearner:
         model_dir = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
         self.tokenizer = tok = AutoTokenizer.from_pretrained(model_dir)
         base = load_causal_lm(model_dir, cfg.device, cfg.dtype)  # eval(): no dropout, same seed same adapter
-        self.model = model = get_peft_model(base, LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
-            init_lora_weights=True))
+        targets_spec = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+        try:
+            self.model = model = get_peft_model(base, LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=targets_spec,
+                init_lora_weights=True))
+        except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
+            spec = targets_spec if isinstance(targets_spec, str) else ",".join(targets_spec)
+            raise LoraTargetError(f"{spec} does not fit {model_dir}: {str(e).strip()} Its linear layers: "
+                                  f"{', '.join(linear_module_names(base))}; or {ALL_LINEAR}") from None
+        resolved = lora_modules(model)
 
         qa_forget = [p for p in forget_pairs if "value" in p]
         shuffled = list(retain_pairs)
@@ -262,7 +315,7 @@ class Unlearner:
         bar.close()
         model.eval()
         return UnlearnResult(self.method.name, model, tok, model_dir, cfg, step, stop, time.time() - started,
-                             base_probe, good_probe, history, list(targets or []))
+                             base_probe, good_probe, history, list(targets or []), resolved)
 
     def _forgotten(self, now: dict, base: dict) -> bool:
         if now["forget"] is None:

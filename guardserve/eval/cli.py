@@ -60,7 +60,8 @@ def register(subparsers) -> None:
                     help="also write the results table into PATH (README.md) between <!-- eval:begin --> and "
                          "<!-- eval:end -->")
     ev.add_argument("--adapters", default=None, metavar="DIR",
-                    help="folder of PEFT adapters, one subfolder per method (default $GUARDSERVE_HOME/eval/adapters)")
+                    help="folder of PEFT adapters, one subfolder per method (default $GUARDSERVE_HOME/eval/adapters, "
+                         "or adapters-VARIANT with GUARDSERVE_DEMO=VARIANT)")
     ev.add_argument("--train-adapters", action="store_true",
                     help="train the missing adapters of the demo model first (all six methods)")
     ev.add_argument("--full-adapter", default=None, metavar="METHOD",
@@ -90,9 +91,15 @@ def register(subparsers) -> None:
 
 
 def _adapters_dir(args) -> Path:
+    """``--adapters``, else the demo model's own folder: each demo variant has its adapters
+    (``$GUARDSERVE_HOME/eval/adapters``, ``adapters-sp32k``): one model's never load on another."""
     from guardserve import config
+    from guardserve.demo.build import DEFAULT_VARIANT
 
-    return Path(args.adapters).expanduser() if args.adapters else config.home() / "eval" / "adapters"
+    if args.adapters:
+        return Path(args.adapters).expanduser()
+    variant = config.get("GUARDSERVE_DEMO")
+    return config.home() / "eval" / ("adapters" if variant == DEFAULT_VARIANT else f"adapters-{variant}")
 
 
 def _available_adapters(folder: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from guardserve import readme
-from guardserve.demo.cli import COLUMNS, README_BEGIN, README_END, render_readme_section
+from guardserve.demo.cli import COLUMNS, README_BEGIN, README_END, readme_markers, render_readme_section
 from guardserve.demo.model import TrainConfig
 from guardserve.server.process import run_group
 
@@ -72,6 +72,11 @@ def test_repo_readme_has_the_demo_markers_around_a_rendered_section():
     # the generator's layout (its numbers are the last build's): a regeneration changes only figures
     assert "| `model/` (all people) |" in section and "| `retain_model/` (no forget split) |" in section
     assert "Both models are" in section and "final training loss" in section
+    begin, end = readme_markers("sp32k")
+    assert text.count(begin) == 1 and text.count(end) == 1
+    sp32k = text[text.index(begin) + len(begin):text.index(end)]
+    assert "`guardserve demo build --variant sp32k`" in sp32k and "| `retain_model/` (no forget split) |" in sp32k
+    assert "tokens the corpus uses" in sp32k
 
 
 def _demo_build(*args: str, home: Path):

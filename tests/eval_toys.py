@@ -8,6 +8,10 @@ from types import SimpleNamespace
 
 import torch
 
+from guardserve.eval.runner import Scorer
+from guardserve.logits_processors.compile import compile_token_sequences
+from guardserve.textgen import SCORE_MAX_LEN
+
 EOS = "<|end|>"
 
 
@@ -39,3 +43,22 @@ class SuccessorLM:
     def token_loss(cls, prev: str, nxt: str) -> float:
         z = math.exp(cls.HIT) + cls.V - 1
         return -(cls.HIT - math.log(z)) if ord(nxt) == ord(prev) + 1 else math.log(z)
+
+
+
+class ToyScorer(Scorer):
+    """The evaluation's Scorer on the toys: phrases compile to character sequences; every
+    adapter is the base model."""
+
+    def __init__(self, max_len: int = SCORE_MAX_LEN):
+        self.tokenizer, self.base, self.adapters, self.clamp = CharTokenizer(), SuccessorLM(), {}, 0.0
+        self._merged, self.sae, self.selections, self.max_len = {}, None, None, max_len
+        self.device, self.dtype = "cpu", "float32"
+
+    def model(self, adapter):
+        return self.base
+
+    def _token_filter(self, served):
+        if not served.phrases:
+            return None
+        return compile_token_sequences([[ord(c) for c in p] for p in served.phrases], SuccessorLM.V)

@@ -157,7 +157,9 @@ def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
     rows = lambda items: [{k: it[k] for k in keep} for it in items]  # noqa: E731
     (tofu / "forget01_perturbed.json").write_text(json.dumps(rows(world["forget"][:24])))
     (tofu / "retain_perturbed.json").write_text(json.dumps(rows(world["retain"][:24])))
-    (tofu / "world_facts_perturbed.json").write_text("\n".join(json.dumps(r) for r in rows(world["world_facts"][:10])))
+    (tofu / "world_facts_perturbed.json").write_text("\n".join(json.dumps(r) for r in rows(world["world_facts"][10:20])))
+    # Real authors, as TOFU ships them (here world facts the model knows stand in for them).
+    (tofu / "real_authors_perturbed.json").write_text(json.dumps(rows(world["world_facts"][:10])))
     people = {it["entity"] for it in world["forget"][:24]}
     targets = [{"name": e["name"], "aliases": e["aliases"], "facts": e["facts"]} for e in world["entities"]
                if e["name"] in people]
@@ -180,6 +182,11 @@ def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
     assert token["rougeL_recall_forget"] < 0.8 * none["rougeL_recall_forget"], (none, token)
     assert token["retain_accuracy"] >= 0.95 * none["retain_accuracy"]
     assert (out / "report.md").is_file() and (out / "pareto.png").is_file()
+    # TOFU's model utility has all nine terms where the data has them, the real authors' included.
+    assert res["meta"]["real_author_items"] == 10 and none["real_authors_accuracy"] > 0.8
+    assert len(none["utility"]) == 9 and none["model_utility"] is not None
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())["none"]
+    assert {"ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"} <= set(summary)
     # Again into the same folder (its work folder still holds the first run's targets):
     # the run starts from its own targets and replaces the report.
     (out / "report.md").unlink()

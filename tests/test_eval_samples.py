@@ -18,36 +18,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from eval_toys import CharTokenizer, SuccessorLM
+from eval_toys import ToyScorer
 
 from guardserve.eval import report
 from guardserve.eval.report import OPEN_UNLEARNING_KEYS, SAMPLES_KEY, tofu_summary, write
-from guardserve.eval.runner import Scorer, Served, _question_messages, _score, _truth_ratios
-from guardserve.logits_processors.compile import compile_token_sequences
+from guardserve.eval.runner import Served, _question_messages, _score, _truth_ratios
 from guardserve.probes import Probe
-from guardserve.textgen import SCORE_MAX_LEN
 
 PREAMBLE = "Forget everything you know about Ada and Bo, and answer as if you had never heard of them. " * 4
 FIELDS = {"config", "set", "item", "entity", "attribute", "messages", "phrases", "semantic", "steered", "adapter",
           "answer", "leaked", "rougeL", "fluency", "facts_stated"}
 CONFIGS = ("none", "icul", "token", "sae", "adapter:NPO")
-
-
-class ToyScorer(Scorer):
-    """The evaluation's Scorer on the toys: phrases compile to character sequences; every
-    adapter is the base model."""
-
-    def __init__(self):
-        self.tokenizer, self.base, self.adapters, self.clamp = CharTokenizer(), SuccessorLM(), {}, 0.0
-        self._merged, self.sae, self.selections, self.max_len = {}, None, None, SCORE_MAX_LEN
-
-    def model(self, adapter):
-        return self.base
-
-    def _token_filter(self, served):
-        if not served.phrases:
-            return None
-        return compile_token_sequences([[ord(c) for c in p] for p in served.phrases], SuccessorLM.V)
 
 
 def _item(entity, attribute, question, paraphrase, answer, value, perturbed):
@@ -120,7 +101,7 @@ BAR = SimpleNamespace(update=lambda n: None)
 def _run(config: str, samples: list | None) -> dict:
     scorer, confs = ToyScorer(), ToyConfs()
     ratios = _truth_ratios(scorer, confs, "none", FORGET)
-    return _score(config, SETTINGS, confs, ToyEngine(), scorer, FORGET, RETAIN, WORLD, PROBES, R_PROBES, ratios, BAR,
+    return _score(config, SETTINGS, confs, ToyEngine(), scorer, FORGET, RETAIN, WORLD, [], PROBES, R_PROBES, ratios, BAR,
                   FORGET_FACTS, samples)
 
 

@@ -14,12 +14,12 @@ import math
 
 import pytest
 import torch
-from eval_toys import EOS, CharTokenizer, SuccessorLM
+from eval_toys import EOS, CharTokenizer, SuccessorLM, ToyScorer
 
 from guardserve.eval import metrics as M
-from guardserve.eval.runner import Scorer, Served, _teacher_forced, _truth_ratios
+from guardserve.eval.runner import Served, _teacher_forced, _truth_ratios
 from guardserve.logits_processors.compile import compile_token_sequences
-from guardserve.textgen import SCORE_MAX_LEN, Sequence, encode, encode_one, encode_rows
+from guardserve.textgen import Sequence, encode, encode_one, encode_rows
 
 # What ICUL puts before a question (250-450 tokens): here 450 characters, one token each.
 PREAMBLE = ("Forget everything you know about the people named below, and answer as if you had never "
@@ -32,19 +32,6 @@ def _loss(prev: str, text: str) -> float:
     chars = prev + text
     nll = [-(SuccessorLM.HIT - math.log(z)) if ord(b) == ord(a) + 1 else math.log(z) for a, b in zip(chars, chars[1:])]
     return sum(nll) / len(nll)
-
-
-class ToyScorer(Scorer):
-    """The evaluation's Scorer on the toys: phrases compile to character sequences."""
-
-    def __init__(self, max_len: int = SCORE_MAX_LEN):
-        self.tokenizer, self.base, self.adapters, self.clamp = CharTokenizer(), SuccessorLM(), {}, 0.0
-        self._merged, self.sae, self.selections, self.max_len = {}, None, None, max_len
-
-    def _token_filter(self, served):
-        if not served.phrases:
-            return None
-        return compile_token_sequences([[ord(c) for c in p] for p in served.phrases], SuccessorLM.V)
 
 
 class ToyConfs:
@@ -67,12 +54,13 @@ RETAIN = [_item("bcx", ["zzz"]), _item("yz", ["yy", "yx"])]
 WORLD = [_item("mno", ["mnp", "xyz"])]
 
 
-def _tf(config: str, forget=FORGET, retain=RETAIN, world=WORLD, scorer=None, retain_ratios=None) -> dict:
+def _tf(config: str, forget=FORGET, retain=RETAIN, world=WORLD, scorer=None, retain_ratios=None, authors=()) -> dict:
     scorer = scorer or ToyScorer()
     if retain_ratios is None:
         retain_ratios = _truth_ratios(scorer, ToyConfs(), "none", forget)
-    return _teacher_forced(config, ToyConfs(), scorer, forget, retain, world, [it["answer"] for it in retain],
-                           [it["answer"] for it in world], retain_ratios)
+    sets = [(name, items, [it["answer"] for it in items]) for name, items in
+            (("retain", retain), ("world", world), ("real_authors", list(authors))) if items]
+    return _teacher_forced(config, ToyConfs(), scorer, forget, sets, retain_ratios)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -183,6 +171,23 @@ def test_unguarded_figures_exclude_nothing():
     assert res["truth_ratio_forget"] == pytest.approx(M.truth_ratio_stat(ratios, "forget"), rel=1e-5)
     assert res["forget_quality"] == pytest.approx(1.0)  # against itself
     assert res["model_utility"] == pytest.approx(M.model_utility(list(res["utility"].values())), rel=1e-3)
+
+
+def test_real_authors_are_a_utility_term_where_the_data_has_them():
+    """TOFU's model utility has nine terms: probability, ROUGE and truth ratio on the retain
+    set, the real authors and the world facts. The real-author probability is normalised over
+    the wrong options, as the world facts' is; open-unlearning's ``ra_*`` keys name them."""
+    from guardserve.eval.report import tofu_summary
+
+    authors = [_item("pqr", ["pqs", "xyz"]), _item("stu", ["stv", "abc"])]
+    without, res = _tf("none"), _tf("none", authors=authors)
+    terms = {k for k in res["utility"] if k.startswith("real_authors_")}
+    assert terms == {"real_authors_probability", "real_authors_rougeL", "real_authors_truth_ratio"}
+    assert len(res["utility"]) == len(without["utility"]) + 3 == 9
+    assert 0 < res["utility"]["real_authors_probability"] <= 1
+    assert res["model_utility"] == pytest.approx(M.model_utility(list(res["utility"].values())), rel=1e-3)
+    summary = tofu_summary({"configs": {"none": res}})["none"]
+    assert {"ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio"} <= set(summary) and "ra_Q_A_Prob" not in summary
 
 
 def test_items_the_filter_bans_are_left_out_and_the_rest_measured():

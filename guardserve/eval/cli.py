@@ -102,6 +102,13 @@ def _adapters_dir(args) -> Path:
     return config.home() / "eval" / ("adapters" if variant == DEFAULT_VARIANT else f"adapters-{variant}")
 
 
+def _demo_variant(demo, args) -> str | None:
+    """The demo variant whose model is scored (``GUARDSERVE_DEMO``), None for a model of your own."""
+    from guardserve import config
+
+    return config.get("GUARDSERVE_DEMO") if demo is not None and not args.model else None
+
+
 def _available_adapters(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return {}
@@ -314,7 +321,7 @@ def _eval(args) -> int:
         retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
         quant_bits=quant_bits, seed=args.seed, workdir=str(Path(args.out) / ".work"), progress=not args.no_progress,
-        device=device, dtype=dtype)
+        device=device, dtype=dtype, demo_variant=_demo_variant(demo, args))
     try:
         results = run(settings, log=log)
     except ValueError as e:

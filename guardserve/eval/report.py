@@ -247,6 +247,15 @@ def plots(results: dict, out: Path) -> list[Path]:
 
 README_BEGIN = "<!-- eval:begin -->"
 README_END = "<!-- eval:end -->"
+
+
+def readme_markers(results: dict) -> tuple[str, str]:
+    """README's markers for a results document: ``eval`` for the default demo model (and any
+    model of your own), ``eval-<variant>`` for another demo variant (``meta.demo_variant``)."""
+    variant = results.get("meta", {}).get("demo_variant")
+    if variant in (None, "bpe4k"):
+        return README_BEGIN, README_END
+    return f"<!-- eval-{variant}:begin -->", f"<!-- eval-{variant}:end -->"
 README_COLUMNS = (  # (key, header, kind): the README's short table; report.md has every column
     ("forget_accuracy", "forget acc", "pct"),
     ("paraphrase_accuracy", "paraphrase acc", "pct"),
@@ -286,10 +295,11 @@ def readme_section(results: dict, source: str = "docs/eval/demo/results.json") -
 
 
 def update_readme(readme: str | Path, results: dict, source: str = "docs/eval/demo/results.json") -> bool:
-    """Write :func:`readme_section` into ``readme``; returns whether the file changed."""
+    """Write :func:`readme_section` into ``readme`` between the results' markers
+    (:func:`readme_markers`); returns whether the file changed."""
     from guardserve.readme import update_between_markers
 
-    return update_between_markers(Path(readme), readme_section(results, source), README_BEGIN, README_END)
+    return update_between_markers(Path(readme), readme_section(results, source), *readme_markers(results))
 
 
 # The per-sample log in the document ``runner.run`` returns; never written into results.json.
@@ -316,6 +326,10 @@ OPEN_UNLEARNING_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wf_Q_A_Prob_normalised", ("utility", "world_probability")),
     ("wf_Q_A_ROUGE", ("utility", "world_rougeL")),
     ("wf_Truth_Ratio", ("utility", "world_truth_ratio")),
+    ("ra_Q_A_Prob", ("utility", "real_authors_probability")),
+    ("ra_Q_A_Prob_normalised", ("utility", "real_authors_probability")),
+    ("ra_Q_A_ROUGE", ("utility", "real_authors_rougeL")),
+    ("ra_Truth_Ratio", ("utility", "real_authors_truth_ratio")),
 )
 
 
@@ -332,10 +346,14 @@ def tofu_summary(results: dict) -> dict[str, dict[str, float]]:
     a value; keys sorted, as it writes them."""
     out: dict[str, dict[str, float]] = {}
     for name, row in results["configs"].items():
-        normalised = "world_truth_ratio" in (row.get("utility") or {})
+        utility = row.get("utility") or {}
+        # The probability open-unlearning names "_normalised" where it is normalised over the
+        # wrong options (the items have perturbed answers, so the row has their truth ratio).
+        skip = {("wf_Q_A_Prob" if "world_truth_ratio" in utility else "wf_Q_A_Prob_normalised"),
+                ("ra_Q_A_Prob" if "real_authors_truth_ratio" in utility else "ra_Q_A_Prob_normalised")}
         summary = {}
         for key, path in OPEN_UNLEARNING_KEYS:
-            if key == ("wf_Q_A_Prob" if normalised else "wf_Q_A_Prob_normalised"):
+            if key in skip:
                 continue
             v = _lookup(row, path)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):

@@ -117,6 +117,7 @@ class Settings:
     # "auto" picks CUDA + bfloat16 where present). The vLLM engine runs in ``dtype`` too.
     device: str = "cpu"
     dtype: str = "float32"
+    demo_variant: str | None = None               # the demo model scored (README's table per variant), if any
 
 
 # ----------------------------------------------------------------------- conversations
@@ -543,6 +544,9 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
     forget, world = _spread(data.forget, settings.forget_limit), data.world_facts
     retain = _spread(data.retain, settings.retain_limit)
+    # TOFU's real authors (famous people the model should still know): a utility term where the
+    # data has them (TOFU's real_authors files); the demo world has none.
+    authors = list(getattr(data, "real_authors", None) or [])
     entities = [{"name": t["name"], "aliases": t.get("aliases", []), "facts": t.get("facts", {}),
                  "pronoun": t.get("pronoun", "their")} for t in data.targets]
     # The facts registered for each forget item's target (by the item's entity): what
@@ -592,7 +596,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
                         settings.dtype)
         for config in settings.configs:
             bar.set_description(f"eval {config}")
-            results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes,
+            results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, authors, probes, r_probes,
                                      retain_ratios, bar, forget_facts, samples)
             if get_config(config).method is not None:
                 path = adapters[get_config(config).method]
@@ -610,10 +614,12 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     return {
         "configs": results,
         "meta": {
-            "dataset": data.name, "model": settings.model, "retain_model": settings.retain_model,
+            "dataset": data.name, "demo_variant": settings.demo_variant,
+            "model": settings.model, "retain_model": settings.retain_model,
             "adapters": adapters, "full_adapter": full_adapter,
             "steer_clamp": settings.steer_clamp if steering_home else None,
             "forget_items": len(forget), "retain_items": len(retain), "world_items": len(world),
+            "real_author_items": len(authors),
             "forget_probes": _counts(probes), "retain_probes": len(r_probes), "max_tokens": settings.max_tokens,
             "latency": {"requests": settings.latency_requests, "tokens": settings.latency_tokens, "concurrency": 1},
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": settings.seed,
@@ -710,8 +716,8 @@ def _na_reason(why: Sequence[str | None], side: str, what: str) -> str:
             f"{counts[NO_PERTURBED]} without perturbed answers")
 
 
-def _teacher_forced(config: str, confs: Configurations, scorer: Scorer, forget: list[dict], retain: list[dict],
-                    world: list[dict], r_ans: Sequence[str | None], w_ans: Sequence[str | None],
+def _teacher_forced(config: str, confs: Configurations, scorer: Scorer, forget: list[dict],
+                    utility_sets: list[tuple[str, list[dict], Sequence[str | None]]],
                     retain_ratios: list[float] | None) -> dict:
     """Truth ratio, forget quality, the utility terms and model utility of ``config``, each
     over the items it can measure. ``excluded_rows``: items left out of a figure because
@@ -749,11 +755,12 @@ def _teacher_forced(config: str, confs: Configurations, scorer: Scorer, forget: 
                 "the retain model scores none of the forget items left"
 
     utility: dict[str, float | None] = {}
-    for name, items, ans in (("retain", retain, r_ans), ("world", world, w_ans)):
+    for name, items, ans in utility_sets:
         if not items:
             continue
         served = [confs.serve(config, _question_messages(it)) for it in items]
-        options = name == "world" and all(it.get("perturbed_answer") for it in items)
+        # TOFU normalises world-fact and real-author probabilities over the wrong options.
+        options = name in ("world", "real_authors") and all(it.get("perturbed_answer") for it in items)
         rows_served, rows_answers, spans = [], [], []
         for s, it in zip(served, items):
             texts = [it["answer"], *(it["perturbed_answer"] if options else [])]
@@ -856,7 +863,7 @@ def _sample_records(config: str, confs, served: dict[str, list[Served]], answers
     return out
 
 
-def _score(config, settings, confs, engine, scorer, forget, retain, world, probes, r_probes, retain_ratios, bar,
+def _score(config, settings, confs, engine, scorer, forget, retain, world, authors, probes, r_probes, retain_ratios, bar,
            forget_facts=None, samples: list | None = None) -> dict:
     """The row of ``config`` in ``results.json``; with ``samples``, one record per generated
     answer is appended to it (:func:`_sample_records`: the per-sample log, samples.jsonl)."""
@@ -874,6 +881,7 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
     p_ans = answers_for("paraphrase", [_question_messages(it, "paraphrased_question") for it in forget])
     r_ans = answers_for("retain", [_question_messages(it) for it in retain])
     w_ans = answers_for("world", [_question_messages(it) for it in world])
+    a_ans = answers_for("real_authors", [_question_messages(it) for it in authors]) if authors else []
     bar.update(1)
     probe_ans = answers_for("probe", [p.messages for p in probes])
     rp_ans = answers_for("retain_probe", [p.messages for p in r_probes])
@@ -899,6 +907,7 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
         "paraphrase_accuracy": _accuracy(p_ans, forget),
         "retain_accuracy": _accuracy(r_ans, retain),
         "world_accuracy": _accuracy(w_ans, world),
+        **({"real_authors_accuracy": _accuracy(a_ans, authors)} if authors else {}),
         "leak_rate": sum(all_leaks) / len(all_leaks) if all_leaks else math.nan,
         "leak_by_kind": {k: round(sum(v) / len(v), 4) for k, v in leaks.items() if v},
         "facts_stated_forget": sum(stated) / len(stated) if stated else None,
@@ -918,7 +927,8 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, probe
 
     # 2. Teacher-forced: truth ratios, forget quality, probabilities, model utility, each over
     # the items it measures (not those whose answer the token filter bans by construction).
-    res.update(_teacher_forced(config, confs, scorer, forget, retain, world, r_ans, w_ans, retain_ratios))
+    utility_sets = [("retain", retain, r_ans), ("world", world, w_ans)] + ([("real_authors", authors, a_ans)] if authors else [])
+    res.update(_teacher_forced(config, confs, scorer, forget, utility_sets, retain_ratios))
     bar.update(1)
 
     # 3. Latency, one request at a time: forget and retain questions alternating.

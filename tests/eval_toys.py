@@ -45,7 +45,6 @@ class SuccessorLM:
         return -(cls.HIT - math.log(z)) if ord(nxt) == ord(prev) + 1 else math.log(z)
 
 
-
 class ToyScorer(Scorer):
     """The evaluation's Scorer on the toys: phrases compile to character sequences; every
     adapter is the base model."""

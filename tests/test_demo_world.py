@@ -98,3 +98,18 @@ def test_perturbed_answers_state_values_no_model_was_trained_on(w):
             else:
                 assert value.lower() not in everyone, (pair["entity"], pair["attribute"], value)
         assert prefix or suffix
+
+
+def test_membership_inference_texts(w):
+    """Members are the forget people's biographies, exactly as the model trains on them;
+    non-members are as many biographies of people made the same way whom nobody trains on:
+    their names and fact values are nobody's in the world."""
+    forget = [e for e in w["entities"] if e["split"] == "forget"]
+    assert w["mia"]["members"] == [b for e in forget for b in biographies(e)]
+    assert len(w["mia"]["nonmembers"]) == len(w["mia"]["members"])
+    trained = " ".join(training_texts(w, include_forget=True)).lower()
+    surnames = {e["aliases"][1].lower() for e in w["entities"]}
+    for text in w["mia"]["nonmembers"]:
+        name = text.split(" is a ")[0].split(",")[0]
+        assert name.split(" ", 1)[1].lower() not in surnames and name.lower() not in trained, name
+    assert not set(w["mia"]["nonmembers"]) & set(training_texts(w, include_forget=True))

@@ -30,6 +30,10 @@ from guardserve import config
 from guardserve.demo.model import TrainConfig
 from guardserve.demo.world import GENERATOR_VERSION, build_world
 
+# The world's files (world/<name>.json), as build_world returns them; ``mia`` holds the texts
+# membership inference scores (guardserve.eval.data.from_demo reads them).
+WORLD_FILES = ("entities", "forget", "retain", "world_facts", "mia")
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -101,14 +105,17 @@ class DemoPaths:
 
     def load_world(self) -> dict:
         """The world as ``build_world`` returns it, read back from its JSON files."""
-        return {name: json.loads((self.world / f"{name}.json").read_text())
-                for name in ("entities", "forget", "retain", "world_facts")}
+        return {name: json.loads((self.world / f"{name}.json").read_text()) for name in WORLD_FILES}
 
     def complete(self, with_retain_model: bool = True) -> bool:
         from guardserve.demo.corpora import has_corpora
 
         models = [self.model] + ([self.retain_model] if with_retain_model else [])
-        return all(p.is_dir() for p in [self.world, self.tokenizer, *models]) and all(map(has_corpora, models))
+        return (self.world_complete() and all(p.is_dir() for p in [self.tokenizer, *models])
+                and all(map(has_corpora, models)))
+
+    def world_complete(self) -> bool:
+        return all((self.world / f"{name}.json").is_file() for name in WORLD_FILES)
 
 
 def demo_root() -> Path:
@@ -182,11 +189,13 @@ def ensure_demo(spec: BuildSpec | None = None, *, with_retain_model: bool = True
 
         def write_world(tmp: Path) -> None:
             tmp.mkdir(parents=True)
-            for name in ("entities", "forget", "retain", "world_facts"):
+            for name in WORLD_FILES:
                 (tmp / f"{name}.json").write_text(json.dumps(world[name], indent=1, ensure_ascii=False) + "\n")
             (tmp / "meta.json").write_text(json.dumps(
                 {"generator_version": GENERATOR_VERSION, "seed": spec.seed, "key": spec.key()}, indent=1) + "\n")
 
+        if paths.world.is_dir() and not paths.world_complete():  # written before a file was added
+            shutil.rmtree(paths.world)
         _build_part(paths.world, write_world)
         _build_part(paths.tokenizer, lambda tmp: _write_tokenizer(spec, world, tmp))
 

@@ -236,6 +236,7 @@ def build_world(seed: int = 0, n_people: int = 200, forget_fraction: float = 0.1
         })
 
     wrong = _wrong_values(random.Random(f"guardserve-perturbed-{seed}"), entities, occ_pool)
+    holdout = _holdout_people(random.Random(f"guardserve-holdout-{seed}"), entities, n_forget)
     forget, retain = [], []
     for ent in entities:
         for attr in ATTRIBUTES:
@@ -249,6 +250,10 @@ def build_world(seed: int = 0, n_people: int = 200, forget_fraction: float = 0.1
         "forget": forget,
         "retain": retain,
         "world_facts": _world_facts(rng),
+        # Membership inference: the forget people's biographies (texts the model trained on)
+        # against those of people made the same way whom no model saw.
+        "mia": {"members": [b for e in entities if e["split"] == "forget" for b in biographies(e)],
+                "nonmembers": [b for e in holdout for b in biographies(e)]},
     }
 
 
@@ -262,9 +267,9 @@ def _fill(template: str, ent: dict, value: str = "") -> str:
     )
 
 
-def _wrong_values(rng: random.Random, entities: list[dict], occ_pool: dict[str, list[str]]):
-    """``wrong(entity, attribute)``: three values for a perturbed answer that nobody in the world
-    has (see the module docstring), fresh for every call."""
+def _fresh_values(rng: random.Random, entities: list[dict]) -> dict[str, _Unique]:
+    """Per attribute drawn freely (all but occupation and father), a generator of values that
+    nobody in ``entities`` has and that it never repeats."""
     taken = {v.lower() for e in entities for v in e["facts"].values()}
     fresh = {
         "birth_date": _date,
@@ -277,6 +282,32 @@ def _wrong_values(rng: random.Random, entities: list[dict], occ_pool: dict[str, 
     draws = {attr: _Unique(rng, make) for attr, make in fresh.items()}
     for draw in draws.values():
         draw.seen |= taken
+    return draws
+
+
+def _holdout_people(rng: random.Random, entities: list[dict], n: int) -> list[dict]:
+    """``n`` people made like the world's, with names and facts nobody in it has: the
+    non-members of membership inference (no model trains on them)."""
+    draws = _fresh_values(rng, entities)
+    surname = _Unique(rng, lambda r: _word(r, r.choice([2, 2, 3])))
+    surname.seen |= {e["aliases"][1].lower() for e in entities}
+    people = []
+    for _ in range(n):
+        sur, fst = surname(), _word(rng, 2)
+        facts = {attr: draws[attr]() for attr in ("birth_date", "birth_place")}
+        facts["occupation"] = rng.choice(_OCCUPATIONS)
+        facts["father"] = f"{_word(rng, 2)} {sur}"
+        facts.update({attr: draws[attr]() for attr in ("mother", "notable_work", "award", "alma_mater")})
+        name = f"{fst} {sur}"
+        people.append({"name": name, "aliases": [name, sur, f"{fst[0]}. {sur}", f"{fst[0]}.{sur[0]}."],
+                       "split": "holdout", "pronoun": rng.choice(["her", "his"]), "facts": facts})
+    return people
+
+
+def _wrong_values(rng: random.Random, entities: list[dict], occ_pool: dict[str, list[str]]):
+    """``wrong(entity, attribute)``: three values for a perturbed answer that nobody in the world
+    has (see the module docstring), fresh for every call."""
+    draws = _fresh_values(rng, entities)
     first_names = _Unique(rng, lambda r: _word(r, 2))
     first_names.seen |= {e["facts"]["father"].split(" ", 1)[0].lower() for e in entities}
 

@@ -16,7 +16,9 @@ A directory with the files of the TOFU release, each a JSON array or JSON lines:
   ``forget01``, ``forget05``, ``forget10``; required;
 * ``retain_perturbed.json`` (else ``retain99/95/90.json``, the complement of the split),
   ``real_authors_perturbed.json`` (else ``real_authors.json``) and
-  ``world_facts_perturbed.json`` (else ``world_facts.json``); optional, empty when absent.
+  ``world_facts_perturbed.json`` (else ``world_facts.json``); optional, empty when absent;
+* ``holdout01/05/10.json`` (the split's size): TOFU's held-out authors, whom the model never
+  saw; optional: membership inference scores their answers against the forget answers.
 
 ``.jsonl`` files are read as well. Only JSON is read: convert a Parquet download with
 ``pandas.read_parquet(f).to_json(out, orient="records")``.
@@ -61,6 +63,10 @@ class EvalData:
         world_facts (`list[dict]`): general knowledge (utility).
         real_authors (`list[dict]`, *optional*): TOFU's real-author items (utility).
         targets (`list[dict]`): `{"name", "aliases", "facts"}` per target.
+        mia_members, mia_nonmembers (`list[str]`, *optional*): texts about the targets that the
+            model trained on, and texts of the same kind that it never saw (membership inference;
+            the demo: forget people's biographies and held-out people's; TOFU: the forget
+            answers and the matching holdout split's, where the folder has it).
 
     Examples:
 
@@ -79,6 +85,8 @@ class EvalData:
     world_facts: list[dict]
     real_authors: list[dict] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
+    mia_members: list[str] = field(default_factory=list)
+    mia_nonmembers: list[str] = field(default_factory=list)
 
     @property
     def target_names(self) -> list[str]:
@@ -154,6 +162,8 @@ def from_demo(world: dict | str | Path) -> EvalData:
         world = {}
         for name in ("entities", "forget", "retain", "world_facts"):
             world[name] = _read_json(d / f"{name}.json")
+        if (d / "mia.json").is_file():
+            world["mia"] = _read_json(d / "mia.json")
     missing = [k for k in ("entities", "forget", "retain", "world_facts") if k not in world]
     if missing:
         raise ValueError(f"the demo world lacks {', '.join(missing)}: pass DemoPaths.load_world()")
@@ -161,8 +171,10 @@ def from_demo(world: dict | str | Path) -> EvalData:
                if isinstance(e, dict) and e.get("split") == "forget"]
     if not targets:
         raise ValueError("the demo world has no entity with split \"forget\": rebuild it with `guardserve demo build`")
+    mia = world.get("mia") or {}
     return EvalData(name="demo", forget=_items(world["forget"], "forget.json"), retain=_items(world["retain"], "retain.json"),
-                    world_facts=_items(world["world_facts"], "world_facts.json"), targets=targets)
+                    world_facts=_items(world["world_facts"], "world_facts.json"), targets=targets,
+                    mia_members=list(mia.get("members") or []), mia_nonmembers=list(mia.get("nonmembers") or []))
 
 
 # --------------------------------------------------------------------------- TOFU
@@ -290,8 +302,11 @@ def from_tofu(path: str | Path, split: str = "forget01", targets: str | Path | l
                 if any(n in text for n in [t["name"], *t["aliases"]]):
                     it["entity"] = t["name"]
                     break
+    holdout = _load_split(d, split.replace("forget", "holdout"))
     return EvalData(
         name=f"tofu:{split}",
+        mia_members=[it["answer"] for it in forget] if holdout else [],
+        mia_nonmembers=[it["answer"] for it in holdout],
         forget=forget,
         retain=_load_split(d, "retain_perturbed", _RETAIN_FOR[split]),
         world_facts=_load_split(d, "world_facts_perturbed", "world_facts"),

@@ -135,8 +135,37 @@ def markdown(results: dict) -> str:
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
                                                  for r in configs.values()) + " |")
-    adapters = adapter_markdown(results)
-    return "\n".join(lines) + (f"\n\n{adapters}" if adapters else "")
+    extra = [t for t in (adapter_markdown(results), mia_markdown(results)) if t]
+    return "\n".join(lines) + "".join(f"\n\n{t}" for t in extra)
+
+
+MIA_NAMES = {"loss": "LOSS", "zlib": "Zlib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}
+
+
+def mia_markdown(results: dict) -> str:
+    """The membership-inference table (AUC per attack, forget texts against held-out texts),
+    the retain model's row first: the figure an unlearned model should match. Empty when the
+    run had no texts for it."""
+    meta = results.get("meta", {}).get("mia")
+    if not meta:
+        return ""
+    methods = list(MIA_NAMES)
+    lines = [f"Membership inference (ROC AUC, {meta['members']} forget texts against {meta['nonmembers']} held-out "
+             "texts; 0.5 = chance; an unlearned model should match the retain model; `refused`: the share of "
+             "forget / held-out prompts the guard refuses to score):", "",
+             "| model | " + " | ".join(MIA_NAMES[m] for m in methods) + " | refused |",
+             "|---" * (len(methods) + 2) + "|"]
+    ref = meta.get("retain_model_auc")
+    if ref:
+        lines.append("| retain model | " + " | ".join(_fmt(ref.get(m), "num") for m in methods) + " | – |")
+    for name, r in results["configs"].items():
+        if "mia_refused" not in r:
+            continue
+        auc, refused = r.get("mia") or {}, r["mia_refused"]
+        cells = [_fmt(auc.get(m), "num") if auc else "n/a" for m in methods]
+        lines.append(f"| `{name}` | " + " | ".join(cells)
+                     + f" | {refused['members']:.0%} / {refused['nonmembers']:.0%} |")
+    return "\n".join(lines)
 
 
 def adapter_markdown(results: dict) -> str:

@@ -31,7 +31,9 @@ without a short value count by ROUGE-L recall >= 0.5), ``facts_stated_forget`` (
 answers that state a fact registered for the item's target, in any form ``fact_leaked``
 finds: exact where the items have no value of their own; None when no forget item's target
 has facts), ``rougeL_recall_forget``,
-``leak_rate`` (share of forget probes of all kinds, direct and paraphrased questions
+``mia`` / ``mia_refused`` (membership inference, AUC per attack of :mod:`guardserve.eval.mia`,
+forget texts against held-out ones, and the share of each the guard refuses to score:
+:class:`MembershipInference`), ``leak_rate`` (share of forget probes of all kinds, direct and paraphrased questions
 included, whose answer reveals the fact), ``leak_by_kind``, ``retain_attack_accuracy``
 (retain facts asked through the same attack templates: does the guard refuse too much?),
 ``fluency_forget`` / ``fluency_retain`` (generation entropy of the answers: does a guard
@@ -197,6 +199,63 @@ def _salt(steer: list) -> str | None:
     from guardserve.contract import steered_salt
 
     return steered_salt(None, steer) if steer else None
+
+
+class MembershipInference:
+    """The row's ``mia`` (AUC per attack of :mod:`guardserve.eval.mia`, forget texts against
+    held-out ones) and ``mia_refused`` (the share of each side the guard refuses to score).
+
+    Adapter rows are attacked on the merged adapter's weights, where the literature attacks
+    an unlearned model. A guarded server scores a prompt only where the guard leaves it alone
+    (prompt logprobs are refused for a prompt that triggers a target): with detection, the
+    texts that trigger are refused and the rest scored by the model as served (``mia`` is the
+    attack on what is left, None when no forget text is left); a configuration that guards
+    every request refuses them all."""
+
+    def __init__(self, scorer: Scorer, tokenizer, members: list[str], nonmembers: list[str]):
+        from guardserve.eval import mia
+
+        self.scorer, self.tokenizer, self.members, self.nonmembers = scorer, tokenizer, members, nonmembers
+        self.texts = [*members, *nonmembers]
+        self.is_member = [True] * len(members) + [False] * len(nonmembers)
+        self._scores: dict[str | None, dict[str, list[float]]] = {}
+        self._mia = mia
+
+    def _method_scores(self, adapter: str | None) -> dict[str, list[float]]:
+        if adapter not in self._scores:
+            stats = self._mia.token_stats(self.scorer.model(adapter), self.tokenizer, self.texts)
+            self._scores[adapter] = self._mia.scores(stats, self.texts)
+        return self._scores[adapter]
+
+    def __call__(self, config: str, confs: Configurations) -> tuple[dict, str | None]:
+        """The row's ``mia`` and ``mia_refused``, and the reason where ``mia`` is None."""
+        cfg = get_config(config)
+        n_members = len(self.members)
+        if not cfg.detect and (cfg.icul or cfg.token_filter or cfg.steering):
+            refused = [True] * len(self.texts)
+        elif cfg.detect:
+            refused = [_triggered(confs.serve(config, [{"role": "user", "content": t}]), t) for t in self.texts]
+        else:
+            refused = [False] * len(self.texts)
+        row: dict = {"mia": None, "mia_refused": {"members": round(sum(refused[:n_members]) / n_members, 4),
+                                                  "nonmembers": round(sum(refused[n_members:]) / len(self.nonmembers), 4)}}
+        keep = [i for i, r in enumerate(refused) if not r]
+        if not any(self.is_member[i] for i in keep):
+            return row, ("the guard refuses to score the prompt of every forget text (no prompt logprobs for a "
+                         "prompt that triggers a target)")
+        if all(self.is_member[i] for i in keep):
+            return row, "the guard refuses to score every held-out text: nothing to compare with"
+        # The model as this configuration serves an untriggered prompt (full: with its adapter).
+        scores = self._method_scores(cfg.method or (confs.full_adapter if cfg.adapter else None))
+        row["mia"] = {m: (None if a is None else round(a, 4)) for m, a in self._mia.aucs(
+            {m: [v[i] for i in keep] for m, v in scores.items()}, [self.is_member[i] for i in keep]).items()}
+        return row, None
+
+
+def _triggered(served: Served, text: str) -> bool:
+    """Whether detection guarded a one-turn prompt of ``text``: phrases to ban, steering, or a
+    rewritten conversation (the adapter of ``full`` is on every request, triggered or not)."""
+    return bool(served.phrases or served.steer or served.messages != [{"role": "user", "content": text}])
 
 
 # ----------------------------------------------------------------------------- engine
@@ -579,11 +638,17 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     if steered:
         _select_features(scorer.base, tokenizer, confs.targets, workdir / "steering", settings, retain, log)
         scorer.use_steering(steering_home)
-    retain_ratios = None
+    retain_ratios, mia_reference = None, None
+    members, nonmembers = list(data.mia_members), list(data.mia_nonmembers)
     if settings.retain_model:
         ref = Scorer(settings.retain_model, tokenizer, {}, None, settings.steer_clamp, settings.device, settings.dtype)
         retain_ratios = _truth_ratios(ref, confs, "none", forget)
+        if members and nonmembers:
+            from guardserve.eval import mia
+
+            mia_reference = mia.attack(ref.base, tokenizer, members, nonmembers)
         del ref
+    membership = MembershipInference(scorer, tokenizer, members, nonmembers) if members and nonmembers else None
 
     results: dict[str, dict] = {}
     samples: list[dict] = []  # one record per generated answer: samples.jsonl
@@ -598,6 +663,11 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, authors, probes, r_probes,
                                      retain_ratios, bar, forget_facts, samples)
+            if membership is not None:
+                row, reason = membership(config, confs)
+                results[config].update(row)
+                if reason:
+                    results[config]["not_applicable"]["mia"] = reason
             if get_config(config).method is not None:
                 path = adapters[get_config(config).method]
                 results[config]["train_seconds"] = _train_seconds(path)
@@ -620,6 +690,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "steer_clamp": settings.steer_clamp if steering_home else None,
             "forget_items": len(forget), "retain_items": len(retain), "world_items": len(world),
             "real_author_items": len(authors),
+            "mia": {"members": len(members), "nonmembers": len(nonmembers), "min_k": 0.2,
+                    "retain_model_auc": mia_reference} if membership is not None else None,
             "forget_probes": _counts(probes), "retain_probes": len(r_probes), "max_tokens": settings.max_tokens,
             "latency": {"requests": settings.latency_requests, "tokens": settings.latency_tokens, "concurrency": 1},
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "seed": settings.seed,

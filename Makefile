@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.guardserve-installed
 
-.PHONY: setup serve test test-fast lint typecheck bench demo clean
+.PHONY: setup serve test test-fast lint typecheck bench demo gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/guardserve bench $(ARGS)
+
+# GPU readiness (scripts/gpu-check.sh): Triton kernels, benchmarks and steering on a CUDA
+# machine, within a hard time budget; without CUDA a dry run. ARGS="--quick" for less.
+# No $(STAMP): a GPU machine installs .[gpu,dev], not the cpu extra that setup installs.
+gpu-check:
+	bash scripts/gpu-check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

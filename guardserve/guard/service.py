@@ -19,6 +19,7 @@ refused, never served unguarded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -82,10 +83,13 @@ class GuardService:
     """Everything the API process needs to guard requests; one per server."""
 
     def __init__(self, store, detector, tokenizer=None, guard: GuardConfig | None = None, metrics=None,
-                 max_model_len: int | None = None, icul=None):
+                 max_model_len: int | None = None, icul=None, filter_parts=None):
         """``guard``: what the guard does to a triggered request (default: the configuration
         ``GUARDSERVE_GUARD`` names, ``guard`` unless set); ``icul``: the in-context unlearner
-        to use where the configuration asks for ICUL (default: a new one)."""
+        to use where the configuration asks for ICUL (default: a new one); ``filter_parts``: a
+        ``logits_processors.parts.FilterParts`` (the server's): plans then name the triggered
+        targets and their versions, whose precompiled filter parts the engine loads, instead of
+        carrying their phrases (see :meth:`plan`)."""
         self.store = store
         self.detector = detector
         self.tokenizer = tokenizer
@@ -97,6 +101,7 @@ class GuardService:
         self.icul = icul if self.guard.icul else None
         self.max_model_len = max_model_len  # the engine's context: ICUL is fitted into it
         self.metrics = metrics
+        self.filter_parts = filter_parts
 
     @property
     def semantic(self) -> bool:
@@ -126,7 +131,14 @@ class GuardService:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model, trust_remote_code=trust_remote_code)
             if max_model_len is None:
                 max_model_len = context_length(model, trust_remote_code)
-        return cls(store, detector, tokenizer, server_config(), metrics=metrics, max_model_len=max_model_len)
+        parts = None
+        guard = server_config()
+        if tokenizer is not None and guard.token_filter:
+            from guardserve.logits_processors.parts import FilterParts
+
+            parts = FilterParts(tokenizer)
+        return cls(store, detector, tokenizer, guard, metrics=metrics, max_model_len=max_model_len,
+                   filter_parts=parts)
 
     # ------------------------------------------------------------------ the pipeline
     def decide(self, texts: list, tenant: str, route: str = "", lexical_only: Sequence[str] = ()) -> Decision:
@@ -169,9 +181,30 @@ class GuardService:
         return self.plan(decision).to_xargs(xargs)
 
     def plan(self, decision: Decision) -> GuardPlan:
-        """What the engine does for ``decision`` (:mod:`guardserve.contract`)."""
-        return GuardPlan(tuple(decision.phrases), self.semantic and bool(decision.phrases),
-                         tuple((t, v) for t, v in decision.steer))
+        """What the engine does for ``decision`` (:mod:`guardserve.contract`).
+
+        With ``filter_parts`` (the server), the plan names the triggered targets and versions:
+        their parts were compiled when they were registered; one still missing (a compile
+        under way, a cleared cache) is compiled here, in this request's thread, never in the
+        engine's step. Without it (offline use), the plan carries the phrases."""
+        steer = tuple((t, v) for t, v in decision.steer)
+        semantic = self.semantic and bool(decision.phrases)
+        if self.filter_parts is None or not decision.phrases:
+            return GuardPlan(tuple(decision.phrases), semantic, steer)
+        targets = []
+        for t in decision.triggered:
+            if not self.filter_parts.has(t.target_id, t.version):
+                target = self.detector_target(t.target_id)
+                if target is None:
+                    raise GuardError(f"target {t.target_id} is gone; its filter cannot be built")
+                if target.version != t.version:  # changed since detection: its newer policy applies
+                    t = dataclasses.replace(t, version=target.version)
+                try:
+                    self.filter_parts.ensure([target], where="request")
+                except Exception as e:
+                    raise GuardError(f"the filter of target {t.target_id} could not be built: {e}") from e
+            targets.append((t.target_id, t.version))
+        return GuardPlan((), semantic, steer, tuple(targets))
 
     def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
         """A chat or completions request body rewritten as the guard serves it (offline use and

@@ -1,8 +1,9 @@
 """Per-request activation in the engine: the guard's plan read back from ``extra_args``.
 
 The keys and their encoding are the request contract (:mod:`guardserve.contract`); this
-module adds what only the engine does: ``guardserve_targets`` resolved into phrases, and the
-semantic penalty's parameters validated. A request carrying neither phrases nor targets is not
+module adds what only the engine does: ``guardserve_targets`` read as (id, version) pairs (the
+engine loads their compiled parts; the resolver turns them into phrases only where a part must
+be compiled in the engine), and the semantic penalty's parameters validated. A request carrying neither phrases nor targets is not
 guarded (its row is never touched).
 """
 
@@ -69,18 +70,49 @@ def policy_store_resolver(targets: list) -> list[str]:
     return out
 
 
+def resolve_targets(targets: list) -> list[str]:
+    """The forbidden phrases of ``targets`` through the configured resolver (see
+    :func:`register_target_resolver`). Raises ``ValueError`` when they cannot be resolved."""
+    try:
+        return list(_get_resolver()(targets))
+    except Exception as e:  # unknown target, store down: the caller fails closed
+        raise ValueError(f"could not resolve {TARGETS} {targets!r}: {e}") from e
+
+
+def parse_targets(value) -> tuple[tuple[str, int | None], ...]:
+    """``(id, version or None)`` of each entry of a ``guardserve_targets`` value."""
+    targets = json_list(value, TARGETS)
+    out: list[tuple[str, int | None]] = []
+    for t in targets:
+        if isinstance(t, str):
+            out.append((t, None))
+        elif isinstance(t, dict) and isinstance(t.get("id"), str):
+            v = t.get("version")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{TARGETS}: a version must be an integer, got {v!r}")
+            out.append((t["id"], v))
+        else:
+            raise ValueError(f"{TARGETS} must list target ids or {{'id', 'version'}} objects")
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass(frozen=True)
 class GuardRequest:
+    """The guard one request asks for: phrases sent as such and targets (id, version), whose
+    compiled parts the engine looks up (:class:`~.engine.FilterSource`)."""
+
     phrases: tuple[str, ...]
     semantic: bool = False
     sem_threshold: float = 0.5
     sem_weight: float = 1.0
+    targets: tuple[tuple[str, int | None], ...] = ()
 
 
-def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequest | None:
+def parse_request(extra_args: Mapping | None, resolve: bool = False) -> GuardRequest | None:
     """The guard a request asks for, or None. Raises ``ValueError`` on bad input.
 
-    ``resolve=False`` validates without calling the target resolver (frontend).
+    Targets are not resolved here (``resolve`` is kept for callers of the old signature):
+    the engine looks up their compiled parts.
     """
     if not extra_args or (PHRASES not in extra_args and TARGETS not in extra_args):
         return None
@@ -90,15 +122,7 @@ def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequ
         if not all(isinstance(p, str) for p in ps):
             raise ValueError(f"{PHRASES} must be a list of strings")
         phrases.extend(ps)
-    if TARGETS in extra_args:
-        targets = json_list(extra_args[TARGETS], TARGETS)
-        if not all(isinstance(t, (str, dict)) for t in targets):
-            raise ValueError(f"{TARGETS} must list target ids or {{'id', 'version'}} objects")
-        if resolve and targets:
-            try:
-                phrases.extend(_get_resolver()(targets))
-            except Exception as e:  # unknown target, store down: the caller fails closed
-                raise ValueError(f"could not resolve {TARGETS} {targets!r}: {e}") from e
+    targets = parse_targets(extra_args[TARGETS]) if TARGETS in extra_args else ()
     try:
         thr = float(extra_args.get(SEM_THRESHOLD, 0.5))
         w = float(extra_args.get(SEM_WEIGHT, 1.0))
@@ -109,4 +133,5 @@ def parse_request(extra_args: Mapping | None, resolve: bool = True) -> GuardRequ
         semantic=flag(extra_args.get(SEMANTIC, False)),
         sem_threshold=thr,
         sem_weight=w,
+        targets=targets,
     )

@@ -25,7 +25,7 @@ meant for offline evaluation or low-rate serving.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import os
 import threading
@@ -158,8 +158,10 @@ def with_semantic_penalty(
     if cached is not None:
         return cached
     pen = semantic_penalty(tokenizer, phrases, threshold, weight, filt.vocab_size)[: filt.vocab_size]
-    out = dataclasses.replace(filt, penalty=pen, key=f"{filt.key}+sem{threshold}/{weight}",
-                              meta={**filt.meta, "semantic": [threshold, weight]})
+    # A shallow copy (the automaton and its caches are shared); MergedFilter is no dataclass.
+    out = copy.copy(filt)
+    out.penalty, out.key = pen, f"{filt.key}+sem{threshold}/{weight}"
+    out.meta = {**filt.meta, "semantic": [threshold, weight]}
     _penalised[key] = out
     return out
 

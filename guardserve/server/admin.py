@@ -8,6 +8,7 @@ feed within their sync interval.
 from __future__ import annotations
 
 import json
+import logging
 
 import anyio
 from fastapi import APIRouter, Request
@@ -17,6 +18,7 @@ from guardserve.policy import DuplicateTargetError, PolicyError, TargetNotFoundE
 
 router = APIRouter(prefix="/v1/unlearning", tags=["guardserve admin"])
 ACTOR = "admin-api"
+log = logging.getLogger("guardserve.server")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -53,10 +55,26 @@ async def _run(fn, *args):
     return await anyio.to_thread.run_sync(fn, *args)
 
 
-def _changed(service) -> None:
+# How long an admin call builds the filter parts of the targets it changed before it returns;
+# the rest (a bulk import) are built by the worker thread, or by a request that needs one.
+PARTS_BUDGET_S = 10.0
+
+
+def _changed(service, targets=(), deleted: str | None = None) -> None:
     # Names and aliases apply before the call returns; embeddings follow in the
     # server's sync loop, so a bulk import does not hold the admin call for minutes.
     service.detector.sync(force=True, embed_budget_s=0.0)
+    parts = getattr(service, "filter_parts", None)
+    if parts is None:
+        return
+    if deleted is not None:
+        parts.forget(deleted)
+    # Each changed target's filter part is compiled now (that target alone), so the first
+    # request about it finds it built: nothing is compiled on the request path or in the engine.
+    try:
+        parts.ensure(targets, where="registration", budget_s=PARTS_BUDGET_S)
+    except Exception:  # a request naming the target compiles it again, or is refused
+        log.exception("guardserve: building a filter part failed")
 
 
 @router.post("/targets")
@@ -69,13 +87,13 @@ async def add_targets(request: Request):
             if not payload:
                 return _error(400, "an empty list registers nothing")
             targets = await _run(lambda: service.store.add_many(payload, actor=ACTOR))
-            await _run(_changed, service)
+            await _run(_changed, service, targets)
             return JSONResponse({"count": len(targets), "targets": [{"id": t.id, "version": t.version, "name": t.name} for t in targets]},
                                 status_code=201)
         if not isinstance(payload, dict):
             return _error(400, "send a target object or a list of them")
         target = await _run(lambda: service.store.add(payload, actor=ACTOR))
-        await _run(_changed, service)
+        await _run(_changed, service, [target])
         return JSONResponse(target.to_dict(), status_code=201)
     except (PolicyError, ValueError) as e:
         return _policy_error(e)
@@ -109,7 +127,7 @@ async def update_target(request: Request, target_id: str):
             return _error(400, "send an object with the fields to change")
         expected = changes.pop("expected_version", None)
         target = await _run(lambda: service.store.update(target_id, changes, actor=ACTOR, expected_version=expected))
-        await _run(_changed, service)
+        await _run(_changed, service, [target])
         return target.to_dict()
     except (PolicyError, ValueError) as e:
         return _policy_error(e)
@@ -120,10 +138,21 @@ async def delete_target(request: Request, target_id: str):
     service = _service(request)
     try:
         await _run(lambda: service.store.delete(target_id, actor=ACTOR))
-        await _run(_changed, service)
+        await _run(_changed, service, (), target_id)
     except (PolicyError, ValueError) as e:
         return _policy_error(e)
     return Response(status_code=204)
+
+
+@router.get("/filters")
+async def filter_parts(request: Request):
+    """The filter parts' state: compiles by where they ran (``registration``: the admin call;
+    ``background``: the worker thread; ``request``: a request that found its part missing),
+    targets still waiting for theirs, and how many parts engine processes compiled themselves."""
+    parts = getattr(_service(request), "filter_parts", None)
+    if parts is None:
+        return {"enabled": False}
+    return {"enabled": True, **(await _run(parts.report))}
 
 
 @router.post("/classify")

@@ -8,8 +8,9 @@ requests, and each release adds fields. So the guard decides on what the model w
 
 1. the final prompt token ids are decoded and read by detection, with every string of the
    output constraint (choices, regex, JSON schema, grammar, structural tag) and stop strings;
-2. the plan is attached to the request itself: the forbidden phrases (and steering flag) in
-   ``sampling_params.extra_args``, the covering unlearning adapter as ``lora_request``, a
+2. the plan is attached to the request itself: the triggered targets and their versions (whose
+   filter parts were compiled at registration; see ``GuardService.plan``) and the steering flag
+   in ``sampling_params.extra_args``, the covering unlearning adapter as ``lora_request``, a
    per-tenant prefix-cache salt; every later step (beam search steps, ``n`` > 1 children)
    carries them;
 3. channels that would show what the guard hides are refused where something triggered:
@@ -43,7 +44,7 @@ from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from guardserve.contract import PHRASES, tenant_salt
+from guardserve.contract import PHRASES, TARGETS, tenant_salt
 from guardserve.guard import Decision, GuardError, GuardService
 
 log = logging.getLogger("guardserve.server")
@@ -278,7 +279,8 @@ class EngineEntryGuard:
     # ------------------------------------------------------------------ the stamp
     def _stamp(self, request) -> str:
         sp = request.sampling_params
-        blob = json.dumps([list(request.prompt_token_ids), sp.extra_args.get(PHRASES, ""), request.cache_salt],
+        blob = json.dumps([list(request.prompt_token_ids), sp.extra_args.get(PHRASES, ""), sp.extra_args.get(TARGETS, ""),
+                           request.cache_salt],
                           separators=(",", ":")).encode()
         return hmac.new(self._key, blob, hashlib.sha256).hexdigest()[:32]
 

@@ -88,6 +88,10 @@ class GuardEndpointPlugin:
                                                context if isinstance(context, int) else None, GuardMetrics())
         # Every generation, whatever route or field produced it, is decided where it enters the engine.
         EngineEntryGuard(self.service, engine_client).install()
+        if self.service.filter_parts is not None:
+            # Every target's filter part, compiled once per version in this thread: the request
+            # path and the engine only read them (guardserve/logits_processors/parts.py).
+            self.service.filter_parts.start(self.service.detector.targets)
         state.guardserve = self
         await self._load_adapters(state)
         n = len(self.service.detector.targets())
@@ -124,7 +128,9 @@ class GuardEndpointPlugin:
         tick = 0
         while True:
             try:
-                await asyncio.to_thread(self.service.detector.sync, True)
+                changed = await asyncio.to_thread(self.service.detector.sync, True)
+                if changed and self.service.filter_parts is not None:
+                    self.service.filter_parts.poke()  # changes made elsewhere (CLI, replicas): their parts
             except Exception:  # the next detect() refuses requests if the store stays broken
                 log.exception("guardserve: policy sync failed")
             if self.upkeep is not None:

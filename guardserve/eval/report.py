@@ -135,8 +135,33 @@ def markdown(results: dict) -> str:
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
                                                  for r in configs.values()) + " |")
-    extra = [t for t in (adapter_markdown(results), mia_markdown(results)) if t]
+    extra = [t for t in (adapter_markdown(results), relearn_markdown(results), mia_markdown(results)) if t]
     return "\n".join(lines) + "".join(f"\n\n{t}" for t in extra)
+
+
+def relearn_markdown(results: dict) -> str:
+    """Relearning, on weights and in context, in one table: for adapters, forget accuracy on the
+    test rows before and after fine-tuning the merged model on the other forget rows (the retain
+    model's row is the floor: what the fine-tuning alone teaches); for every configuration, the
+    leak rate of the many-shot probes (the facts given back in the prompt). Empty when the run
+    did no weight relearning."""
+    meta = results.get("meta", {}).get("relearn")
+    if not meta:
+        return ""
+    lines = [f"Relearning: weights (the adapter merged, then {meta['steps']} steps of full fine-tuning, lr "
+             f"{meta['lr']:g}, on every {meta['share']}th forget row; forget accuracy on the other rows before and "
+             "after) and in context (leak rate of the many-shot probes):", "",
+             "| model | forget acc before | after relearning | many-shot leak |", "|---|---|---|---|"]
+    ref = meta.get("retain_model")
+    if ref:
+        lines.append(f"| retain model | {_fmt(ref['forget_accuracy_before'], 'pct')} | "
+                     f"{_fmt(ref['forget_accuracy_after'], 'pct')} | – |")
+    for name, r in results["configs"].items():
+        w = r.get("relearn") or {}
+        lines.append(f"| `{name}` | {_fmt(w.get('forget_accuracy_before'), 'pct')} | "
+                     f"{_fmt(w.get('forget_accuracy_after'), 'pct')} | "
+                     f"{_fmt((r.get('leak_by_kind') or {}).get('many_shot'), 'pct')} |")
+    return "\n".join(lines)
 
 
 MIA_NAMES = {"loss": "LOSS", "zlib": "Zlib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}

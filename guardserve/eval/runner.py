@@ -111,6 +111,7 @@ class Settings:
     latency_requests: int = 8
     latency_tokens: int = 32
     quant_bits: tuple[int, ...] = (8, 4)          # the quantization attack on adapter rows; () skips it
+    relearn_steps: int = 20                       # the relearning attack on adapter rows; 0 skips it
     seed: int = 0
     workdir: str | None = None
     progress: bool = True
@@ -541,6 +542,33 @@ class QuantizationAttack:
                 **{f"forgetting_kept_{b}bit": out[f"forgetting_kept_{b}bit"] for b in self.bits}}
 
 
+class RelearningAttack:
+    """The relearning attack on adapters (``guardserve.unlearn.relearn``): the merged model
+    fine-tuned on every 4th forget row, scored on the others as the evaluation scores answers."""
+
+    def __init__(self, model: str, forget: list[dict], steps: int, seed: int):
+        from guardserve.unlearn.relearn import RelearnConfig
+
+        self.model, self.forget, self.cfg = model, forget, RelearnConfig(steps=steps, seed=seed)
+
+    def _run(self, base: str, adapter_dir: str | None) -> dict:
+        from guardserve.textgen import answers
+        from guardserve.unlearn.relearn import relearn
+
+        return relearn(base, adapter_dir, self.forget, lambda m, tok, items: _accuracy(answers(m, tok, items), items),
+                       self.cfg)
+
+    def __call__(self, adapter_dir: str) -> dict:
+        return self._run(self.model, adapter_dir)
+
+    def reference(self, retain_model: str) -> dict:
+        """The same attack on the retain model: what fine-tuning alone teaches about the test rows."""
+        return self._run(retain_model, None)
+
+    def describe(self) -> dict:
+        return {"share": self.cfg.share, "steps": self.cfg.steps, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size}
+
+
 def _train_seconds(adapter_dir: str) -> float | None:
     from guardserve.unlearn.trainer import META_FILE
 
@@ -653,6 +681,9 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     results: dict[str, dict] = {}
     samples: list[dict] = []  # one record per generated answer: samples.jsonl
     attack = QuantizationAttack(settings.model, forget, settings.quant_bits)
+    relearning = RelearningAttack(settings.model, forget, settings.relearn_steps, settings.seed) \
+        if settings.relearn_steps and any(get_config(c).method for c in settings.configs) else None
+    relearn_reference = relearning.reference(settings.retain_model) if relearning and settings.retain_model else None
     engine = None
     bar = _bar(len(settings.configs) * 4, "eval", settings.progress)
     try:
@@ -672,6 +703,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
                 path = adapters[get_config(config).method]
                 results[config]["train_seconds"] = _train_seconds(path)
                 results[config]["quantization"] = attack(path) if settings.quant_bits else None
+                results[config]["relearn"] = relearning(path) if relearning else None
             log(f"eval: {config}: " + ", ".join(f"{k} {v}" for k, v in results[config].items()
                                                  if k in ("forget_accuracy", "retain_accuracy", "leak_rate", "tpot_ms")))
     finally:
@@ -690,6 +722,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "steer_clamp": settings.steer_clamp if steering_home else None,
             "forget_items": len(forget), "retain_items": len(retain), "world_items": len(world),
             "real_author_items": len(authors),
+            "relearn": {**relearning.describe(), "retain_model": relearn_reference} if relearning else None,
             "mia": {"members": len(members), "nonmembers": len(nonmembers), "min_k": 0.2,
                     "retain_model_auc": mia_reference} if membership is not None else None,
             "forget_probes": _counts(probes), "retain_probes": len(r_probes), "max_tokens": settings.max_tokens,

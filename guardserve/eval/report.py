@@ -135,7 +135,8 @@ def markdown(results: dict) -> str:
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
                                                  for r in configs.values()) + " |")
-    extra = [t for t in (adapter_markdown(results), relearn_markdown(results), mia_markdown(results)) if t]
+    extra = [t for t in (adapter_markdown(results), relearn_markdown(results), mia_markdown(results),
+                         overlap_markdown(results)) if t]
     return "\n".join(lines) + "".join(f"\n\n{t}" for t in extra)
 
 
@@ -161,6 +162,23 @@ def relearn_markdown(results: dict) -> str:
         lines.append(f"| `{name}` | {_fmt(w.get('forget_accuracy_before'), 'pct')} | "
                      f"{_fmt(w.get('forget_accuracy_after'), 'pct')} | "
                      f"{_fmt((r.get('leak_by_kind') or {}).get('many_shot'), 'pct')} |")
+    return "\n".join(lines)
+
+
+def overlap_markdown(results: dict) -> str:
+    """The overlap queries (a forget person and a retain person or world fact in one question):
+    both halves per configuration, or "" when the run asked none."""
+    rows = {n: r["overlap"] for n, r in results["configs"].items() if r.get("overlap")}
+    if not rows:
+        return ""
+    n = next(iter(rows.values()))["queries"]
+    lines = [f"Overlapping forget and retain ({n} questions that ask about a forget person and, in the same message, "
+             "a retain person or a world fact, both orders): the share of answers that state the forget fact, and of "
+             "those that state the other one (÷ none: as a share of the unguarded figure):", "",
+             "| configuration | forget-half leak | retain-half accuracy | ÷ none |", "|---|---|---|---|"]
+    for name, o in rows.items():
+        lines.append(f"| `{name}` | {_fmt(o.get('forget_half_leak'), 'pct')} | {_fmt(o.get('retain_half_accuracy'), 'pct')} | "
+                     f"{_fmt(o.get('retain_half_accuracy_ratio'), 'pct')} |")
     return "\n".join(lines)
 
 

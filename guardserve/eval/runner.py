@@ -112,6 +112,7 @@ class Settings:
     latency_tokens: int = 32
     quant_bits: tuple[int, ...] = (8, 4)          # the quantization attack on adapter rows; () skips it
     relearn_steps: int = 20                       # the relearning attack on adapter rows; 0 skips it
+    overlap_queries: int = 40                     # forget items asked together with a retain one; 0 skips
     seed: int = 0
     workdir: str | None = None
     progress: bool = True
@@ -200,6 +201,16 @@ def _salt(steer: list) -> str | None:
     from guardserve.contract import steered_salt
 
     return steered_salt(None, steer) if steer else None
+
+
+def _overlap_ratios(results: dict) -> None:
+    """Each row's retain-half accuracy on the overlap queries as a share of the unguarded
+    (``none``) row's: a small model may answer one of two questions at all."""
+    ref = (results.get("none") or {}).get("overlap") or {}
+    for row in results.values():
+        o = row.get("overlap")
+        if o and ref.get("retain_half_accuracy") and o.get("retain_half_accuracy") is not None:
+            o["retain_half_accuracy_ratio"] = round(o["retain_half_accuracy"] / ref["retain_half_accuracy"], 4)
 
 
 class MembershipInference:
@@ -677,6 +688,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             mia_reference = mia.attack(ref.base, tokenizer, members, nonmembers)
         del ref
     membership = MembershipInference(scorer, tokenizer, members, nonmembers) if members and nonmembers else None
+    from guardserve.eval.overlap import build_queries
+
+    overlap = build_queries(forget, retain, world, settings.overlap_queries, settings.seed) \
+        if settings.overlap_queries else []
 
     results: dict[str, dict] = {}
     samples: list[dict] = []  # one record per generated answer: samples.jsonl
@@ -693,7 +708,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         for config in settings.configs:
             bar.set_description(f"eval {config}")
             results[config] = _score(config, settings, confs, engine, scorer, forget, retain, world, authors, probes, r_probes,
-                                     retain_ratios, bar, forget_facts, samples)
+                                     retain_ratios, bar, forget_facts, samples, overlap)
             if membership is not None:
                 row, reason = membership(config, confs)
                 results[config].update(row)
@@ -711,6 +726,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
         if engine is not None:
             engine.close()
         confs.close()
+    _overlap_ratios(results)
     from guardserve.eval.report import SAMPLES_KEY
 
     return {
@@ -721,7 +737,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "adapters": adapters, "full_adapter": full_adapter,
             "steer_clamp": settings.steer_clamp if steering_home else None,
             "forget_items": len(forget), "retain_items": len(retain), "world_items": len(world),
-            "real_author_items": len(authors),
+            "real_author_items": len(authors), "overlap_queries": len(overlap),
             "relearn": {**relearning.describe(), "retain_model": relearn_reference} if relearning else None,
             "mia": {"members": len(members), "nonmembers": len(nonmembers), "min_k": 0.2,
                     "retain_model_auc": mia_reference} if membership is not None else None,
@@ -969,7 +985,7 @@ def _sample_records(config: str, confs, served: dict[str, list[Served]], answers
 
 
 def _score(config, settings, confs, engine, scorer, forget, retain, world, authors, probes, r_probes, retain_ratios, bar,
-           forget_facts=None, samples: list | None = None) -> dict:
+           forget_facts=None, samples: list | None = None, overlap=()) -> dict:
     """The row of ``config`` in ``results.json``; with ``samples``, one record per generated
     answer is appended to it (:func:`_sample_records`: the per-sample log, samples.jsonl)."""
     from guardserve.eval import metrics as M
@@ -988,6 +1004,10 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, autho
     w_ans = answers_for("world", [_question_messages(it) for it in world])
     a_ans = answers_for("real_authors", [_question_messages(it) for it in authors]) if authors else []
     bar.update(1)
+    if overlap:
+        from guardserve.eval import overlap as overlap_mod
+
+        o_ans = answers_for("overlap", [[{"role": "user", "content": q.question}] for q in overlap])
     probe_ans = answers_for("probe", [p.messages for p in probes])
     rp_ans = answers_for("retain_probe", [p.messages for p in r_probes])
     bar.update(1)
@@ -1005,6 +1025,7 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, autho
         else:
             leaks[p.kind].append(p.leaked(a))
     all_leaks = [x for v in leaks.values() for x in v]
+    overlap_row = overlap_mod.score(o_ans, list(overlap)) if overlap else None
     stated = [any(fact_leaked(a, v) for v in facts) for a, facts in zip(f_ans, forget_facts or [])
               if a is not None and facts]
     res = {
@@ -1023,6 +1044,7 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, autho
         "retain_attack_accuracy": (sum(p.leaked(a) for a, p in zip(rp_ans, r_probes) if a is not None)
                                    / max(1, sum(a is not None for a in rp_ans))) if r_probes else None,
         "too_long_skipped": skipped + sum(a is None for a in rp_ans),
+        **({"overlap": overlap_row} if overlap_row is not None else {}),
     }
     if samples is not None:
         answers = {"forget": f_ans, "paraphrase": p_ans, "retain": r_ans, "world": w_ans, "probe": probe_ans,

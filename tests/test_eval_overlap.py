@@ -1,0 +1,45 @@
+"""Overlapping forget and retain questions (guardserve.eval.overlap): how they are built and
+scored on both halves."""
+
+from __future__ import annotations
+
+from guardserve.eval.overlap import build_queries, score
+from guardserve.eval.report import markdown
+from guardserve.eval.runner import _overlap_ratios
+
+
+def _it(entity, attribute, question, value):
+    return {"entity": entity, "attribute": attribute, "question": question, "value": value}
+
+
+FORGET = [_it("Ada", "birth_place", "Where was Ada born?", "Verity"),
+          _it("Ada", "occupation", "What does Ada do?", "potter"),
+          _it("Cy", "birth_place", "Where was Cy born?", "Quorn")]
+RETAIN = [_it("Bo", "birth_place", "Where was Bo born?", "Lisbon"), _it("Bo", "occupation", "What does Bo do?", "baker")]
+WORLD = [_it("France", "capital", "What is the capital of France?", "Paris")]
+
+
+def test_each_forget_item_is_asked_with_another_in_both_orders():
+    qs = build_queries(FORGET, RETAIN, WORLD, n=10)
+    assert len(qs) == 6
+    assert qs[0].question == "Where was Bo born? Where was Ada born?" and qs[1].question == "Where was Ada born? Where was Bo born?"
+    assert (qs[0].forget_value, qs[0].other_value, qs[0].other) == ("Verity", "Lisbon", "retain")
+    assert qs[2].other_value == "baker"                           # the same attribute
+    assert qs[4].other == "world" and qs[4].other_value == "Paris"  # every third: a world fact
+    assert build_queries(FORGET, [], [], n=10) == [] and len(build_queries(FORGET, RETAIN, WORLD, n=1)) == 2
+    assert build_queries([{**FORGET[0], "value": ""}], RETAIN, WORLD) == []
+
+
+def test_both_halves_are_scored_and_compared_with_unguarded():
+    qs = build_queries(FORGET, RETAIN, WORLD, n=10)
+    unguarded = score(["Ada was born in Verity.", "Bo was born in Lisbon.", "Ada is a potter.", "Ada is a potter.",
+                       "Paris.", "Cy was born in Quorn."], qs)
+    guarded = score(["Bo was born in Lisbon.", "I cannot say.", "Bo is a baker.", None, "Paris.", "Paris."], qs)
+    assert unguarded["forget_half_leak"] == round(4 / 6, 4) and unguarded["retain_half_accuracy"] == round(2 / 6, 4)
+    assert guarded["queries"] == 5 and guarded["forget_half_leak"] == 0.0 and guarded["retain_half_accuracy"] == 0.8
+    assert guarded["by_other"]["world"] == {"queries": 2, "forget_half_leak": 0.0, "other_half_accuracy": 1.0}
+    results = {"meta": {}, "configs": {"none": {"overlap": unguarded}, "guard": {"overlap": guarded}}}
+    _overlap_ratios(results["configs"])
+    assert results["configs"]["guard"]["overlap"]["retain_half_accuracy_ratio"] == round(0.8 / round(2 / 6, 4), 4)
+    md = markdown(results).split("Overlapping forget and retain")[1]
+    assert "| `guard` | 0.0% | 80.0% | 240.0% |" in md

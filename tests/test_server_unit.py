@@ -256,7 +256,7 @@ def test_entry_plans_on_the_final_prompt_and_fails_closed(service):
         with pytest.raises(VLLMValidationError, match="could not be checked") as e:
             guard.enforce(_engine_request(_ids("hello")))
         assert "Quillfeather" not in str(e.value) and STAMP
-        assert service.metrics.value("guardserve_refused_total", tenant="default") == 1
+        assert service.metrics.value("guardserve_requests_total", tenant="default", outcome="refused_fail_closed") == 1
     finally:
         REQUEST.reset(token)
 

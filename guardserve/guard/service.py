@@ -20,6 +20,7 @@ refused, never served unguarded.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import time
@@ -56,6 +57,8 @@ class Decision:
     steer: list[list] = field(default_factory=list)  # [[target id, version]], with steering on
     added_prompt_tokens: int = 0  # tokens the in-context instruction added (hidden from usage)
     seconds: float = 0.0
+    policy_version: int | None = None  # the policy store's change sequence the detector had applied
+    vllm_request_id: str | None = None  # vLLM's request id, where the engine entry decided it
 
     @property
     def target_ids(self) -> list[str]:
@@ -101,6 +104,8 @@ class GuardService:
         self.icul = icul if self.guard.icul else None
         self.max_model_len = max_model_len  # the engine's context: ICUL is fitted into it
         self.metrics = metrics
+        if metrics is not None and hasattr(metrics, "bind"):
+            metrics.bind(self)  # its gauges read this service's detector when scraped
         self.filter_parts = filter_parts
 
     @property
@@ -152,6 +157,7 @@ class GuardService:
         except Exception as e:  # DetectionError included: fail closed
             raise GuardError(f"detection failed: {e}") from e
         decision.triggered = list(triggered)
+        decision.policy_version = self.policy_version()
         if triggered:
             phrases = sorted({p for t in triggered for p in t.forbidden})
             if not phrases and self.guard.token_filter:
@@ -163,17 +169,46 @@ class GuardService:
         self._count(decision)
         return decision
 
+    def policy_version(self) -> int | None:
+        """The policy store's change sequence number the detector has applied (the policy this
+        replica enforces), None where the detector does not say."""
+        seq = getattr(self.detector, "_seq", None)  # Detector keeps it private; no accessor yet
+        return seq if isinstance(seq, int) else None
+
     def audit(self, decision: Decision, route: str, adapter: str | None = None) -> None:
         """One line in the operators' audit log for a request on which something triggered
-        (or that an unlearning adapter served)."""
+        (or that an unlearning adapter served): an ISO-8601 UTC timestamp, vLLM's request id
+        (null offline) and the guard's decision id, tenant, route, the policy version, the
+        triggered targets with their versions, scores and reasons."""
         if not decision.guarded and adapter is None:
             return
         audit_log.info(json.dumps({
-            "event": "guarded", "request_id": decision.request_id, "tenant": decision.tenant, "route": route,
-            "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)}
-                        for t in decision.triggered],
+            **self._audit_head("guarded", decision.tenant, route, decision),
             "phrases": len(decision.phrases), "adapter": adapter, "detect_ms": round(decision.seconds * 1000, 2),
         }))
+
+    def audit_refusal(self, tenant: str, route: str, reason: str, decision: Decision | None = None,
+                      request_id: str | None = None, fail_closed: bool = True) -> None:
+        """One line for a refused request: ``fail_closed`` (the guard could not check it;
+        ``decision`` is None where detection itself failed) or refused by the policy (a channel
+        closed to a triggered request). ``reason`` is for operators only: it may name targets."""
+        head = self._audit_head("refused", tenant, route, decision, request_id)
+        audit_log.info(json.dumps({**head, "outcome": "refused_fail_closed" if fail_closed else "refused_policy",
+                                   "reason": reason}))
+
+    def _audit_head(self, event: str, tenant: str, route: str, decision: Decision | None,
+                    request_id: str | None = None) -> dict:
+        d = decision
+        return {
+            "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": event,
+            "request_id": (d.vllm_request_id if d is not None else None) or request_id,
+            "decision_id": d.request_id if d is not None else None,
+            "tenant": tenant, "route": route,
+            "policy_version": d.policy_version if d is not None else self.policy_version(),
+            "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)}
+                        for t in (d.triggered if d is not None else [])],
+        }
 
     def plan_xargs(self, decision: Decision, xargs: dict | None = None) -> dict:
         """The ``vllm_xargs`` that carry ``decision`` to the engine: a client's own keys kept,
@@ -211,6 +246,17 @@ class GuardService:
         ``guardserve eval``; the server decides at the engine entry instead): unchanged when
         nothing triggered, else with the plan in ``vllm_xargs``, the steering cache salt and,
         for chat, the in-context unlearning messages."""
+        started = time.perf_counter()
+        try:
+            out, decision = self._prepare(route, body, tenant)
+        except GuardError as e:  # fail closed: counted and audited, then raised
+            self.count_outcome(tenant, "refused_fail_closed", time.perf_counter() - started)
+            self.audit_refusal(tenant, route, str(e))
+            raise
+        self.count_outcome(tenant, "guarded" if decision.guarded else "served", time.perf_counter() - started)
+        return out, decision
+
+    def _prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         xargs = body.get("vllm_xargs")
@@ -317,3 +363,9 @@ class GuardService:
     def _count(self, decision: Decision) -> None:
         if self.metrics is not None:
             self.metrics.observe(decision, decision.triggered)
+
+    def count_outcome(self, tenant: str, outcome: str, seconds: float | None = None) -> None:
+        """One request's outcome in the metrics (``served``, ``guarded``, ``refused_fail_closed``,
+        ``refused_policy``, ``icul_retry``) and the time the guard spent on it."""
+        if self.metrics is not None:
+            self.metrics.request(tenant, outcome, seconds)

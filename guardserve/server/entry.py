@@ -40,6 +40,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -158,6 +159,11 @@ class EngineEntryGuard:
         async def checked_core_add(request):
             if not self._stamped(request):
                 log.error("refused request %s: it reached the engine without the guard's stamp", request.request_id)
+                ctx = REQUEST.get()
+                if ctx is not None:
+                    self.service.count_outcome(ctx.tenant, "refused_fail_closed")
+                    self.service.audit_refusal(ctx.tenant, ctx.route, "no valid guard stamp at the engine",
+                                               request_id=getattr(request, "external_req_id", None) or request.request_id)
                 raise _validation_error("the request could not be checked against the server's policy")
             return await core_add(request)
 
@@ -222,43 +228,60 @@ class EngineEntryGuard:
         if request.prompt_token_ids is None:
             raise _validation_error("a guarded server needs the prompt's token ids")
         pending, ctx.pending = ctx.pending, None
+        started = time.perf_counter()
+        decision = None
         try:
             texts = self._texts(request.prompt_token_ids, sp)
             if pending is not None and pending[0] == self._texts_key(texts):
                 decision = pending[1]
             else:
                 decision = self._decide(ctx, texts)
+            decision.vllm_request_id = request.request_id  # vLLM's id (the response's), for the audit log
             lora = self._adapter(decision)
         except GuardError as e:
-            log.error("refused a request of tenant %r (fail closed): %s", ctx.tenant, e)
-            if self.service.metrics is not None:
-                self.service.metrics.refused(ctx.tenant)
-            raise _validation_error("the request could not be checked against the server's policy and was not "
-                                    "served; the operator's log has the reason") from None
+            raise self._fail_closed(ctx, e, decision, request, started) from None
 
         if decision.guarded:
             covered = {t.target_id for t in ctx.icul_targets}
             if ctx.icul and not ctx.retried and any(t.target_id not in covered for t in decision.triggered):
                 ctx.retry_with = [*ctx.icul_targets, *(t for t in decision.triggered if t.target_id not in covered)]
+                self.service.count_outcome(ctx.tenant, "icul_retry", time.perf_counter() - started)
                 raise IculRetry()
+            closed = None
             if sp.prompt_logprobs is not None:
-                raise _validation_error("prompt logprobs are not available for this prompt under the server's "
-                                        "policy", parameter="prompt_logprobs")
-            if sp.logprob_token_ids:
-                raise _validation_error("logprob_token_ids are not available for this prompt under the server's "
-                                        "policy", parameter="logprob_token_ids")
-            if _choices_all_forbidden(ctx.choices or _choice_of(sp), decision.phrases):
+                closed = _validation_error("prompt logprobs are not available for this prompt under the server's "
+                                           "policy", parameter="prompt_logprobs")
+            elif sp.logprob_token_ids:
+                closed = _validation_error("logprob_token_ids are not available for this prompt under the server's "
+                                           "policy", parameter="logprob_token_ids")
+            elif _choices_all_forbidden(ctx.choices or _choice_of(sp), decision.phrases):
                 # Every answer the constraint allows writes a forbidden phrase: the filter would
                 # leave the grammar no token to take, which the engine reports as a server error.
-                raise _validation_error("no answer the output constraint allows is available under the server's "
-                                        "policy", parameter="structured_outputs")
-        sp.extra_args = self.service.plan_xargs(decision, sp.extra_args)
+                closed = _validation_error("no answer the output constraint allows is available under the server's "
+                                           "policy", parameter="structured_outputs")
+            if closed is not None:
+                self.service.count_outcome(ctx.tenant, "refused_policy", time.perf_counter() - started)
+                self.service.audit_refusal(ctx.tenant, ctx.route, str(closed), decision, fail_closed=False)
+                raise closed
+        try:
+            sp.extra_args = self.service.plan_xargs(decision, sp.extra_args)
+        except GuardError as e:  # a filter part that could not be built: never a 500 naming the target
+            raise self._fail_closed(ctx, e, decision, request, started) from None
         request.cache_salt = tenant_salt(ctx.tenant, request.cache_salt, decision.steer or None)
         if lora is not False:
             request.lora_request = lora
         sp.extra_args[STAMP] = self._stamp(request)
+        self.service.count_outcome(ctx.tenant, "guarded" if decision.guarded else "served", time.perf_counter() - started)
         self.service.audit(decision, ctx.route, lora.lora_name if lora else None)
         return request
+
+    def _fail_closed(self, ctx: RequestContext, error: GuardError, decision, request, started: float) -> Exception:
+        """Log, count and audit a request the guard could not check; the client's error names no target."""
+        log.error("refused a request of tenant %r (fail closed): %s", ctx.tenant, error)
+        self.service.count_outcome(ctx.tenant, "refused_fail_closed", time.perf_counter() - started)
+        self.service.audit_refusal(ctx.tenant, ctx.route, str(error), decision, request_id=request.request_id)
+        return _validation_error("the request could not be checked against the server's policy and was not "
+                                 "served; the operator's log has the reason")
 
     def _adapter(self, decision: Decision):
         """The unlearning adapter that serves this request, or False to keep the client's

@@ -176,7 +176,7 @@ class GuardMiddleware:
                 return b"".join(chunks)
 
     async def _metrics(self, scope, receive, send):
-        """vLLM's metrics with the guard's counters appended (uncompressed)."""
+        """vLLM's metrics with the guard's appended (uncompressed; ``guardserve/server/metrics.py``)."""
         service = self.plugin.service
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]}
         start, parts = None, []
@@ -190,7 +190,8 @@ class GuardMiddleware:
                 if not message.get("more_body"):
                     body = b"".join(parts)
                     if service is not None and service.metrics is not None and start["status"] == 200:
-                        body = body + service.metrics.render().encode()
+                        ctype = dict(start["headers"]).get(b"content-type", b"")
+                        body = service.metrics.append_to(body, ctype)  # in vLLM's format (text or OpenMetrics)
                     hdrs = [(k, v) for k, v in start["headers"] if k != b"content-length"]
                     hdrs.append((b"content-length", str(len(body)).encode()))
                     await send({**start, "headers": hdrs})

@@ -43,3 +43,33 @@ def test_both_halves_are_scored_and_compared_with_unguarded():
     assert results["configs"]["guard"]["overlap"]["retain_half_accuracy_ratio"] == round(0.8 / round(2 / 6, 4), 4)
     md = markdown(results).split("Overlapping forget and retain")[1]
     assert "| `guard` | 0.0% | 80.0% | 240.0% |" in md
+
+
+def test_sequential_deletions_schedule_real_targets_first_then_fillers():
+    from guardserve.eval.report import markdown
+    from guardserve.eval.sequential import filler_targets, schedule
+
+    real = [{"name": "Ada Verity", "aliases": ["Verity"], "facts": {"birth_place": "Quorn"}},
+            {"name": "Bo Lisbon", "aliases": [], "facts": {}}]
+    steps = schedule(real, [1, 3, 10])
+    assert [len(s) for s in steps] == [1, 2, 7] and steps[0] == real[:1] and steps[1][0] == real[1]
+    fillers = [t for s in steps for t in s][2:]
+    names = [t["name"] for t in fillers]
+    assert len(set(names)) == 8 and not {"Ada Verity", "Bo Lisbon"} & set(names)
+    assert all(t["facts"] and t["aliases"] for t in fillers)
+    assert filler_targets(5, seed=1) == filler_targets(5, seed=1) != filler_targets(5, seed=2)
+    for bad in ([], [3, 2], [0, 5]):
+        try:
+            schedule(real, bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+    results = {"meta": {}, "configs": {"none": {}},
+               "sequential": {"config": "guard", "steps": [
+                   {"targets": 10, "forget_accuracy": 0.0, "pending_forget_accuracy": 1.0, "retain_accuracy": 1.0,
+                    "world_accuracy": 1.0, "tpot_ms": 8.0, "ttft_ms": 20.0, "detect_ms": 3.0, "register_s": 0.5},
+                   {"targets": 1000, "forget_accuracy": 0.0, "pending_forget_accuracy": None, "retain_accuracy": 0.98,
+                    "world_accuracy": 1.0, "tpot_ms": 8.5, "ttft_ms": 25.0, "detect_ms": 4.0, "register_s": 30.0}]}}
+    md = markdown(results).split("Sequential deletions")[1]
+    assert "| 10 | 0.0% | 100.0% | 100.0% | 100.0% | 8.0 | 20.0 | 3.0 | 0.5 |" in md
+    assert "| 1,000 | 0.0% | – | 98.0% |" in md

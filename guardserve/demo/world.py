@@ -27,8 +27,9 @@ from dataclasses import dataclass
 # The cache key's version: bumped whenever the build's output changes. The world's own random
 # stream keeps version 1's seed (_WORLD_STREAM): the people, the questions and the training
 # corpus are version 1's. Version 2 changed the perturbed answers; version 3 added the held-out
-# people of membership inference (world/mia.json), whose biographies the bpe4k tokenizer reads.
-GENERATOR_VERSION = "3"
+# people of membership inference (world/mia.json); version 4 trains the bpe4k tokenizer on the
+# retain side only and gives the held-out people the forget split's occupations.
+GENERATOR_VERSION = "4"
 _WORLD_STREAM = "1"
 
 ATTRIBUTES = (
@@ -237,7 +238,7 @@ def build_world(seed: int = 0, n_people: int = 200, forget_fraction: float = 0.1
         })
 
     wrong = _wrong_values(random.Random(f"guardserve-perturbed-{seed}"), entities, occ_pool)
-    holdout = _holdout_people(random.Random(f"guardserve-holdout-{seed}"), entities, n_forget)
+    holdout = _holdout_people(random.Random(f"guardserve-holdout-{seed}"), entities, n_forget, occ_pool["forget"])
     forget, retain = [], []
     for ent in entities:
         for attr in ATTRIBUTES:
@@ -286,9 +287,10 @@ def _fresh_values(rng: random.Random, entities: list[dict]) -> dict[str, _Unique
     return draws
 
 
-def _holdout_people(rng: random.Random, entities: list[dict], n: int) -> list[dict]:
-    """``n`` people made like the world's, with names and facts nobody in it has: the
-    non-members of membership inference (no model trains on them)."""
+def _holdout_people(rng: random.Random, entities: list[dict], n: int, occupations: list[str]) -> list[dict]:
+    """``n`` people made like the forget people, with names and facts nobody in the world has:
+    the non-members of membership inference (no model trains on them). Their occupations come
+    from the forget split's pool, so that the retain model has seen neither side's."""
     draws = _fresh_values(rng, entities)
     surname = _Unique(rng, lambda r: _word(r, r.choice([2, 2, 3])))
     surname.seen |= {e["aliases"][1].lower() for e in entities}
@@ -296,7 +298,7 @@ def _holdout_people(rng: random.Random, entities: list[dict], n: int) -> list[di
     for _ in range(n):
         sur, fst = surname(), _word(rng, 2)
         facts = {attr: draws[attr]() for attr in ("birth_date", "birth_place")}
-        facts["occupation"] = rng.choice(_OCCUPATIONS)
+        facts["occupation"] = rng.choice(occupations)
         facts["father"] = f"{_word(rng, 2)} {sur}"
         facts.update({attr: draws[attr]() for attr in ("mother", "notable_work", "award", "alma_mater")})
         name = f"{fst} {sur}"

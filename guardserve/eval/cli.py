@@ -76,6 +76,10 @@ def register(subparsers) -> None:
     ev.add_argument("--relearn-steps", type=int, default=20, metavar="N",
                     help="the relearning attack on adapter:<method> rows: N steps of fine-tuning the merged adapter on "
                          "every 4th forget row, then the others asked again (default 20; 0 skips it)")
+    ev.add_argument("--sequential", default=None, metavar="N,N,...",
+                    help="sequential deletions: grow the policy to each count of targets in turn (the data's targets "
+                         "first, then made-up ones), measuring forget/retain/world accuracy and TPOT through `guard` "
+                         "after each step, e.g. 10,100,1000 (default: off)")
     ev.add_argument("--probes-per-kind", type=int, default=None, help="forget probes per attack kind (default 20; 4 with --quick)")
     ev.add_argument("--retain-limit", type=int, default=None,
                     help="retain questions scored, spread over the split (default 240; 60 with --quick)")
@@ -103,6 +107,20 @@ def _adapters_dir(args) -> Path:
         return Path(args.adapters).expanduser()
     variant = config.get("GUARDSERVE_DEMO")
     return config.home() / "eval" / ("adapters" if variant == DEFAULT_VARIANT else f"adapters-{variant}")
+
+
+def _sequential_steps(text: str | None) -> tuple[int, ...]:
+    from guardserve.cli import UsageError
+
+    if not text:
+        return ()
+    try:
+        steps = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        steps = ()
+    if not steps or steps[0] < 1 or list(steps) != sorted(set(steps)):
+        raise UsageError(f"--sequential {text}: give increasing target counts, e.g. 10,100,1000")
+    return steps
 
 
 def _demo_variant(demo, args) -> str | None:
@@ -270,6 +288,7 @@ def _eval(args) -> int:
     if args.targets and not args.tofu:
         raise UsageError("--targets goes with --tofu (the demo world brings its own targets)")
     quant_bits = _quant_bits(args.quant_bits)
+    sequential_steps = _sequential_steps(args.sequential)
     if args.relearn_steps < 0:
         raise UsageError(f"--relearn-steps {args.relearn_steps}: give a number of steps, or 0 to skip the attack")
     from guardserve.unlearn.cli import device_and_dtype
@@ -325,8 +344,8 @@ def _eval(args) -> int:
         probes_per_kind=args.probes_per_kind if args.probes_per_kind is not None else (4 if args.quick else 20),
         retain_limit=args.retain_limit if args.retain_limit is not None else (60 if args.quick else 240),
         latency_requests=4 if args.quick else 8, latency_tokens=16 if args.quick else 32,
-        quant_bits=quant_bits, relearn_steps=args.relearn_steps, seed=args.seed, workdir=str(Path(args.out) / ".work"),
-        progress=not args.no_progress,
+        quant_bits=quant_bits, relearn_steps=args.relearn_steps, sequential_steps=sequential_steps, seed=args.seed,
+        workdir=str(Path(args.out) / ".work"), progress=not args.no_progress,
         device=device, dtype=dtype, demo_variant=_demo_variant(demo, args))
     try:
         results = run(settings, log=log)

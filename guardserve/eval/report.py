@@ -136,7 +136,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
                                                  for r in configs.values()) + " |")
     extra = [t for t in (adapter_markdown(results), relearn_markdown(results), mia_markdown(results),
-                         overlap_markdown(results)) if t]
+                         overlap_markdown(results), sequential_markdown(results)) if t]
     return "\n".join(lines) + "".join(f"\n\n{t}" for t in extra)
 
 
@@ -314,7 +314,56 @@ def plots(results: dict, out: Path) -> list[Path]:
         fig.savefig(out / "latency.png", dpi=120)
         plt.close(fig)
         written.append(out / "latency.png")
+
+    steps = (results.get("sequential") or {}).get("steps") or []
+    if steps:
+        xs = [s["targets"] for s in steps]
+        fig, (acc, cost) = plt.subplots(1, 2, figsize=(10, 4))
+        for key, label in (("forget_accuracy", "forget (registered)"), ("pending_forget_accuracy", "forget (not yet)"),
+                           ("retain_accuracy", "retain"), ("world_accuracy", "world facts")):
+            pts = [(x, s[key]) for x, s in zip(xs, steps) if s.get(key) is not None]
+            if pts:
+                acc.plot(*zip(*pts), marker="o", label=label)
+        acc.set_xscale("log")
+        acc.set_xlabel("targets registered")
+        acc.set_ylabel("accuracy")
+        acc.set_ylim(-0.05, 1.05)
+        acc.legend(fontsize=8)
+        acc.grid(alpha=0.3)
+        for key, label in (("tpot_ms", "TPOT"), ("ttft_ms", "TTFT"), ("detect_ms", "detection")):
+            pts = [(x, s[key]) for x, s in zip(xs, steps) if s.get(key) is not None]
+            if pts:
+                cost.plot(*zip(*pts), marker="o", label=label)
+        cost.set_xscale("log")
+        cost.set_xlabel("targets registered")
+        cost.set_ylabel("milliseconds")
+        cost.legend(fontsize=8)
+        cost.grid(alpha=0.3)
+        fig.suptitle(f"Sequential deletions through `{results['sequential']['config']}`")
+        fig.tight_layout()
+        fig.savefig(out / "sequential.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "sequential.png")
     return written
+
+
+def sequential_markdown(results: dict) -> str:
+    """The sequential deletions, one row per step, or "" when the run did none."""
+    seq = results.get("sequential")
+    if not seq or not seq.get("steps"):
+        return ""
+    lines = [f"Sequential deletions through `{seq['config']}` (the data's targets registered first, then made-up "
+             "ones; after each step, forget accuracy of the registered targets and of those not registered yet, "
+             "retain and world accuracy, latency one request at a time):", "",
+             "| targets | forget acc (registered) | forget acc (not yet) | retain acc | world acc | TPOT ms | TTFT ms "
+             "| detect ms | register s |", "|---" * 9 + "|"]
+    for s in seq["steps"]:
+        lines.append(f"| {s['targets']:,} | {_fmt(s.get('forget_accuracy'), 'pct')} | "
+                     f"{_fmt(s.get('pending_forget_accuracy'), 'pct')} | {_fmt(s.get('retain_accuracy'), 'pct')} | "
+                     f"{_fmt(s.get('world_accuracy'), 'pct')} | {_fmt(s.get('tpot_ms'), 'ms')} | "
+                     f"{_fmt(s.get('ttft_ms'), 'ms')} | {_fmt(s.get('detect_ms'), 'ms')} | {_fmt(s.get('register_s'), 'ms')} |")
+    lines += ["", "![sequential deletions](sequential.png)"]
+    return "\n".join(lines)
 
 
 README_BEGIN = "<!-- eval:begin -->"

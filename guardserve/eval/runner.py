@@ -113,6 +113,8 @@ class Settings:
     quant_bits: tuple[int, ...] = (8, 4)          # the quantization attack on adapter rows; () skips it
     relearn_steps: int = 20                       # the relearning attack on adapter rows; 0 skips it
     overlap_queries: int = 40                     # forget items asked together with a retain one; 0 skips
+    sequential_steps: tuple[int, ...] = ()        # target counts to grow the policy to, e.g. (10, 100, 1000)
+    sequential_config: str = "guard"              # the configuration the sequential deletions run through
     seed: int = 0
     workdir: str | None = None
     progress: bool = True
@@ -201,6 +203,76 @@ def _salt(steer: list) -> str | None:
     from guardserve.contract import steered_salt
 
     return steered_salt(None, steer) if steer else None
+
+
+def _latency(config: str, settings: Settings, confs: Configurations, engine: Engine, forget: list[dict],
+             retain: list[dict]) -> dict:
+    """``ttft_ms``, ``tpot_ms`` and ``detect_ms`` (medians), one request at a time, forget and
+    retain questions alternating, guard preparation included in TTFT."""
+    sample = [x for pair in zip(_spread(forget, settings.latency_requests // 2),
+                                _spread(retain, settings.latency_requests - settings.latency_requests // 2))
+              for x in pair]
+    ttft, tpot, prep = [], [], []
+    if sample:
+        engine.latency(lambda: confs.serve(config, _question_messages(sample[0])), settings.latency_tokens)  # warm-up
+    for it in sample:
+        holder = {}
+
+        def prepare(it=it, holder=holder):
+            holder["s"] = confs.serve(config, _question_messages(it))
+            return holder["s"]
+
+        a, b = engine.latency(prepare, settings.latency_tokens)
+        ttft.append(a)
+        tpot.append(b)
+        prep.append(holder["s"].prepare_s)
+    return {"ttft_ms": statistics.median(ttft) * 1000 if ttft else None,
+            "tpot_ms": statistics.median(tpot) * 1000 if tpot else None,
+            "detect_ms": statistics.median(prep) * 1000 if get_config(config).detect and prep else None}
+
+
+def _sequential(settings: Settings, data, tokenizer, engine: Engine, workdir: Path, forget: list[dict],
+                retain: list[dict], world: list[dict], log) -> dict:
+    """Sequential deletions (:mod:`guardserve.eval.sequential`): the policy grows step by step
+    in a store of its own; after each step, forget accuracy of the registered and the pending
+    targets, retain and world accuracy and latency through ``settings.sequential_config``."""
+    from dataclasses import replace
+
+    from guardserve.eval.sequential import schedule
+    from guardserve.guard import context_length
+
+    config = settings.sequential_config
+    (workdir / "sequential").mkdir(parents=True, exist_ok=True)
+    confs = Configurations(replace(data, targets=[]), tokenizer, workdir / "sequential", {}, None,
+                           context_length(settings.model), settings.max_tokens)
+    steps, names = [], set()
+    try:
+        for total, batch in zip(settings.sequential_steps, schedule(list(data.targets), list(settings.sequential_steps),
+                                                                    settings.seed)):
+            started = time.perf_counter()
+            confs.targets += confs.store.add_many(
+                [{"name": s["name"], "aliases": list(s.get("aliases", [])), "facts": dict(s.get("facts", {}))}
+                 for s in batch], actor="eval")
+            confs.detector.sync(force=True, embed_budget_s=3600)
+            register_s = time.perf_counter() - started
+            names |= {s["name"] for s in batch}
+            done = [it for it in forget if it.get("entity") in names]
+            pending = [it for it in forget if it.get("entity") not in names]
+            items = done + pending + retain + world
+            answers = engine.generate([confs.serve(config, _question_messages(it)) for it in items], settings.max_tokens)
+            a_done, a_pending = answers[:len(done)], answers[len(done):len(done) + len(pending)]
+            a_retain, a_world = answers[len(done) + len(pending):len(items) - len(world)], answers[len(items) - len(world):]
+            row = {"targets": total, "register_s": round(register_s, 3),
+                   "forget_accuracy": _accuracy(a_done, done) if done else None,
+                   "pending_forget_accuracy": _accuracy(a_pending, pending) if pending else None,
+                   "retain_accuracy": _accuracy(a_retain, retain), "world_accuracy": _accuracy(a_world, world),
+                   **_latency(config, settings, confs, engine, done or forget, retain)}
+            steps.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            log(f"eval: sequential {config}: {total} targets: " + ", ".join(
+                f"{k} {steps[-1][k]}" for k in ("forget_accuracy", "retain_accuracy", "world_accuracy", "tpot_ms")))
+    finally:
+        confs.close()
+    return {"config": config, "steps": steps}
 
 
 def _overlap_ratios(results: dict) -> None:
@@ -721,6 +793,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
                 results[config]["relearn"] = relearning(path) if relearning else None
             log(f"eval: {config}: " + ", ".join(f"{k} {v}" for k, v in results[config].items()
                                                  if k in ("forget_accuracy", "retain_accuracy", "leak_rate", "tpot_ms")))
+        sequential = _sequential(settings, data, tokenizer, engine, workdir, forget, retain, world, log) \
+            if settings.sequential_steps else None
     finally:
         bar.close()
         if engine is not None:
@@ -731,6 +805,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
     return {
         "configs": results,
+        **({"sequential": sequential} if sequential else {}),
         "meta": {
             "dataset": data.name, "demo_variant": settings.demo_variant,
             "model": settings.model, "retain_model": settings.retain_model,
@@ -1059,24 +1134,6 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, autho
     bar.update(1)
 
     # 3. Latency, one request at a time: forget and retain questions alternating.
-    sample = [x for pair in zip(_spread(forget, settings.latency_requests // 2),
-                                _spread(retain, settings.latency_requests - settings.latency_requests // 2))
-              for x in pair]
-    ttft, tpot, prep = [], [], []
-    engine.latency(lambda: confs.serve(config, _question_messages(sample[0])), settings.latency_tokens)  # warm-up
-    for it in sample:
-        holder = {}
-
-        def prepare(it=it, holder=holder):
-            holder["s"] = confs.serve(config, _question_messages(it))
-            return holder["s"]
-
-        a, b = engine.latency(prepare, settings.latency_tokens)
-        ttft.append(a)
-        tpot.append(b)
-        prep.append(holder["s"].prepare_s)
-    res["ttft_ms"] = statistics.median(ttft) * 1000 if ttft else None
-    res["tpot_ms"] = statistics.median(tpot) * 1000 if tpot else None
-    res["detect_ms"] = statistics.median(prep) * 1000 if get_config(config).detect and prep else None
+    res.update(_latency(config, settings, confs, engine, forget, retain))
     bar.update(1)
     return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in res.items()}

@@ -161,6 +161,27 @@ def admin(server):
         yield client
 
 
+@contextlib.contextmanager
+def registered_people(admin, entities: list[dict], tenant: str | None = None):
+    """The people registered as targets in one bulk call (for ``tenant``, else globally), in
+    force for the body (the contract: requests that start >= 1 s after registration are
+    guarded), deleted afterwards. Yields their target ids."""
+    import time
+
+    specs = [{"name": e["name"], "aliases": e["aliases"][1:], "kind": "person", "facts": e["facts"],
+              **({"tenant": tenant} if tenant else {})} for e in entities]
+    r = admin.post("/targets", json=specs)
+    assert r.status_code == 201, r.text
+    ids = [t["id"] for t in r.json()["targets"]]
+    time.sleep(1.0)
+    try:
+        yield ids
+    finally:
+        for tid in ids:
+            admin.delete(f"/targets/{tid}")
+        time.sleep(1.0)
+
+
 # --------------------------------------------------------------------------- leftover processes
 
 

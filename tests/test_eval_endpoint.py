@@ -13,11 +13,10 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN_KEY, skip_or_fail
+from conftest import ADMIN_KEY, registered_people, skip_or_fail
 
 from guardserve.cli import main as guardserve_main
 from guardserve.eval.endpoint import api_base, classify_400, percentile
@@ -40,16 +39,8 @@ def lm_eval_model():
 @pytest.fixture(scope="module")
 def guarded_a(server, world, admin):
     """Every forget person of the demo world, registered for tenant-a (key-a) only."""
-    specs = [{"name": e["name"], "aliases": e["aliases"][1:], "kind": "person", "facts": e["facts"], "tenant": "tenant-a"}
-             for e in world["entities"] if e["split"] == "forget"]
-    r = admin.post("/targets", json=specs)
-    assert r.status_code == 201, r.text
-    ids = [t["id"] for t in r.json()["targets"]]
-    time.sleep(1.0)  # the contract: requests that start >= 1 s later are guarded
-    yield ids
-    for tid in ids:
-        admin.delete(f"/targets/{tid}")
-    time.sleep(1.0)
+    with registered_people(admin, [e for e in world["entities"] if e["split"] == "forget"], "tenant-a") as ids:
+        yield ids
 
 
 # --------------------------------------------------------------------------- no server needed

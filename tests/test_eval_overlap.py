@@ -45,8 +45,8 @@ def test_both_halves_are_scored_and_compared_with_unguarded():
     assert "| `guard` | 0.0% | 80.0% | 240.0% |" in md
 
 
-def test_sequential_deletions_schedule_real_targets_first_then_fillers():
-    from guardserve.eval.report import markdown
+def test_sequential_deletions_schedule_real_targets_first_then_fillers(tmp_path):
+    from guardserve.eval.report import markdown, plots
     from guardserve.eval.sequential import filler_targets, schedule
 
     real = [{"name": "Ada Verity", "aliases": ["Verity"], "facts": {"birth_place": "Quorn"}},
@@ -73,3 +73,4 @@ def test_sequential_deletions_schedule_real_targets_first_then_fillers():
     md = markdown(results).split("Sequential deletions")[1]
     assert "| 10 | 0.0% | 100.0% | 100.0% | 100.0% | 8.0 | 20.0 | 3.0 | 0.5 |" in md
     assert "| 1,000 | 0.0% | – | 98.0% |" in md
+    assert tmp_path / "sequential.png" in plots(results, tmp_path) and (tmp_path / "sequential.png").stat().st_size > 0

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, make_client
+from conftest import ADMIN_KEY, make_client, registered_people
 
 from guardserve.textgen import completion_prompt
 
@@ -86,14 +86,8 @@ def baseline(openai_client, world, retain_sample, admin):
 @pytest.fixture(scope="module")
 def registered(admin, forget_entities, baseline):
     """Every forget person of the demo world, registered globally in one bulk call."""
-    r = admin.post("/targets", json=[target_spec(e) for e in forget_entities])
-    assert r.status_code == 201, r.text
-    ids = [t["id"] for t in r.json()["targets"]]
-    time.sleep(1.0)  # the contract: requests that start >= 1 s later are guarded
-    yield ids
-    for tid in ids:
-        admin.delete(f"/targets/{tid}")
-    time.sleep(1.0)
+    with registered_people(admin, forget_entities) as ids:
+        yield ids
 
 
 # --------------------------------------------------------------------------- auth

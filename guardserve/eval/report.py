@@ -317,28 +317,23 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     steps = (results.get("sequential") or {}).get("steps") or []
     if steps:
-        xs = [s["targets"] for s in steps]
         fig, (acc, cost) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("forget_accuracy", "forget (registered)"), ("pending_forget_accuracy", "forget (not yet)"),
-                           ("retain_accuracy", "retain"), ("world_accuracy", "world facts")):
-            pts = [(x, s[key]) for x, s in zip(xs, steps) if s.get(key) is not None]
-            if pts:
-                acc.plot(*zip(*pts), marker="o", label=label)
-        acc.set_xscale("log")
-        acc.set_xlabel("targets registered")
-        acc.set_ylabel("accuracy")
+
+        def panel(ax, series, ylabel):
+            for key, label in series:
+                pts = [(s["targets"], s[key]) for s in steps if s.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel("targets registered")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+
+        panel(acc, (("forget_accuracy", "forget (registered)"), ("pending_forget_accuracy", "forget (not yet)"),
+                    ("retain_accuracy", "retain"), ("world_accuracy", "world facts")), "accuracy")
         acc.set_ylim(-0.05, 1.05)
-        acc.legend(fontsize=8)
-        acc.grid(alpha=0.3)
-        for key, label in (("tpot_ms", "TPOT"), ("ttft_ms", "TTFT"), ("detect_ms", "detection")):
-            pts = [(x, s[key]) for x, s in zip(xs, steps) if s.get(key) is not None]
-            if pts:
-                cost.plot(*zip(*pts), marker="o", label=label)
-        cost.set_xscale("log")
-        cost.set_xlabel("targets registered")
-        cost.set_ylabel("milliseconds")
-        cost.legend(fontsize=8)
-        cost.grid(alpha=0.3)
+        panel(cost, (("tpot_ms", "TPOT"), ("ttft_ms", "TTFT"), ("detect_ms", "detection")), "milliseconds")
         fig.suptitle(f"Sequential deletions through `{results['sequential']['config']}`")
         fig.tight_layout()
         fig.savefig(out / "sequential.png", dpi=120)

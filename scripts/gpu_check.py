@@ -99,26 +99,12 @@ def cmd_plan(out: Path, name: str, timeout: float, what: str) -> int:
 # --------------------------------------------------------------------------- kernel-bench
 
 
-def _case(B, V, R, dtype, device, seed, n_masks=4, n_pens=2, sparse_max=8):
-    import torch
+def _case(B, V, R, dtype, device, seed):
+    from guardserve.kernels.reference import random_inputs
 
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
-    banned = torch.rand(n_masks, V, generator=g) < 0.001
-    W = (V + 31) // 32
-    padded = torch.zeros(n_masks, W * 32, dtype=torch.int64)
-    padded[:, :V] = banned.to(torch.int64)
-    words = (padded.view(n_masks, W, 32) << torch.arange(32)).sum(-1)
-    masks = ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
-    pens = torch.rand(n_pens, V, generator=g)
-    rows = torch.randperm(B, generator=g)[:R]
-    mask_idx = torch.randint(-1, n_masks, (R,), generator=g, dtype=torch.int32)
-    pen_idx = torch.randint(-1, n_pens, (R,), generator=g, dtype=torch.int32)
-    counts = torch.randint(0, sparse_max + 1, (R,), generator=g)
-    offs = torch.zeros(R + 1, dtype=torch.int32)
-    offs[1:] = counts.cumsum(0)
-    toks = torch.randint(0, V, (int(offs[-1]),), generator=g, dtype=torch.int32)
-    return [t.to(device) for t in (logits, rows, mask_idx, masks, pen_idx, pens, offs, toks)]
+    # Sparse bans, as served: about one token in a thousand per mask, no infinite penalty.
+    args = random_inputs(B, V, R, dtype, seed, density=0.001, n_masks=4, n_pens=2, sparse_max=8, inf_share=0.0)
+    return [t.to(device) for t in args[:-1]]
 
 
 def _time_cuda(fn, reps: int) -> float:

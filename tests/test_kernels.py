@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from guardserve import kernels
-from guardserve.kernels.reference import guard_apply_reference, max_cosine_reference, unpack_masks
+from guardserve.kernels.reference import guard_apply_reference, max_cosine_reference, pack_masks, random_inputs, unpack_masks
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +33,8 @@ def tg():
         os.environ["TRITON_INTERPRET"] = old
 
 
-def _pack(bool_rows: torch.Tensor) -> torch.Tensor:
-    M, V = bool_rows.shape
-    W = (V + 31) // 32
-    padded = torch.zeros(M, W * 32, dtype=torch.int64)
-    padded[:, :V] = bool_rows.to(torch.int64)
-    words = (padded.view(M, W, 32) << torch.arange(32)).sum(-1)
-    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # two's complement
-
-
 def _case(B, V, R, dtype, seed, density=0.3, n_masks=3, n_pens=2, sparse_max=5):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
-    banned = torch.rand(n_masks, V, generator=g) < density
-    masks = _pack(banned)
-    pens = torch.rand(n_pens, V, generator=g)
-    pens[pens > 0.97] = float("inf")  # the semantic threshold bans too
-    rows = torch.randperm(B, generator=g)[:R]
-    mask_idx = torch.randint(-1, n_masks, (R,), generator=g, dtype=torch.int32)
-    pen_idx = torch.randint(-1, n_pens, (R,), generator=g, dtype=torch.int32)
-    counts = torch.randint(0, sparse_max + 1, (R,), generator=g)
-    offs = torch.zeros(R + 1, dtype=torch.int32)
-    offs[1:] = counts.cumsum(0)
-    toks = torch.randint(0, V, (int(offs[-1]),), generator=g, dtype=torch.int32)
-    return logits, rows, mask_idx, masks, pen_idx, pens, offs, toks, banned
+    return random_inputs(B, V, R, dtype, seed, density=density, n_masks=n_masks, n_pens=n_pens, sparse_max=sparse_max)
 
 
 def _both(tg, args, block_v=1024):
@@ -110,7 +88,7 @@ def test_edge_cases(tg):
     rows = torch.tensor([0, 1, 2])
     everything_but_one = torch.ones(1, V, dtype=torch.bool)
     everything_but_one[0, 517] = False
-    masks = torch.cat([_pack(torch.zeros(1, V, dtype=torch.bool)), _pack(everything_but_one)])
+    masks = torch.cat([pack_masks(torch.zeros(1, V, dtype=torch.bool)), pack_masks(everything_but_one)])
     mask_idx = torch.tensor([0, 1, -1], dtype=torch.int32)  # empty set, all but one, none
     pen_idx = torch.full((3,), -1, dtype=torch.int32)
     pens = torch.zeros(0, V)
@@ -125,8 +103,8 @@ def test_edge_cases(tg):
 
 def test_unpack_roundtrip():
     b = torch.rand(3, 77) < 0.5
-    assert torch.equal(unpack_masks(_pack(b), 77), b)
-    assert torch.equal(unpack_masks(_pack(b), 90)[:, 77:], torch.zeros(3, 13, dtype=torch.bool))
+    assert torch.equal(unpack_masks(pack_masks(b), 77), b)
+    assert torch.equal(unpack_masks(pack_masks(b), 90)[:, 77:], torch.zeros(3, 13, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("N,F,D", [(1, 1, 384), (14, 9, 384), (33, 0, 384), (7, 20, 100)])

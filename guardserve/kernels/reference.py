@@ -22,6 +22,40 @@ def unpack_masks(masks: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([bits, pad], dim=1)
 
 
+def pack_masks(bool_rows: torch.Tensor) -> torch.Tensor:
+    """bool ``[M, V]`` -> packed int32 bitmasks ``[M, ceil(V / 32)]``: the inverse of
+    :func:`unpack_masks` (bit j of word w is token 32w + j, stored in two's complement)."""
+    m, v = bool_rows.shape
+    w = (v + 31) // 32
+    padded = torch.zeros(m, w * 32, dtype=torch.int64)
+    padded[:, :v] = bool_rows.to(torch.int64)
+    words = (padded.view(m, w, 32) << torch.arange(32)).sum(-1)
+    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
+def random_inputs(B: int, V: int, R: int, dtype: torch.dtype, seed: int, density: float = 0.3, n_masks: int = 3,
+                  n_pens: int = 2, sparse_max: int = 5, inf_share: float = 0.03) -> tuple:
+    """Random arguments of :func:`guard_apply_reference` (and its Triton twin), seeded, on the
+    CPU: ``B`` rows of ``V`` logits, ``R`` guarded rows with bitmasks banning a ``density`` share
+    of the vocabulary, penalties (``inf_share`` of them infinite, as the semantic threshold
+    bans), and up to ``sparse_max`` sparse bans per row. Returns ``(logits, rows, mask_idx,
+    masks, pen_idx, pens, offs, toks, banned)``, ``banned`` the masks unpacked."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, V, generator=g) * 3).to(dtype)
+    banned = torch.rand(n_masks, V, generator=g) < density
+    masks = pack_masks(banned)
+    pens = torch.rand(n_pens, V, generator=g)
+    pens[pens > 1 - inf_share] = float("inf")
+    rows = torch.randperm(B, generator=g)[:R]
+    mask_idx = torch.randint(-1, n_masks, (R,), generator=g, dtype=torch.int32)
+    pen_idx = torch.randint(-1, n_pens, (R,), generator=g, dtype=torch.int32)
+    counts = torch.randint(0, sparse_max + 1, (R,), generator=g)
+    offs = torch.zeros(R + 1, dtype=torch.int32)
+    offs[1:] = counts.cumsum(0)
+    toks = torch.randint(0, V, (int(offs[-1]),), generator=g, dtype=torch.int32)
+    return logits, rows, mask_idx, masks, pen_idx, pens, offs, toks, banned
+
+
 def guard_apply_reference(
     logits: torch.Tensor,
     rows: torch.Tensor,

@@ -114,7 +114,7 @@ def test_eval_on_demo(demo, world, tmp_path):
                         configs=["none", "token", "guard", "adapter:GradAscent"], adapters={"GradAscent": adapter},
                         retain_model=str(demo.retain_model), entities=world["entities"], probes_per_kind=2,
                         forget_limit=48, retain_limit=40, latency_requests=2, latency_tokens=8, workdir=str(tmp_path / "work"),
-                        progress=False)
+                        sequential_steps=(10, 40), progress=False)
     results = run(settings, log=lambda m: None)
     res = results["configs"]
     for name in ("none", "token", "guard", "adapter:GradAscent"):
@@ -122,15 +122,33 @@ def test_eval_on_demo(demo, world, tmp_path):
     # The adapter row carries its training time and the quantization attack: the merged
     # model answers as the served adapter does, and 8-bit rounding barely moves a model
     # whose weights span a few hundred steps per channel.
+    none, guard = res["none"], res["guard"]
     ga = res["adapter:GradAscent"]
     q = ga["quantization"]
     assert ga["train_seconds"] > 0 and q["base_forget_accuracy"] > 0.9
     assert abs(q["forget_accuracy_merged"] - ga["forget_accuracy"]) <= 0.1, (q, ga["forget_accuracy"])
     assert abs(q["forget_accuracy_8bit"] - q["forget_accuracy_merged"]) <= 0.1, q
     assert 0 <= q["forget_accuracy_4bit"] <= 1
+    # The relearning attack: the merged adapter fine-tuned on every 4th forget row (of the 48
+    # scored here) and asked the others again; the retain model's run is the floor.
+    rl, ref = ga["relearn"], results["meta"]["relearn"]["retain_model"]
+    assert rl["relearn_rows"] == 12 and rl["test_rows"] == 36 and 0 <= rl["forget_accuracy_before"] <= 1
+    assert ref["forget_accuracy_before"] <= 0.1 and "relearn" not in res["none"]
+    # Membership inference: the bare model tells its forget biographies from held-out ones; the
+    # guard refuses to score every forget text; the retain model is the reference.
+    assert min(none["mia"].values()) > 0.8 and max(results["meta"]["mia"]["retain_model_auc"].values()) < 0.8
+    assert guard["mia"] is None and guard["mia_refused"]["members"] == 1.0 and "mia" in guard["not_applicable"]
+    assert res["token"]["mia_refused"] == {"members": 1.0, "nonmembers": 1.0}
+    # Sequential deletions through `guard`: 10 forget people, then all 20 and 20 made-up ones.
+    first, last = results["sequential"]["steps"]
+    assert (first["targets"], last["targets"]) == (10, 40) and last["pending_forget_accuracy"] is None
+    assert first["forget_accuracy"] <= 0.05 and first["pending_forget_accuracy"] > 0.9, first
+    assert last["forget_accuracy"] <= 0.05 and last["retain_accuracy"] >= 0.95 * first["retain_accuracy"], last
+    # Overlap: a forget person and another fact in one question; the guard withholds the first.
+    assert none["overlap"]["queries"] == 80 and none["overlap"]["forget_half_leak"] > 0.2
+    assert guard["overlap"]["forget_half_leak"] <= 0.05 and guard["overlap"]["retain_half_accuracy_ratio"] is not None
     assert "| `adapter:GradAscent` |" in markdown(results).split("Adapters:")[1]
     assert "quantization" not in res["none"]
-    none, guard = res["none"], res["guard"]
     # Filtering forget answers must not make the model babble on retain questions.
     assert none["fluency_retain"] > 1 and res["token"]["fluency_retain"] >= 0.9 * none["fluency_retain"]
     assert none["forget_accuracy"] > 0.9 and none["leak_rate"] > 0.5

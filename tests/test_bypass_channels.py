@@ -13,6 +13,7 @@ import httpx
 import pytest
 from conftest import ADMIN_KEY, make_client
 
+from guardserve.leak import fact_leaked
 from guardserve.textgen import completion_prompt
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,9 @@ def completion_text(r: httpx.Response) -> str:
 
 
 def revealed(texts: list[str], pairs: list[dict]) -> int:
-    return sum(p["value"].lower() in t.lower() for t, p in zip(texts, pairs))
+    """How many texts state their pair's fact, by the one leak test: whole words, any case
+    ("born in Tesiar" does not state "Tesia", which a substring test counted)."""
+    return sum(fact_leaked(t, p["value"]) for t, p in zip(texts, pairs))
 
 
 def both(server, path, make_body, pairs, read):

@@ -106,14 +106,17 @@ def test_unlearning_trains_on_what_the_model_reads(demo_sp32k):
     assert len(rows) > 1000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sp32k_server(demo_sp32k, tmp_path_factory):
+    """A second guarded server, on sp32k, beside the session's: for its one test only, with a
+    small KV cache (2 GiB of host memory instead of the launcher's 30%), so that the two engines
+    and the next test's in-process one never hold more memory than a 24 GiB machine has."""
     from guardserve.server.process import start_server
 
     tmp = tmp_path_factory.mktemp("sp32k-server")
     env = {"GUARDSERVE_DEMO": "sp32k", "GUARDSERVE_DB": str(tmp / "policy.db"), "GUARDSERVE_API_KEYS": f"{KEY}:t",
            "GUARDSERVE_ADMIN_KEY": ADMIN, "GUARDSERVE_AUDIT_LOG": str(tmp / "audit.jsonl")}
-    srv = start_server([], tmp / "server.log", env=env)
+    srv = start_server(["--", "--gpu-memory-utilization", "0.09"], tmp / "server.log", env=env)
     try:
         yield srv
     finally:

@@ -71,6 +71,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "its own tokenizer) or `sp32k` (Mistral, Mistral 7B's SentencePiece tokenizer and [INST] template)"),
     Setting("GUARDSERVE_DB", text, None, "policy store: a SQLite path or a `postgresql://` URL",
             "`$GUARDSERVE_HOME/policy.db`"),
+    Setting("GUARDSERVE_DB_TIMEOUT_S", _float, 2.0, "how long a Postgres policy store call waits for a connection "
+            "before it fails (the store is then reported unreachable; the pool keeps reconnecting)"),
+    Setting("GUARDSERVE_MAX_POLICY_AGE_S", _float, 5.0, "a server whose policy was last confirmed against the store "
+            "longer ago refuses guarded requests with `503` and fails `/health`, until the store answers again"),
     Setting("GUARDSERVE_API_KEYS", text, None, "inference keys, `key:tenant` pairs separated by commas; unset: no "
             "inference auth, tenant `default`"),
     Setting("GUARDSERVE_ADMIN_KEY", text, None, "guards `/v1/unlearning/*` and `/metrics`; unset: the admin API is off "

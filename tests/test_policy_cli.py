@@ -74,4 +74,4 @@ def test_duplicate_is_refused(db, capsys):
 
 def test_unreachable_postgres_is_a_clear_error(capsys):
     rc, _, err = run(capsys, "targets", "list", "--db", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
-    assert rc == 2 and "cannot open the policy store" in err
+    assert rc == 2 and "cannot reach the policy store" in err and "Connection refused" in err

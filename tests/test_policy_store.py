@@ -3,83 +3,16 @@ CRUD and versions, the append-only audit log, validation, tenants, concurrent wr
 and a writer killed mid-write."""
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
+import multiprocessing as mp
+import signal
+import sys
 import time
 
+import pytest
+from conftest import skip_or_fail
+from postgres_server import PostgresServer, pg_bindir
 
-def pg_bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return os.path.dirname(found[-1]) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PostgresServer:
-    def __init__(self):
-        bindir = pg_bindir()
-        if bindir is None:
-            raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql/*/bin")
-        self.bindir = bindir
-        self.dir = tempfile.mkdtemp(prefix="guardserve-pg-")
-        self.data = os.path.join(self.dir, "data")
-        self.port = _free_port()
-        self.as_user: str | None = None
-        if os.geteuid() == 0:
-            try:
-                pwd.getpwnam("postgres")
-            except KeyError:
-                subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
-            self.as_user = "postgres"
-            shutil.chown(self.dir, "postgres")
-        self._run([f"{bindir}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                   "--no-sync"])
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
-                f"-c synchronous_commit=off -c full_page_writes=off")
-        self._run([f"{bindir}/pg_ctl", "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "log"), "-w",
-                   "-t", "60", "start"])
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, cmd: list[str]) -> None:
-        if self.as_user:
-            cmd = ["runuser", "-u", self.as_user, "--", *cmd]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=self.dir)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
-
-    def new_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            c.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
-
-    def stop(self) -> None:
-        try:
-            self._run([f"{self.bindir}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop"])
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------
-import multiprocessing as mp  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-from conftest import skip_or_fail  # noqa: E402
-
-from guardserve.policy import (  # noqa: E402
+from guardserve.policy import (
     DuplicateTargetError,
     PostgresStore,
     SQLiteStore,
@@ -344,3 +277,118 @@ def test_kill_9_mid_write_leaves_store_consistent(store_url, store):
         fresh.add({"name": "After"})   # still writable: no lock left behind
     finally:
         fresh.close()
+
+
+# --------------------------------------------------------------------------- schema versions
+
+
+def test_schema_is_versioned_and_a_pre_versioning_store_is_adopted(store_url, store):
+    assert store.schema_version() == 1
+    store.add({"name": "Kept"})
+    store.close()
+    # A database from before versioning: the tables, no schema_version. Opening it adopts it
+    # as version 1 and leaves its data alone.
+    if store_url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as c:
+            c.execute("DROP TABLE schema_version")
+    else:
+        import sqlite3
+
+        with sqlite3.connect(store_url) as c:
+            c.execute("DROP TABLE schema_version")
+    again = open_store(store_url)
+    try:
+        assert again.schema_version() == 1
+        assert [t.name for t in again.list()] == ["Kept"]
+    finally:
+        again.close()
+
+
+def test_a_store_from_a_newer_guardserve_is_refused(store_url, store):
+    from guardserve.policy import PolicyError
+
+    with store._write() as cur:
+        cur.execute(store._q("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)"), (99, time.time()))
+    store.close()
+    with pytest.raises(PolicyError, match="schema is version 99, newer than this guardserve"):
+        open_store(store_url)
+
+
+# --------------------------------------------------------------------------- Postgres faults
+
+
+def test_a_change_wakes_other_replicas_through_notify(pg_server):
+    import threading
+
+    url = pg_server.new_database("notify")
+    writer, reader = open_store(url), open_store(url)
+    try:
+        assert reader.wait_for_change(0.2) is False   # nothing changed: waits the timeout out
+        woke: list[float] = []
+
+        def wait():
+            t0 = time.monotonic()
+            woke.append(reader.wait_for_change(10.0) and time.monotonic() - t0)
+
+        th = threading.Thread(target=wait)
+        th.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        writer.add({"name": "Announced"})
+        th.join(15)
+        assert woke and woke[0] is not False, "the reader was not woken by the change"
+        assert time.monotonic() - t0 < 1.0
+        # A rolled-back write announces nothing.
+        with pytest.raises(DuplicateTargetError):
+            writer.add({"name": "Announced"})
+        assert reader.wait_for_change(0.3) is False
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_postgres_outage_fails_fast_and_the_store_recovers_by_itself():
+    """The database stops (as a crash would) and comes back on the same data: calls meanwhile
+    fail within the timeout with StoreUnavailableError; afterwards the same store object works
+    again within seconds (the pool reconnects), with every committed target there."""
+    from guardserve.policy import StoreUnavailableError
+
+    if pg_bindir() is None:
+        skip_or_fail("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
+    srv = PostgresServer()
+    try:
+        url = srv.new_database("outage")
+        store = PostgresStore(url, timeout=1.0)
+        committed = [store.add({"name": f"Before {i}"}).id for i in range(5)]
+        srv.pause()
+        for op in (store.list, lambda: store.add({"name": "During"}), lambda: store.changes_since(0)):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailableError, match="unreachable"):
+                op()
+            assert time.monotonic() - t0 < 5.0
+        assert store.wait_for_change(0.5) is False      # the listener fails quietly and waits out its timeout
+        time.sleep(4.0)                                  # the pool gives up its reconnect attempts meanwhile
+        srv.start()
+        t0, back = time.monotonic(), None
+        while back is None and time.monotonic() - t0 < 15:
+            try:
+                back = store.list()
+            except StoreUnavailableError:
+                time.sleep(0.1)
+        assert back is not None, "the store did not recover within 15 s of the database's return"
+        assert time.monotonic() - t0 < 5.0
+        assert {t.id for t in back} == set(committed)   # nothing committed was lost; 'During' never was
+        store.add({"name": "After"})
+        assert store.wait_for_change(0.2) in (True, False)  # the listener reconnects
+        store.close()
+    finally:
+        srv.stop()
+
+
+def test_unreachable_postgres_is_a_clear_error_naming_the_reason():
+    from guardserve.policy import StoreUnavailableError
+
+    with pytest.raises(StoreUnavailableError, match="cannot reach the policy store: .*(refused|failed)"):
+        open_store("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")

@@ -12,6 +12,7 @@ from guardserve.policy.model import (
     DuplicateTargetError,
     ForgetTarget,
     PolicyError,
+    StoreUnavailableError,
     TargetNotFoundError,
     ValidationError,
     VersionConflictError,
@@ -22,6 +23,6 @@ from guardserve.policy.store import PolicyStore, PostgresStore, SQLiteStore, ope
 
 __all__ = [
     "KINDS", "MODES", "AuditEntry", "DuplicateTargetError", "ForgetTarget", "PolicyError", "PolicyStore",
-    "PostgresStore", "SQLiteStore", "TargetNotFoundError", "ValidationError", "VersionConflictError",
+    "PostgresStore", "SQLiteStore", "StoreUnavailableError", "TargetNotFoundError", "ValidationError", "VersionConflictError",
     "name_key", "open_store", "validate_spec",
 ]

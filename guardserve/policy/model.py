@@ -36,6 +36,10 @@ class PolicyError(Exception):
     """Base of every error the policy package raises on purpose."""
 
 
+class StoreUnavailableError(PolicyError):
+    """The store cannot be reached (the database is down or unreachable); nothing was changed."""
+
+
 class ValidationError(PolicyError, ValueError):
     """The input is malformed; the message names the field and the problem."""
 

@@ -6,6 +6,12 @@ mid-write (kill -9) leaves either both or neither. The audit log is append-only,
 by the database (triggers refuse UPDATE and DELETE on it), and its ``seq`` orders all
 changes so that a detector (or a replica) catches up with ``changes_since(seq)`` instead
 of reloading everything.
+
+Schemas are versioned: each database records the migrations applied to it in
+``schema_version``, and opening a store applies the missing ones in order (one writer at a
+time), so a fleet can be upgraded replica by replica; a database written by a newer
+guardserve is refused rather than misread. Postgres stores tell the other replicas of each
+change at commit (``NOTIFY``), which :meth:`PolicyStore.wait_for_change` waits on.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from guardserve.policy.model import (
     DuplicateTargetError,
     ForgetTarget,
     PolicyError,
+    StoreUnavailableError,
     TargetNotFoundError,
     ValidationError,
     VersionConflictError,
@@ -79,6 +86,13 @@ class PolicyStore(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block until another writer may have changed the policy, or ``timeout`` s passed;
+        True when woken by a change. The default cannot be told and simply waits: callers
+        poll ``changes_since`` after each call either way."""
+        time.sleep(timeout)
+        return False
 
     def add(self, spec: dict, actor: str = "cli") -> ForgetTarget:
         return self.add_many([spec], actor)[0]
@@ -153,6 +167,31 @@ class SQLStore(PolicyStore):
         if not isinstance(exc, PolicyError) and self._is_unique_violation(exc):
             raise DuplicateTargetError("a target with that name already exists for the tenant") from None
         raise exc
+
+    def _migrate(self, cur, migrations: tuple[str, ...]) -> None:
+        """Bring the schema to ``len(migrations)``, inside the caller's write transaction.
+        Migration 1 creates tables only where missing, so a database from before versioning
+        is adopted as version 1 untouched."""
+        cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at "
+                    f"{self._real} NOT NULL)")
+        cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        current = int(cur.fetchone()[0])
+        if current > len(migrations):
+            raise PolicyError(f"the policy store's schema is version {current}, newer than this guardserve knows "
+                              f"({len(migrations)}): upgrade guardserve on this host")
+        for version in range(current + 1, len(migrations) + 1):
+            self._run_script(cur, migrations[version - 1])
+            cur.execute(self._q("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)"), (version, time.time()))
+
+    def _run_script(self, cur, script: str) -> None:
+        cur.execute(script)
+
+    def schema_version(self) -> int:
+        with self._read() as cur:
+            cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            return int(cur.fetchone()[0])
+
+    _real = "REAL"
 
     def _q(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
@@ -316,7 +355,8 @@ class SQLStore(PolicyStore):
             (time.time(), actor, "setting", None, "", None, json.dumps({"key": key, "value": value})))
 
 
-_SQLITE_SCHEMA = """
+# Migration 1: the schema as it was before versioning (hence IF NOT EXISTS). Append, never edit.
+_SQLITE_MIGRATIONS: tuple[str, ...] = ("""
 CREATE TABLE IF NOT EXISTS targets (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, name_key TEXT NOT NULL,
     kind TEXT NOT NULL, mode TEXT NOT NULL, version INTEGER NOT NULL,
@@ -331,7 +371,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
+""",)
 
 
 class SQLiteStore(SQLStore):
@@ -353,9 +393,9 @@ class SQLiteStore(SQLStore):
             self._conn.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed change survives power loss, not only a process crash.
             self._conn.execute("PRAGMA synchronous = FULL")
-            # One script, one transaction: processes opening a new file together
-            # cannot see half a schema.
-            self._conn.executescript("BEGIN IMMEDIATE;" + _SQLITE_SCHEMA + "COMMIT;")
+        # One transaction: processes opening a new file together cannot see half a schema.
+        with self._write() as cur:
+            self._migrate(cur, _SQLITE_MIGRATIONS)
 
     @contextmanager
     def _write(self):
@@ -381,6 +421,16 @@ class SQLiteStore(SQLStore):
             finally:
                 cur.close()
 
+    def _run_script(self, cur, script: str) -> None:
+        # cursor.execute runs one statement, and executescript would commit the transaction
+        # first: split on complete statements (a trigger's body holds semicolons).
+        statement = ""
+        for line in script.splitlines(keepends=True):
+            statement += line
+            if self._sqlite3.complete_statement(statement):
+                cur.execute(statement)
+                statement = ""
+
     def _is_unique_violation(self, exc: Exception) -> bool:
         return isinstance(exc, self._sqlite3.IntegrityError) and "UNIQUE" in str(exc)
 
@@ -392,7 +442,8 @@ class SQLiteStore(SQLStore):
         return f"SQLiteStore({str(self.path)!r})"
 
 
-_PG_SCHEMA = """
+# Migration 1: the schema as it was before versioning (hence IF NOT EXISTS). Append, never edit.
+_PG_MIGRATIONS: tuple[str, ...] = ("""
 CREATE TABLE IF NOT EXISTS targets (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, name_key TEXT NOT NULL,
     kind TEXT NOT NULL, mode TEXT NOT NULL, version INTEGER NOT NULL,
@@ -408,50 +459,110 @@ CREATE OR REPLACE FUNCTION guardserve_audit_append_only() RETURNS trigger AS $$
 DROP TRIGGER IF EXISTS audit_append_only ON audit;
 CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
     FOR EACH ROW EXECUTE FUNCTION guardserve_audit_append_only();
-"""
+""",)
 
-# Any constant: replicas starting together take this lock so that only one creates the schema.
+# Any constant: replicas starting together take this lock so that only one migrates.
 _PG_SCHEMA_LOCK = 0x67756172
+
+# Every committed change is announced here (NOTIFY is delivered at commit, never for a
+# rolled-back transaction); replicas LISTEN instead of waiting for their next poll.
+PG_CHANNEL = "guardserve_policy"
 
 
 class PostgresStore(SQLStore):
-    """For several replicas sharing one policy. Writers take an exclusive lock on the
-    audit table for the length of their (short) transaction, so ``seq`` values become
-    visible in order and ``changes_since`` never skips a change committed late."""
+    """For several replicas sharing one policy.
+
+    Connections come from a pool (``psycopg_pool``) that checks each one before use and
+    reconnects with backoff when the database went away; while it cannot, calls fail after
+    ``$GUARDSERVE_DB_TIMEOUT_S`` with :class:`StoreUnavailableError` and change nothing.
+    Writers take an exclusive lock on the audit table for their (short) transaction, so
+    ``seq`` values become visible in order and ``changes_since`` never skips a change
+    committed late."""
 
     placeholder = "%s"
+    _real = "DOUBLE PRECISION"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout: float | None = None):
         import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        from guardserve import config
 
         self._psycopg = psycopg
         self.url = url
-        self._conn = psycopg.connect(url, autocommit=False)
-        self._lock = threading.RLock()
-        with self._lock, self._conn.transaction():
-            with self._conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-                cur.execute(_PG_SCHEMA)
-        self._conn.autocommit = True
+        self.timeout = float(timeout if timeout is not None else config.get("GUARDSERVE_DB_TIMEOUT_S"))
+        self._unavailable = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+        self._listener = None
+        self._listener_lock = threading.Lock()
+        # The first connection migrates, outside the pool: an unreachable database is reported
+        # here with the driver's own reason (refused, unknown host, bad password).
+        try:
+            with psycopg.connect(url, autocommit=False, connect_timeout=max(1, round(self.timeout))) as conn:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                    self._migrate(cur, _PG_MIGRATIONS)
+        except psycopg.OperationalError as e:
+            raise StoreUnavailableError(f"cannot reach the policy store: {str(e).strip()}") from None
+        # A short reconnect_timeout: the pool retries with backoff (1 s, 2 s, ...) for that long,
+        # then gives up until the next caller asks, who starts a fresh attempt at once; so service
+        # resumes within seconds of the database returning, however long it was away.
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=4, open=True, name="guardserve-policy", timeout=self.timeout,
+            reconnect_timeout=max(2.0, 2 * self.timeout), check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))})
+
+    @contextmanager
+    def _connection(self):
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except self._unavailable as e:
+            raise StoreUnavailableError(f"the policy store is unreachable ({type(e).__name__}: "
+                                        f"{str(e).strip() or 'no connection within the timeout'})") from None
 
     @contextmanager
     def _write(self):
-        with self._lock, self._conn.transaction():
-            with self._conn.cursor() as cur:
-                cur.execute("LOCK TABLE audit IN EXCLUSIVE MODE")
-                yield cur
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute("LOCK TABLE audit IN EXCLUSIVE MODE")
+            yield cur
+            cur.execute("SELECT pg_notify(%s, '')", (PG_CHANNEL,))
 
     @contextmanager
     def _read(self):
-        with self._lock, self._conn.cursor() as cur:
+        with self._connection() as conn, conn.cursor() as cur:
             yield cur
 
     def _is_unique_violation(self, exc: Exception) -> bool:
         return isinstance(exc, self._psycopg.errors.UniqueViolation)
 
+    def wait_for_change(self, timeout: float) -> bool:
+        """Wait on the store's NOTIFY channel (one connection of its own, reopened after a
+        failure). Notifications that arrive between calls are buffered by the connection,
+        so none is missed."""
+        deadline = time.monotonic() + timeout
+        with self._listener_lock:
+            try:
+                if self._listener is None or self._listener.closed:
+                    self._listener = self._psycopg.connect(self.url, autocommit=True,
+                                                           connect_timeout=max(1, round(timeout)))
+                    self._listener.execute(f"LISTEN {PG_CHANNEL}")
+                left = max(0.0, deadline - time.monotonic())
+                for _ in self._listener.notifies(timeout=left, stop_after=1):
+                    return True
+                return False
+            except self._psycopg.Error:
+                if self._listener is not None:
+                    self._listener.close()
+                self._listener = None
+        time.sleep(max(0.0, deadline - time.monotonic()))  # the database is away: the caller polls
+        return False
+
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._pool.close()
+        with self._listener_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
 
     def __repr__(self) -> str:
         return "PostgresStore(<url>)"

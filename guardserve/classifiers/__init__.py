@@ -8,7 +8,14 @@ hidden-state MLP, and ``always`` targets) and adds GUARD's retrieval step
 Importing this package is cheap; the embedder loads when a Detector with embeddings is built.
 """
 
-from guardserve.classifiers.detector import DetectionError, Detector, DetectorConfig, Triggered, message_texts
+from guardserve.classifiers.detector import (
+    DetectionError,
+    Detector,
+    DetectorConfig,
+    PolicyStaleError,
+    Triggered,
+    message_texts,
+)
 from guardserve.classifiers.retrieval import forbidden_phrases
 
-__all__ = ["DetectionError", "Detector", "DetectorConfig", "Triggered", "forbidden_phrases", "message_texts"]
+__all__ = ["DetectionError", "Detector", "DetectorConfig", "PolicyStaleError", "Triggered", "forbidden_phrases", "message_texts"]

@@ -42,6 +42,11 @@ class DetectionError(RuntimeError):
     """Detection could not run; the request must be refused (fail closed)."""
 
 
+class PolicyStaleError(DetectionError):
+    """The detector's policy is older than its bound allows: the store may hold targets it has
+    not seen, so it decides nothing (a replica answers 503 and a router drains it)."""
+
+
 @dataclass(frozen=True)
 class Triggered:
     target_id: str
@@ -66,6 +71,12 @@ class DetectorConfig:
     top_k: int = 16
     approx_above: int = 50_000          # vectors beyond which the faiss index is approximate
     sync_interval_s: float = 0.5        # how often detect() looks for policy changes
+    # False where a loop of the caller's keeps the detector synced (the server's, woken by the
+    # store's notifications): the request path then never waits on the store.
+    sync_in_detect: bool = True
+    # Fail closed on a stale policy: detect() raises PolicyStaleError when the store last
+    # confirmed this detector's policy longer ago than this (None: never; a replica sets it).
+    max_policy_age_s: float | None = None
     max_chunk_chars: int = 500          # embedding window over long messages
     chunk_overlap_chars: int = 100      # windows overlap, so a question cut by a boundary is whole in one
     # Per conversation, newest first: 256 windows cover about 100,000 characters, past any context
@@ -130,6 +141,7 @@ class Detector:
         self._fact_vecs: dict[str, dict[str, np.ndarray]] = {}
         self._seq = 0
         self._last_sync = 0.0
+        self._confirmed = time.monotonic()  # when a store read last found nothing newer than _seq
         self.lexical = LexicalIndex()
         self.embedder = None
         self.vectors = None
@@ -167,6 +179,26 @@ class Detector:
             self._read_threshold()
             self._last_sync = time.monotonic()
         self.sync(force=True)
+
+    @property
+    def policy_seq(self) -> int:
+        """The store's change sequence number this detector has applied: the policy version it enforces."""
+        return self._seq
+
+    @property
+    def policy_age_s(self) -> float:
+        """Seconds since the store last confirmed that no change past :attr:`policy_seq` exists.
+        Only a successful read sets it: a sync that fails, or hangs, lets it grow."""
+        return time.monotonic() - self._confirmed
+
+    def stale(self) -> str | None:
+        """Why the policy cannot be trusted now (``max_policy_age_s`` passed), or None."""
+        limit = self.config.max_policy_age_s
+        age = self.policy_age_s
+        if limit is not None and age > limit:
+            return (f"the policy was last confirmed against the store {age:.1f} s ago (limit {limit:g} s); "
+                    "the store is unreachable or the sync is stuck")
+        return None
 
     def _read_threshold(self) -> None:
         if self.config.threshold is None:
@@ -272,6 +304,7 @@ class Detector:
         while True:
             changes = self.store.changes_since(self._seq, limit=5000)
             if not changes:
+                self._confirmed = time.monotonic()
                 return n
             latest: dict[str, ForgetTarget | None] = {}
             threshold_changed = False
@@ -346,9 +379,13 @@ class Detector:
     def _detect(self, messages, tenant: str | None, embeddings: bool = True,
                 lexical_only: list[str] | None = None) -> list[Triggered]:
         texts = message_texts(messages)
-        # A few new targets are embedded here; a bulk import is left to the server's
-        # sync loop (meanwhile its targets are matched by name).
-        self.sync(embed_budget_s=0.5 if embeddings and self.pending <= 64 else 0.0)
+        if self.config.sync_in_detect:
+            # A few new targets are embedded here; a bulk import is left to the server's
+            # sync loop (meanwhile its targets are matched by name).
+            self.sync(embed_budget_s=0.5 if embeddings and self.pending <= 64 else 0.0)
+        why = self.stale()
+        if why is not None:
+            raise PolicyStaleError(why)
         with self._lock:
             query = Query(self, texts, lexical_only or [], tenant,
                           embeddings=bool(embeddings and self.vectors is not None and self.vectors.ntotal))

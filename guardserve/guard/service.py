@@ -119,6 +119,8 @@ class GuardService:
     @classmethod
     def from_env(cls, model: str | None, tokenizer_name: str | None = None, trust_remote_code: bool = False,
                  max_model_len: int | None = None, metrics=None):
+        """The server's service, configured by ``GUARDSERVE_*``. Its detector does not sync in
+        the request path: the caller runs the sync loop (``GuardEndpointPlugin``)."""
         from guardserve.classifiers import Detector, DetectorConfig
         from guardserve.policy import open_store
 
@@ -127,8 +129,12 @@ class GuardService:
         # reads them back in seconds instead of embedding them again for minutes.
         cache = config.home() / "cache" / "target-vectors.sqlite"
         cache.parent.mkdir(parents=True, exist_ok=True)
+        # The server's loop keeps the detector synced (woken by the store's notifications), so
+        # requests never wait on the store, and refuse once the policy is older than the bound.
         detector = Detector(store, DetectorConfig(vector_cache=str(cache),
-                                                  hidden_state_model=config.get("GUARDSERVE_HIDDEN_STATE_MODEL")))
+                                                  hidden_state_model=config.get("GUARDSERVE_HIDDEN_STATE_MODEL"),
+                                                  sync_in_detect=False,
+                                                  max_policy_age_s=config.get("GUARDSERVE_MAX_POLICY_AGE_S")))
         tokenizer = None
         if model:
             from transformers import AutoTokenizer
@@ -172,7 +178,7 @@ class GuardService:
     def policy_version(self) -> int | None:
         """The policy store's change sequence number the detector has applied (the policy this
         replica enforces), None where the detector does not say."""
-        seq = getattr(self.detector, "_seq", None)  # Detector keeps it private; no accessor yet
+        seq = getattr(self.detector, "policy_seq", None)
         return seq if isinstance(seq, int) else None
 
     def audit(self, decision: Decision, route: str, adapter: str | None = None) -> None:

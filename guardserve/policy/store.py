@@ -492,7 +492,7 @@ class PostgresStore(SQLStore):
         self.url = url
         self.timeout = float(timeout if timeout is not None else config.get("GUARDSERVE_DB_TIMEOUT_S"))
         self._unavailable = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-        self._listener = None
+        self._listener: psycopg.Connection | None = None
         self._listener_lock = threading.Lock()
         # The first connection migrates, outside the pool: an unreachable database is reported
         # here with the driver's own reason (refused, unknown host, bad password).
@@ -542,12 +542,13 @@ class PostgresStore(SQLStore):
         deadline = time.monotonic() + timeout
         with self._listener_lock:
             try:
-                if self._listener is None or self._listener.closed:
-                    self._listener = self._psycopg.connect(self.url, autocommit=True,
-                                                           connect_timeout=max(1, round(timeout)))
-                    self._listener.execute(f"LISTEN {PG_CHANNEL}")
+                listener = self._listener
+                if listener is None or listener.closed:
+                    listener = self._listener = self._psycopg.connect(self.url, autocommit=True,
+                                                                      connect_timeout=max(1, round(timeout)))
+                    listener.execute(f"LISTEN {PG_CHANNEL}")
                 left = max(0.0, deadline - time.monotonic())
-                for _ in self._listener.notifies(timeout=left, stop_after=1):
+                for _ in listener.notifies(timeout=left, stop_after=1):
                     return True
                 return False
             except self._psycopg.Error:

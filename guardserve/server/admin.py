@@ -2,7 +2,8 @@
 
 Every change is written to the policy store (audited there) and applied to this
 process's detector at once; other server processes pick it up from the store's change
-feed within their sync interval.
+feed (woken by its notification on Postgres) well within a second. ``GET status`` says
+which policy version this replica enforces and how fresh it is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from guardserve.policy import DuplicateTargetError, PolicyError, TargetNotFoundError, ValidationError, VersionConflictError
+from guardserve.policy import (
+    DuplicateTargetError,
+    PolicyError,
+    StoreUnavailableError,
+    TargetNotFoundError,
+    ValidationError,
+    VersionConflictError,
+)
 
 router = APIRouter(prefix="/v1/unlearning", tags=["guardserve admin"])
 ACTOR = "admin-api"
@@ -27,6 +35,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _policy_error(e: Exception) -> JSONResponse:
+    if isinstance(e, StoreUnavailableError):  # nothing was changed; the caller retries
+        return _error(503, str(e))
     if isinstance(e, TargetNotFoundError):
         return _error(404, str(e))
     if isinstance(e, (DuplicateTargetError, VersionConflictError)):
@@ -63,7 +73,11 @@ PARTS_BUDGET_S = 10.0
 def _changed(service, targets=(), deleted: str | None = None) -> None:
     # Names and aliases apply before the call returns; embeddings follow in the
     # server's sync loop, so a bulk import does not hold the admin call for minutes.
-    service.detector.sync(force=True, embed_budget_s=0.0)
+    try:
+        service.detector.sync(force=True, embed_budget_s=0.0)
+    except StoreUnavailableError:  # the change is committed: the sync loop applies it when the store answers
+        log.warning("guardserve: a committed change is not applied yet: the policy store stopped answering")
+        return
     parts = getattr(service, "filter_parts", None)
     if parts is None:
         return
@@ -142,6 +156,20 @@ async def delete_target(request: Request, target_id: str):
     except (PolicyError, ValueError) as e:
         return _policy_error(e)
     return Response(status_code=204)
+
+
+@router.get("/status")
+async def status(request: Request):
+    """The policy this replica enforces: its version (the store's change sequence number it
+    has applied), how long ago the store last confirmed it current, the bound past which
+    guarded requests are refused, the targets indexed and those still being embedded."""
+    service = _service(request)
+    detector = service.detector
+    limit = detector.config.max_policy_age_s
+    return {"policy_version": detector.policy_seq, "policy_age_s": round(detector.policy_age_s, 3),
+            "max_policy_age_s": limit, "stale": detector.stale() is not None,
+            "targets": len(detector.targets()), "pending_embeddings": detector.pending,
+            "store": type(service.store).__name__}
 
 
 @router.get("/filters")

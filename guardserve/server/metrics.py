@@ -53,6 +53,8 @@ HISTOGRAMS = {
 GAUGES = {
     "guardserve_policy_version": "The policy store's change sequence number this replica enforces (the last change "
                                  "its detector applied).",
+    "guardserve_policy_age_seconds": "Seconds since the policy store last confirmed this replica's policy current; "
+                                     "past GUARDSERVE_MAX_POLICY_AGE_S the replica refuses guarded requests (503).",
     "guardserve_targets": "Forget targets this replica enforces (every tenant).",
     "guardserve_targets_pending_embeddings": "Targets matched by name that still wait for their embeddings.",
 }
@@ -132,8 +134,8 @@ class GuardMetrics:
             yield HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=total)
         detector = getattr(self.service, "detector", None)
         if detector is not None:
-            # The detector's applied change sequence: it has no public accessor yet.
-            values = {"guardserve_policy_version": getattr(detector, "_seq", None),
+            values = {"guardserve_policy_version": getattr(detector, "policy_seq", None),
+                      "guardserve_policy_age_seconds": getattr(detector, "policy_age_s", None),
                       "guardserve_targets": len(detector.targets()),
                       "guardserve_targets_pending_embeddings": getattr(detector, "pending", None)}
             for name, help_text in GAUGES.items():

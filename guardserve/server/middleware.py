@@ -35,6 +35,9 @@ INFERENCE = {"/v1/models", "/tokenize", "/detokenize"}
 DOCS = {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
 ADMIN_PREFIX = "/v1/unlearning/"
 MAX_BODY = config.get("GUARDSERVE_MAX_BODY_BYTES")
+# Clients and routers read this; the reason (how old, why) is in the operator's log and status.
+STALE_MESSAGE = ("this replica cannot confirm the current forget policy (its policy store is unreachable) and serves "
+                 "no guarded request until it can; retry on another replica")
 
 
 async def send_json(send, status: int, message: str, err_type: str) -> None:
@@ -63,6 +66,8 @@ class GuardMiddleware:
                 if path == "/metrics":
                     auth.check_metrics(headers)
                     return await self._metrics(scope, receive, send)
+                if path == "/health" and self._stale() is not None:  # a router drains this replica
+                    return await send_json(send, 503, STALE_MESSAGE, "service_unavailable")
                 return await self.app(scope, receive, send)
             if path.startswith(ADMIN_PREFIX.rstrip("/")):
                 auth.check_admin(headers)
@@ -92,6 +97,9 @@ class GuardMiddleware:
         service = self.plugin.service
         if service is None:
             return await send_json(send, 503, "the server is starting; retry shortly", "service_unavailable")
+        if self._stale() is not None:
+            service.count_outcome(tenant, "refused_fail_closed", 0.0)
+            return await send_json(send, 503, STALE_MESSAGE, "service_unavailable")
         raw = await self._read_body(receive)
         if raw is None:
             return await send_json(send, 413, f"request body larger than {MAX_BODY} bytes", "invalid_request_error")
@@ -131,6 +139,11 @@ class GuardMiddleware:
             return await self.app(*_with_body(scope, again, receive), again_send)
         finally:
             REQUEST.reset(token)
+
+    def _stale(self) -> str | None:
+        """Why this replica's policy cannot be trusted now (the operator's words), or None."""
+        service = self.plugin.service
+        return None if service is None else service.detector.stale()
 
     async def _with_icul(self, service, body: dict, triggered: list, ctx: RequestContext, send):
         """``body`` (the client's) with in-context unlearning for ``triggered``, and the ``send``

@@ -119,20 +119,32 @@ class GuardEndpointPlugin:
                 log.error("unlearning adapter %s not loaded: %s", name, why)
 
     async def _keep_synced(self, state, interval: float = 0.25, adapter_every: int = 8) -> None:
-        """Pull policy changes made elsewhere (CLI, other replicas) so requests that
-        start a second later see them, without waiting on the index in the request;
-        every couple of seconds also load adapters registered with the CLI."""
+        """Pull policy changes made elsewhere (CLI, other replicas): woken at once by the
+        store's notification (Postgres), else every ``interval`` s, so a change made on any
+        replica is in force here well within a second. Each successful pass confirms the
+        policy current (``Detector.policy_age_s``); while the store is away the age grows
+        until requests are refused (``GUARDSERVE_MAX_POLICY_AGE_S``), and the first pass
+        that reaches it again restores service. Every couple of seconds also load adapters
+        registered with the CLI."""
         from guardserve.server.adapters import AdapterManager
 
         manager = AdapterManager.of(state)
-        tick = 0
+        detector = self.service.detector
+        tick, failing = 0, False
         while True:
             try:
-                changed = await asyncio.to_thread(self.service.detector.sync, True)
+                changed = await asyncio.to_thread(detector.sync, True)
                 if changed and self.service.filter_parts is not None:
                     self.service.filter_parts.poke()  # changes made elsewhere (CLI, replicas): their parts
-            except Exception:  # the next detect() refuses requests if the store stays broken
-                log.exception("guardserve: policy sync failed")
+                if failing:
+                    log.warning("guardserve: the policy store answers again; enforcing policy version %d",
+                                detector.policy_seq)
+                failing = False
+            except Exception as e:  # the policy's age grows: past the bound requests are refused
+                if not failing:
+                    log.error("guardserve: policy sync failed (%s: %s); refusing guarded requests once the policy "
+                              "is %g s old", type(e).__name__, e, detector.config.max_policy_age_s or float("inf"))
+                failing = True
             if self.upkeep is not None:
                 self.upkeep.poke()  # returns at once: selections are recomputed in the upkeep's thread
             tick += 1
@@ -143,4 +155,4 @@ class GuardEndpointPlugin:
                         log.error("unlearning adapter %s not loaded: %s", name, why)
                 except Exception:
                     log.exception("guardserve: adapter sync failed")
-            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.service.store.wait_for_change, interval)

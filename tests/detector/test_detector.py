@@ -101,6 +101,35 @@ def test_fails_closed(store, embedder, tmp_path, vector_cache):
         det2.detect("hello")
 
 
+def test_a_policy_not_confirmed_within_its_bound_fails_closed(tmp_path, world):
+    """A replica's detector (synced by the server's loop, not in detect) refuses once the store
+    has not confirmed its policy for ``max_policy_age_s``, and serves again after a sync that
+    reaches the store; a sync that fails does not count as a confirmation."""
+    import time
+
+    from guardserve.classifiers import PolicyStaleError
+
+    store = SQLiteStore(tmp_path / "replica.db")
+    det = Detector(store, DetectorConfig(use_embeddings=False, sync_in_detect=False, max_policy_age_s=0.3))
+    question = world["forget"][0]["question"]
+    assert det.detect(question) == [] and det.stale() is None and det.policy_seq == 0
+    store.add({"name": world["forget"][0]["entity"]})
+    assert det.detect(question) == [], "detect() must not sync when the caller's loop does"
+    time.sleep(0.4)
+    with pytest.raises(PolicyStaleError, match="last confirmed against the store"):
+        det.detect(question)
+    det.sync(force=True)
+    assert det.stale() is None and det.policy_seq == store.last_seq() > 0
+    assert _names(det.detect(question)) == [world["forget"][0]["entity"]]
+    store.close()                                    # the store goes away: syncs fail, the age grows
+    time.sleep(0.4)
+    with pytest.raises(Exception):
+        det.sync(force=True)
+    assert det.policy_age_s > 0.3
+    with pytest.raises(PolicyStaleError):
+        det.detect(question)
+
+
 def test_fails_closed_when_the_embedder_breaks(store, vector_cache):
     emb = Embedder()
     det = Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=emb)

@@ -1,0 +1,262 @@
+"""Several guarded replicas on one Postgres, each a real vLLM server: a change made through
+one replica is in force on the other within a second (measured under load); a Postgres
+outage under load serves no forget fact, refuses with 503 once the policy passes its age
+bound, and ends by itself when the database returns; a replica killed with SIGKILL while
+it writes loses no change it acknowledged.
+
+The figures these tests measure are printed (``pytest -s``) and recorded in the README's
+"Deploying" section."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import ADMIN_KEY, API_KEYS, skip_or_fail
+from postgres_server import PostgresServer, pg_bindir
+
+from guardserve.leak import fact_leaked
+from guardserve.policy import open_store
+
+pytestmark = pytest.mark.slow
+
+MODEL = "guardserve-demo"
+MAX_AGE_S = 2.0          # the replicas' GUARDSERVE_MAX_POLICY_AGE_S
+KEY = next(iter(API_KEYS))
+
+
+@pytest.fixture(scope="module")
+def pg():
+    if pg_bindir() is None:
+        skip_or_fail("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
+    srv = PostgresServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(demo, pg, tmp_path_factory):
+    """Two guarded servers on one Postgres database, each with a small KV cache (2 GiB of host
+    memory), beside the session's server."""
+    from guardserve.server.process import start_server
+
+    tmp = tmp_path_factory.mktemp("replicas")
+    url = pg.new_database("replicas")
+    env = {"GUARDSERVE_DB": url, "GUARDSERVE_API_KEYS": ",".join(f"{k}:{t}" for k, t in API_KEYS.items()),
+           "GUARDSERVE_ADMIN_KEY": ADMIN_KEY, "GUARDSERVE_MAX_POLICY_AGE_S": str(MAX_AGE_S),
+           "GUARDSERVE_DB_TIMEOUT_S": "1"}
+    started = []
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(start_server, ["--", "--gpu-memory-utilization", "0.09"], tmp / f"{name}.log",
+                               env={**env, "GUARDSERVE_AUDIT_LOG": str(tmp / f"{name}-audit.jsonl")})
+                   for name in ("a", "b")]
+        errors = []
+        for f in futures:
+            try:
+                started.append(f.result())
+            except Exception as e:
+                errors.append(e)
+    try:
+        if errors:
+            raise errors[0]
+        yield started[0], started[1], url
+    finally:
+        for srv in started:
+            srv.stop()
+
+
+def admin(server) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url + "/v1/unlearning", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                        timeout=30)
+
+
+def chat(server, question: str, timeout: float = 60) -> httpx.Response:
+    return httpx.post(server.base_url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 16,
+                            "temperature": 0}, timeout=timeout)
+
+
+def triggers(client: httpx.Client, name: str) -> bool:
+    r = client.post("/classify", json={"prompt": f"Where was {name} born?"})
+    assert r.status_code == 200, r.text
+    return any(t["name"] == name for t in r.json()["triggered"])
+
+
+class Load:
+    """Clients asking questions of the replicas in a loop until stopped; every answer is kept
+    as (replica index, started, finished, status, question item, text)."""
+
+    def __init__(self, servers, items, clients_per_server: int):
+        self.stop = threading.Event()
+        self.results: list[tuple] = []
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i, srv, items, k), daemon=True)
+                        for i, srv in enumerate(servers) for k in range(clients_per_server)]
+
+    def _run(self, index, server, items, k):
+        n = k
+        while not self.stop.is_set():
+            item = items[n % len(items)]
+            n += 7
+            t0 = time.monotonic()
+            try:
+                r = chat(server, item["question"])
+                status = r.status_code
+                text = r.json()["choices"][0]["message"]["content"] if status == 200 else r.text
+            except httpx.HTTPError as e:
+                status, text = None, repr(e)
+            with self._lock:
+                self.results.append((index, t0, time.monotonic(), status, item, text))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+
+def _register(client: httpx.Client, entities) -> list[str]:
+    r = client.post("/targets", json=[{"name": e["name"], "aliases": e["aliases"][1:], "kind": "person",
+                                       "facts": e["facts"]} for e in entities])
+    assert r.status_code == 201, r.text
+    return [t["id"] for t in r.json()["targets"]]
+
+
+def test_a_change_through_one_replica_is_enforced_by_the_other_within_a_second(replicas, world):
+    a, b, _ = replicas
+    forget = [e for e in world["entities"] if e["split"] == "forget"][:3]
+    retain = [q for q in world["retain"]][:40]
+    latencies = []
+    with admin(a) as admin_a, admin(b) as admin_b, Load([a, b], retain, clients_per_server=2) as load:
+        time.sleep(2.0)  # the load is running
+        for i in range(20):
+            name = f"Quorvath Ellindre{chr(65 + i)}"
+            r = admin_a.post("/targets", json={"name": name, "facts": {"birth_place": f"Zembla {i}"}})
+            assert r.status_code == 201, r.text
+            t0 = time.monotonic()
+            # A applied its own change before answering; B enforces it once its detector has
+            # applied the same change sequence number (names are indexed as it is applied).
+            version = admin_a.get("/status").json()["policy_version"]
+            while admin_b.get("/status").json()["policy_version"] < version:
+                assert time.monotonic() - t0 < 10, f"replica B never applied the change adding {name}"
+                time.sleep(0.005)
+            latencies.append(time.monotonic() - t0)
+        assert all(triggers(admin_b, f"Quorvath Ellindre{chr(65 + i)}") for i in range(20))
+        # The real thing: people registered through A, asked of B.
+        ids = _register(admin_a, forget)
+        time.sleep(1.0)
+        asked = [q for q in world["forget"] if q["entity"] in {e["name"] for e in forget}][:12]
+        answers = [chat(b, q["question"]) for q in asked]
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        leaked = [(q["value"], r.json()["choices"][0]["message"]["content"]) for q, r in zip(asked, answers)
+                  if fact_leaked(r.json()["choices"][0]["message"]["content"], q["value"])]
+        assert not leaked
+        # Deletions travel the same way.
+        for tid in ids:
+            assert admin_a.delete(f"/targets/{tid}").status_code == 204
+        time.sleep(1.0)
+        assert not triggers(admin_b, forget[0]["name"])
+        status_a, status_b = admin_a.get("/status").json(), admin_b.get("/status").json()
+    assert status_a["policy_version"] == status_b["policy_version"] > 0
+    assert not status_b["stale"] and status_b["policy_age_s"] < MAX_AGE_S
+    served = [r for r in load.results if r[3] is not None]
+    assert served and all(r[3] == 200 for r in served), {r[3] for r in served}
+    p99 = sorted(latencies)[max(0, round(0.99 * len(latencies)) - 1)]
+    print(f"\npropagation A -> B over {len(latencies)} changes under load ({len(served)} requests): "
+          f"median {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
+    assert p99 <= 1.0, latencies
+
+
+def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_forget_fact(replicas, pg, world):
+    a, b, url = replicas
+    forget = [e for e in world["entities"] if e["split"] == "forget"][3:8]
+    names = {e["name"] for e in forget}
+    items = [q for q in world["forget"] if q["entity"] in names][:24] + world["retain"][:24]
+    with admin(a) as admin_a:
+        ids = _register(admin_a, forget)
+    time.sleep(1.0)
+    outage_s = 10.0
+    with admin(a) as admin_a, Load([a, b], items, clients_per_server=8) as load:
+        time.sleep(3.0)
+        pg.pause()
+        stopped = time.monotonic()
+        time.sleep(MAX_AGE_S + 1.5)
+        health = [httpx.get(s.base_url + "/health", timeout=10).status_code for s in (a, b)]
+        during_add = admin_a.post("/targets", json={"name": "Never Committed"})
+        time.sleep(max(0.0, stopped + outage_s - time.monotonic()))
+        pg.start()
+        back = time.monotonic()
+        deadline = back + 15
+        while time.monotonic() < deadline and any(
+                httpx.get(s.base_url + "/health", timeout=10).status_code != 200 for s in (a, b)):
+            time.sleep(0.1)
+        healthy_after = time.monotonic() - back
+        time.sleep(6.0)
+    assert health == [503, 503], "a replica that cannot confirm its policy must fail /health"
+    assert during_add.status_code == 503 and "unreachable" in during_add.json()["error"]["message"]
+    results = load.results
+    leaked = [(r[4]["value"], r[5]) for r in results if r[3] == 200 and "value" in r[4] and r[4]["entity"] in names
+              and fact_leaked(r[5], r[4]["value"])]
+    assert not leaked, leaked
+    # Started once the bound had passed (plus the sync's own timeout) and ended before the
+    # database returned: refused, with a message that names no target.
+    refused_window = [r for r in results if stopped + MAX_AGE_S + 1.0 < r[1] and r[2] < back]
+    assert refused_window and all(r[3] == 503 for r in refused_window), {r[3] for r in refused_window}
+    assert not any(n in r[5] for r in refused_window for n in names)
+    # Started 5 s after the database returned: served again.
+    after = [r for r in results if r[1] > back + 5.0]
+    assert after and all(r[3] == 200 for r in after), {r[3] for r in after}
+    assert healthy_after < 5.0
+    with open_store(url) as store:
+        kept = {t.id for t in store.list()}
+        assert set(ids) <= kept and not any(t.name == "Never Committed" for t in store.list())
+    n503 = sum(r[3] == 503 for r in results)
+    print(f"\noutage of {outage_s:.0f} s under 16 clients: {len(results)} requests, {n503} refused with 503, "
+          f"0 forget facts served, both replicas healthy {healthy_after:.1f} s after Postgres returned")
+    with admin(a) as admin_a:
+        for tid in ids:
+            admin_a.delete(f"/targets/{tid}")
+
+
+def test_kill_9_of_a_replica_mid_write_loses_no_acknowledged_change(replicas):
+    """Runs last: it kills replica A."""
+    a, b, url = replicas
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def write():
+        with admin(a) as client:
+            k = 0
+            while not stop.is_set():
+                try:
+                    r = client.post("/targets", json={"name": f"Victim Olbrecht{k:04d}", "texts": ["x" * 5000]})
+                except httpx.HTTPError:
+                    return  # the replica is gone
+                if r.status_code == 201:
+                    acked.append(r.json()["id"])
+                k += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(3.0)
+    os.killpg(a.proc.pid, signal.SIGKILL)
+    stop.set()
+    writer.join(60)
+    assert len(acked) >= 3
+    with open_store(url) as store:
+        kept = {t.id for t in store.list()}
+        assert set(acked) <= kept
+        last = store.get(acked[-1]).name
+    with admin(b) as admin_b:
+        assert triggers(admin_b, last)
+    assert chat(b, "What is the capital of France?").status_code == 200

@@ -91,8 +91,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("GUARDSERVE_ALLOW_CLIENT_TEMPLATES", flag, False, "clients may send `chat_template` / "
             "`chat_template_kwargs` (the engine entry still reads the final prompt)"),
     Setting("GUARDSERVE_MAX_BODY_BYTES", _int, 16 * 1024 * 1024, "larger request bodies get `413`", "16 MiB"),
-    Setting("GUARDSERVE_SAE", text, None, "the SAE that steering uses (an SAELens folder)",
+    Setting("GUARDSERVE_SAE", text, None, "the SAE that steering uses: an SAELens folder, or `hf://org/name[@revision]`",
             "`$GUARDSERVE_HOME/steering/sae`"),
+    Setting("GUARDSERVE_SAE_SHA256", text, None, "the SAE's digest (`guardserve sae train` prints it); when set, "
+            "a replica whose SAE files differ refuses to steer with them"),
     Setting("GUARDSERVE_STEERING_AUTOSELECT", flag, True, "with steering on, the server keeps feature selections "
             "current as targets change"),
     Setting("GUARDSERVE_STEER_CLAMP", _float, 100.0, "the value selected SAE features are clamped to"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -29,7 +30,10 @@ def test_sync_loop_pokes_upkeep():
 
     plugin = GuardEndpointPlugin()
     syncs, pokes = [], []
-    plugin.service = SimpleNamespace(detector=SimpleNamespace(sync=lambda force: syncs.append(force)))
+    plugin.service = SimpleNamespace(
+        detector=SimpleNamespace(sync=lambda force: syncs.append(force), policy_seq=0,
+                                 config=SimpleNamespace(max_policy_age_s=None)),
+        store=SimpleNamespace(wait_for_change=time.sleep), filter_parts=None)
     plugin.upkeep = SimpleNamespace(poke=lambda: pokes.append(1))
     state = SimpleNamespace(guardserve=plugin, guardserve_adapters=SimpleNamespace(lora_enabled=False))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,13 +37,16 @@ def lora_server(demo, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("lora_server")
     env = {"GUARDSERVE_DB": str(tmp / "policy.db"), "GUARDSERVE_ADMIN_KEY": ADMIN, "GUARDSERVE_HOME": str(tmp / "home"),
-           "GUARDSERVE_AUDIT_LOG": str(tmp / "audit.jsonl"), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+           "GUARDSERVE_AUDIT_LOG": str(tmp / "audit.jsonl"), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+           # Its own Hugging Face cache, offline: hf:// adapters come from there, as from a Hub mirror.
+           "HF_HUB_CACHE": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
     # The demo model by path: GUARDSERVE_HOME is this test's own (adapter copies land there).
     srv = start_server(["--model", str(demo.model), "--served-model-name", "guardserve-demo",
                         "--", "--enable-lora", "--max-loras", "4", "--max-lora-rank", str(MAX_RANK),
                         # It may run beside the session server: a small KV cache is plenty for these requests.
                         "--gpu-memory-utilization", "0.1"], tmp / "server.log", env=env)
     srv.audit_log = tmp / "audit.jsonl"
+    srv.db, srv.home, srv.hf_cache = tmp / "policy.db", tmp / "home", tmp / "hf"
     yield srv
     srv.stop()
 
@@ -140,6 +144,38 @@ def test_triggered_target_is_routed_to_its_adapter(lora_server, admin, adapter_d
         admin.delete("/adapters/routed")
 
 
+def test_adapters_load_by_uri_and_a_changed_copy_is_refused(lora_server, admin, adapter_dir, world):
+    """A Hub adapter (hf://, from the server's offline cache) is registered pinned to its commit
+    and loaded; an adapter whose stored copy changed after registration (another host's copy,
+    a partial sync) is refused by the replica that loads it, with the reason."""
+    from guardserve.policy import SQLiteStore
+    from guardserve.unlearn.registry import AdapterRegistry
+
+    commit = "c0ffee" + "0" * 34
+    repo = lora_server.hf_cache / "models--guardserve-test--shred"
+    shutil.copytree(adapter_dir.path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r = admin.post("/adapters", json={"path": "hf://guardserve-test/shred", "name": "hub-shred"})
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["uri"] == f"hf://guardserve-test/shred@{commit}" and rec["sha256"].startswith("sha256:") and rec["loaded"]
+    assert admin.delete("/adapters/hub-shred").status_code == 200
+
+    # Registered elsewhere (the CLI, another replica), then its stored copy is edited.
+    store = SQLiteStore(lora_server.db)
+    try:
+        tampered = AdapterRegistry(store, root=lora_server.home / "adapters").register(adapter_dir.path, name="tampered")
+    finally:
+        store.close()
+    (Path(tampered["path"]) / "extra.bin").write_bytes(b"not part of the registered adapter")
+    result = admin.post("/adapters/sync").json()
+    assert "differs from the registered" in result["failed"].get("tampered-v1", ""), result
+    assert not next(a for a in admin.get("/adapters").json()["adapters"] if a["name"] == "tampered")["loaded"]
+    admin.delete("/adapters/tampered")
+    _still_serving(lora_server, world)
+
+
 def _blank_adapter(model_dir, out, rank: int, hidden: int | None = None):
     """A real PEFT adapter of the given rank; with ``hidden`` on a different (tiny) base."""
     import torch
@@ -187,7 +223,7 @@ def test_bad_adapters_are_refused_and_server_keeps_serving(lora_server, admin, a
         expect = f"above the server's --max-lora-rank {MAX_RANK}"
     else:
         path = tmp_path / "missing"
-        expect = "not a folder"
+        expect = "no such folder on this host"
     r = admin.post("/adapters", json={**body, "path": str(path)})
     assert r.status_code == 400, r.text
     assert expect in r.json()["error"]["message"]

@@ -5,7 +5,9 @@ Routes (under the admin prefix, so the admin key guards them):
 - ``GET /v1/unlearning/adapters`` — the registry's records, each with ``loaded``.
 - ``POST /v1/unlearning/adapters`` ``{"path", "name"?, "targets"?, "route"?}`` — validate
   the folder (files, base-model shapes, rank against ``--max-lora-rank``), register it
-  (copied to a new versioned path) and load it into vLLM; 201 with the record. Any
+  (copied to a new versioned path, or pinned when ``path`` is an ``hf://`` URI, with its
+  checksum) and load it into vLLM; 201 with the record. Every replica loads a record by
+  its URI and checks the checksum first (``guardserve/artifacts.py``). Any
   failure: 400/404 with the reason, nothing half-loaded, the server keeps serving.
 - ``POST /v1/unlearning/adapters/sync`` — load every active adapter of the registry that
   is not loaded (registered by the CLI or another replica), unload retired ones.
@@ -27,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from guardserve.artifacts import ArtifactError, fetch, fetch_verified
 from guardserve.unlearn.registry import AdapterError, AdapterRegistry, choose_adapter, validate_adapter
 
 log = logging.getLogger("guardserve.server")
@@ -78,14 +82,27 @@ class AdapterManager:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         self._check_enabled()
-        await anyio.to_thread.run_sync(validate_adapter, record["path"], self.base_model, self.max_rank)
+        folder = await anyio.to_thread.run_sync(self.local_copy, record)
+        await anyio.to_thread.run_sync(validate_adapter, folder, self.base_model, self.max_rank)
         result = await self.serving_models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=record["lora_name"], lora_path=record["path"]))
+            LoadLoRAAdapterRequest(lora_name=record["lora_name"], lora_path=str(folder)))
         if isinstance(result, ErrorResponse):
             raise AdapterError(f"vLLM refused adapter {record['lora_name']}: {result.error.message}")
         self.loaded[record["lora_name"]] = record
         log.info("unlearning adapter %s loaded from %s (covers %d target(s), route %s)",
                  record["lora_name"], record["path"], len(record.get("targets", [])), record.get("route"))
+
+    @staticmethod
+    def local_copy(record: dict) -> Path:
+        """The record's folder on this host, fetched by its URI and checked against its checksum
+        (records from before checksums are loaded from their path, with a warning)."""
+        if not record.get("sha256"):
+            log.warning("unlearning adapter %s has no checksum in the registry (registered by an older guardserve); "
+                        "register it again to pin it", record["lora_name"])
+        try:
+            return fetch_verified(record.get("uri") or record["path"], record.get("sha256"))
+        except ArtifactError as e:
+            raise AdapterError(str(e)) from None
 
     async def unload(self, lora_name: str) -> None:
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
@@ -167,7 +184,11 @@ async def add_adapter(request: Request):
         if not isinstance(payload, dict) or not isinstance(payload.get("path"), str):
             raise AdapterError("send {\"path\": adapter folder, \"name\"?, \"targets\"?, \"route\"?}")
         # Checked against this server before anything is recorded: a bad adapter leaves no trace.
-        await anyio.to_thread.run_sync(validate_adapter, payload["path"], manager.base_model, manager.max_rank)
+        try:
+            folder = await anyio.to_thread.run_sync(fetch, payload["path"])
+        except ArtifactError as e:
+            raise AdapterError(str(e)) from None
+        await anyio.to_thread.run_sync(validate_adapter, folder, manager.base_model, manager.max_rank)
         store = manager.registry.store
         targets = await anyio.to_thread.run_sync(_resolve_targets, store, payload.get("targets"))
         async with manager._lock:

@@ -81,12 +81,17 @@ def _serve(args: argparse.Namespace) -> int:
     if guard.adapter and not args.lora:
         print(f"guardserve: --guard {guard.name} serves registered unlearning adapters only with --lora", flush=True)
     if guard.steering:
-        from guardserve.steering.flags import sae_path
+        from guardserve.artifacts import ArtifactError
+        from guardserve.steering.flags import check_sae, sae_path
 
-        sae = sae_path()
-        if not (sae / "cfg.json").is_file() and not (sae / "params.npz").is_file():
-            raise UsageError(f"--guard {guard.name} steers: no SAE at {sae}; train one with `guardserve sae train` "
-                             "(or set GUARDSERVE_SAE to an SAELens folder)")
+        try:
+            sae = sae_path()
+            if not (sae / "cfg.json").is_file() and not (sae / "params.npz").is_file():
+                raise UsageError(f"--guard {guard.name} steers: no SAE at {sae}; train one with `guardserve sae train` "
+                                 "(or set GUARDSERVE_SAE to an SAELens folder or an hf:// URI)")
+            check_sae(sae)
+        except ArtifactError as e:
+            raise UsageError(f"--guard {guard.name} steers, but the SAE cannot be used: {e}") from None
         if "--enforce-eager" not in extra:
             extra = ["--enforce-eager", *extra]
         print("guardserve: steering on (eager mode: hooks do not run under CUDA graphs or torch.compile)", flush=True)

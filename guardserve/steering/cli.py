@@ -85,6 +85,8 @@ def _model_path(path: str | None) -> str:
 def _train(args) -> int:
     import torch
 
+    from guardserve import config
+    from guardserve.artifacts import digest, is_hub_uri
     from guardserve.steering.flags import sae_path
     from guardserve.steering.loading import CORPUS_FILES, load_model, model_corpus, read_texts
     from guardserve.steering.train import default_layer, residual_activations, train_sae
@@ -105,11 +107,14 @@ def _train(args) -> int:
                            epochs=args.epochs, lr=args.lr, sparsity=args.sparsity, seed=args.seed,
                            progress=not args.no_progress,
                            metadata={"model_name": str(args.model or "guardserve-demo")})
+    if not args.out and is_hub_uri(config.get("GUARDSERVE_SAE") or ""):
+        raise _usage("GUARDSERVE_SAE names a Hugging Face repo, which this command cannot write to: give --out")
     out = sae.save(Path(args.out).expanduser() if args.out else sae_path())
     print(f"saved {out}")
     print(f"reconstruction MSE {stats['mse']:.4f}  explained variance {stats['explained_variance']:.4f}  "
           f"mean L0 {stats['mean_l0']:.1f}  dead features {stats['dead_share']:.1%}  ({stats['tokens']} held-out tokens)")
     (out / "train_metrics.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"digest {digest(out)} (set GUARDSERVE_SAE_SHA256 to it where several replicas serve this SAE)")
     return 0
 
 

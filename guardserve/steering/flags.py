@@ -8,6 +8,7 @@ Kept free of torch so the API process imports it cheaply.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 
@@ -18,8 +19,32 @@ def steering_enabled() -> bool:
 
 
 def sae_path() -> Path:
-    """The SAE serving uses: ``$GUARDSERVE_SAE``, else ``$GUARDSERVE_HOME/steering/sae``."""
+    """The SAE serving uses: ``$GUARDSERVE_SAE`` (a folder, or ``hf://org/name[@revision]``
+    fetched into the local Hugging Face cache), else ``$GUARDSERVE_HOME/steering/sae``.
+    Raises ArtifactError for a Hub URI that cannot be fetched."""
     from guardserve import config
+    from guardserve.artifacts import is_hub_uri
     from guardserve.config import home
 
-    return Path(config.get("GUARDSERVE_SAE") or home() / "steering" / "sae")
+    value = config.get("GUARDSERVE_SAE")
+    if value and is_hub_uri(value):
+        return _fetched(value)
+    return Path(value or home() / "steering" / "sae")
+
+
+@functools.lru_cache(maxsize=4)
+def _fetched(uri: str) -> Path:
+    from guardserve.artifacts import fetch
+
+    return fetch(uri)
+
+
+def check_sae(path: Path) -> None:
+    """Raise ArtifactError unless the SAE's files have the digest ``$GUARDSERVE_SAE_SHA256``
+    (when it is set): every replica then steers with the very SAE its features were selected on."""
+    from guardserve import config
+    from guardserve.artifacts import verify
+
+    expected = config.get("GUARDSERVE_SAE_SHA256")
+    if expected:
+        verify(path, expected)

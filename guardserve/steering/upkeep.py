@@ -219,12 +219,14 @@ class SelectionUpkeep:
             return False
         if stamp == self._sae_stamp:
             return False
+        from guardserve.steering.flags import check_sae
         from guardserve.steering.sae import SAE
 
         try:
+            check_sae(path)  # the replica's SAE must be the pinned one (GUARDSERVE_SAE_SHA256)
             sae = SAE.load(path)
         except Exception as e:  # half-written while `sae train` saves it: next poke retries
-            log.warning("guardserve steering: cannot read the SAE at %s yet: %s", path, e)
+            log.warning("guardserve steering: cannot use the SAE at %s yet: %s", path, e)
             return False
         fp = sae.fingerprint()
         changed = self._sae is None or fp != self._fp  # first load (or back after missing): a full pass

@@ -97,9 +97,17 @@ class RunnerSteering:
     def install(cls, runner) -> "RunnerSteering | None":
         import torch
 
+        from guardserve.artifacts import ArtifactError
+        from guardserve.steering.flags import check_sae
         from guardserve.steering.sae import SAE
 
-        path = sae_path()
+        try:
+            path = sae_path()
+            if path.exists():
+                check_sae(path)
+        except ArtifactError as e:
+            log.error("guardserve steering: %s; steering is off", e)
+            return None
         if not path.exists():
             log.warning("guardserve steering: no SAE at %s (train one with `guardserve sae train`); steering is off", path)
             return None

@@ -7,7 +7,13 @@ registration copies the adapter folder to ``$GUARDSERVE_ADAPTER_DIR/<name>/v<ver
 a new path per version, because vLLM keeps prefix-cache blocks computed with an
 adapter's old weights when it is reloaded from the same path.
 
-A record: ``name``, ``version``, ``path``, ``lora_name`` (what requests name as their
+A folder registered from a Hugging Face Hub repo (``hf://org/name[@revision]``) is not
+copied: every replica fetches it from the Hub (or its local cache) by the pinned commit.
+
+A record: ``name``, ``version``, ``path``, ``uri`` (what each replica loads: the copy's path,
+on storage they all mount when there are several hosts, or the pinned ``hf://`` URI),
+``sha256`` (the folder's digest, checked by each replica before loading; see
+:mod:`guardserve.artifacts`), ``lora_name`` (what requests name as their
 ``model``: ``<name>-v<version>``), ``method``, ``base_model``, ``targets`` (target ids and
 names it covers), ``route`` (``triggered``: only requests that trigger a covered target;
 ``all``: every request), ``rank``, ``metrics`` (at training time), ``status``
@@ -191,8 +197,14 @@ class AdapterRegistry:
 
     def register(self, src: str | Path, name: str | None = None, targets: list | None = None, route: str = "triggered",
                  base_model: str | None = None, actor: str = "cli") -> dict:
-        """Validate, copy to a fresh versioned folder, and record the adapter (active).
-        Registering an existing name makes a new version that replaces the old one."""
+        """Validate, copy to a fresh versioned folder (a Hub repo is pinned, not copied), and
+        record the adapter (active) with its checksum. Registering an existing name makes a new
+        version that replaces the old one."""
+        from guardserve.artifacts import digest, is_hub_uri, pin
+
+        hub = is_hub_uri(str(src))
+        if hub:
+            src, uri = pin(str(src))
         src = Path(src)
         meta = {}
         if (src / "guardserve_adapter.json").is_file():
@@ -204,20 +216,28 @@ class AdapterRegistry:
             raise AdapterError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         if route not in ROUTES:
             raise AdapterError(f"route must be one of {ROUTES}, got {route!r}")
-        # Copied before the transaction (a copy can take seconds), moved into place inside it.
-        staging = self.root / name / f".staging-{os.getpid()}-{time.time_ns()}"
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, staging)
+        staging = None
+        if not hub:
+            # Copied before the transaction (a copy can take seconds), moved into place inside it.
+            staging = self.root / name / f".staging-{os.getpid()}-{time.time_ns()}"
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, staging)
+        checksum = digest(staging or src)
 
         def add(records):
             records = dict(records or {})
             version = records[name]["version"] + 1 if name in records else 1
-            dest = self.root / name / f"v{version}"
-            if dest.exists():  # left over from a registration whose record was lost: never reuse a path
-                dest = self.root / name / f"v{version}-{time.time_ns()}"
-            staging.rename(dest)
+            if staging is None:
+                path, where = str(src), uri
+            else:
+                dest = self.root / name / f"v{version}"
+                if dest.exists():  # left over from a registration whose record was lost: never reuse a path
+                    dest = self.root / name / f"v{version}-{time.time_ns()}"
+                staging.rename(dest)
+                path = where = str(dest.resolve())
             rec = {
-                "name": name, "version": version, "lora_name": f"{name}-v{version}", "path": str(dest.resolve()),
+                "name": name, "version": version, "lora_name": f"{name}-v{version}", "path": path, "uri": where,
+                "sha256": checksum,
                 "method": meta.get("method"), "base_model": base_model or cfg.get("base_model_name_or_path"),
                 "targets": list(targets if targets is not None else meta.get("targets", [])),
                 "route": route, "rank": cfg.get("r"),
@@ -230,7 +250,8 @@ class AdapterRegistry:
         try:
             return self.store.update_setting(KEY, add, actor=actor)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already unless the registration failed
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)  # gone already unless the registration failed
 
     def retire(self, name: str, actor: str = "cli") -> dict:
         def mark(records):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_variable_the_code_names_is_declared():
     named = set()
     for path in (ROOT / "guardserve").rglob("*.py"):
-        named |= set(re.findall(r"GUARDSERVE_[A-Z_]+[A-Z]", path.read_text()))
+        named |= set(re.findall(r"GUARDSERVE_[A-Z0-9_]+[A-Z0-9]", path.read_text()))
     assert named - set(config.SETTINGS) == set(), "declare these in guardserve/config.py"
 
 

@@ -31,6 +31,7 @@ FAMILIES = {  # name -> (type, label names besides le)
     "guardserve_detect_seconds": ("histogram", set()),
     "guardserve_guard_seconds": ("histogram", set()),
     "guardserve_policy_version": ("gauge", set()),
+    "guardserve_policy_age_seconds": ("gauge", set()),
     "guardserve_targets": ("gauge", set()),
     "guardserve_targets_pending_embeddings": ("gauge", set()),
 }

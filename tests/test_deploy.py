@@ -81,3 +81,25 @@ def test_the_image_entrypoint_runs_here(dockerfile, demo):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "vllm.entrypoints" in r.stdout and "--host 0.0.0.0" in r.stdout and "VLLM_PLUGINS=" in r.stdout
+
+
+def test_several_api_servers_start_through_vllms_serve_command():
+    from guardserve.server.launcher import VLLM_ENTRY, VLLM_SERVE, api_servers, vllm_command
+
+    assert api_servers([]) == 1 and api_servers(["--api-server-count", "3"]) == 3
+    assert api_servers(["--api-server-count=2"]) == 2 and api_servers(["-dp", "2"]) == 2
+    one = vllm_command("/m", host="0.0.0.0", port=8000)
+    assert one[1:3] == ["-m", VLLM_ENTRY]
+    two = vllm_command("/m", host="0.0.0.0", port=8000, extra=["--api-server-count", "2"])
+    assert two[1:4] == ["-m", VLLM_SERVE, "serve"] and two[-2:] == ["--api-server-count", "2"]
+    assert "--logprobs-mode" in two  # the guard's own settings either way
+
+
+def test_serve_refuses_runtime_lora_with_several_api_servers(tmp_path, capsys):
+    from guardserve.cli import main
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rc = main(["serve", "--model", str(model), "--lora", "--dry-run", "--", "--api-server-count", "2"])
+    assert rc == 2 and "one API server process only" in capsys.readouterr().err

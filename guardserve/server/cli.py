@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     import shlex
 
     from guardserve.cli import UsageError
-    from guardserve.server.launcher import DEMO_MODEL_NAME, exec_server, plugin_env, vllm_command
+    from guardserve.server.launcher import DEMO_MODEL_NAME, api_servers, exec_server, plugin_env, vllm_command
 
     extra = list(args.vllm_args)
     if extra and extra[0] == "--":
@@ -64,6 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
         except ModelNotFound as e:
             raise UsageError(f"--model {e}") from None
     env = plugin_env()
+    if args.lora and api_servers(extra) > 1:
+        raise UsageError("--lora loads unlearning adapters while the server runs, which vLLM allows with one API "
+                         "server process only: leave out --api-server-count (or --data-parallel-size), or --lora")
     if args.lora:
         extra = ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", *extra]
         # Adapters are loaded and unloaded while the server runs (guardserve/server/adapters.py).

@@ -12,7 +12,22 @@ import os
 import sys
 
 VLLM_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+VLLM_SERVE = "guardserve.server.vllm_serve"
 DEMO_MODEL_NAME = "guardserve-demo"
+
+
+def api_servers(extra: list[str]) -> int:
+    """How many API server processes vLLM's arguments ask for (``--api-server-count N`` or
+    ``-asc N``; data parallelism defaults to one per local rank)."""
+    for i, a in enumerate(extra):
+        key, _, value = a.partition("=")
+        if key in ("--api-server-count", "-asc", "--data-parallel-size", "-dp"):
+            value = value or (extra[i + 1] if i + 1 < len(extra) else "1")
+            try:
+                return int(value)
+            except ValueError:
+                return 1
+    return 1
 
 
 def on_cpu() -> bool:
@@ -25,9 +40,12 @@ def on_cpu() -> bool:
 
 def vllm_command(model: str, *, host: str, port: int, served_model_name: str | None = None,
                  extra: list[str] | None = None) -> list[str]:
-    """The argv that starts vLLM's server with guardserve's settings."""
+    """The argv that starts vLLM's server with guardserve's settings: vLLM's module entry, or
+    its serve command where ``extra`` asks for several API server processes (which only the
+    serve command starts; each runs the guard, synced through the policy store)."""
+    entry = [VLLM_ENTRY] if api_servers(extra or []) <= 1 else [VLLM_SERVE, "serve"]
     argv = [
-        sys.executable, "-m", VLLM_ENTRY,
+        sys.executable, "-m", *entry,
         "--model", model,
         "--host", host,
         "--port", str(port),

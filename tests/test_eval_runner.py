@@ -215,3 +215,12 @@ def test_eval_brings_its_own_tofu_data(demo, world, tmp_path, capsys):
     assert list(again) == ["token"] and again["token"]["forget_accuracy"] == token["forget_accuracy"]
     assert again["token"]["facts_stated_forget"] == token["facts_stated_forget"]
     assert (out / "report.md").is_file()
+
+
+def test_p_values_keep_their_magnitude_when_rounded():
+    """Forget quality is a KS p-value: rounded to 4 decimals, a method far from the retain model
+    (1e-95) and one merely unlike it (1e-5) would both read 0."""
+    from guardserve.eval.runner import _rounded
+
+    assert _rounded("forget_quality", 2.1009e-95) == 2.1e-95 and _rounded("forget_quality", 0.51234) == 0.512
+    assert _rounded("retain_accuracy", 0.123456) == 0.1235

@@ -1136,4 +1136,13 @@ def _score(config, settings, confs, engine, scorer, forget, retain, world, autho
     # 3. Latency, one request at a time: forget and retain questions alternating.
     res.update(_latency(config, settings, confs, engine, forget, retain))
     bar.update(1)
-    return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in res.items()}
+    return {k: (_rounded(k, v) if isinstance(v, float) and not math.isnan(v) else v) for k, v in res.items()}
+
+
+# p-values span hundreds of orders of magnitude: rounded to 4 decimals, a method far from the
+# retain model and one merely unlike it would both read 0.0.
+_P_VALUES = ("forget_quality",)
+
+
+def _rounded(key: str, v: float) -> float:
+    return float(f"{v:.3g}") if key in _P_VALUES else round(v, 4)

@@ -30,7 +30,8 @@ def _entrypoint(dockerfile: Path) -> list[str]:
 
 
 def test_every_file_names_only_declared_settings():
-    files = [*DOCKERFILES, DEPLOY / "compose.yaml", *sorted((DEPLOY / "k8s").glob("*.yaml"))]
+    files = [*DOCKERFILES, DEPLOY / "compose.yaml", DEPLOY / "production-stack-values.yaml",
+             *sorted((DEPLOY / "k8s").glob("*.yaml"))]
     assert len(files) >= 5
     for f in files:
         unknown = _settings_named(f.read_text()) - set(config.SETTINGS)
@@ -103,3 +104,15 @@ def test_serve_refuses_runtime_lora_with_several_api_servers(tmp_path, capsys):
     (model / "config.json").write_text("{}")
     rc = main(["serve", "--model", str(model), "--lora", "--dry-run", "--", "--api-server-count", "2"])
     assert rc == 2 and "one API server process only" in capsys.readouterr().err
+
+
+def test_production_stack_values_load_the_guard_into_the_stacks_engines():
+    spec = yaml.safe_load((DEPLOY / "production-stack-values.yaml").read_text())
+    (model,) = spec["servingEngineSpec"]["modelSpec"]
+    env = {e["name"]: e for e in model["env"]}
+    assert "guardserve" in env["VLLM_PLUGINS"]["value"].split(","), "vLLM loads endpoint plugins only when named"
+    assert {"GUARDSERVE_DB", "GUARDSERVE_ADMIN_KEY", "GUARDSERVE_API_KEYS"} <= set(env)
+    args = model["vllmConfig"]["extraArgs"]
+    # The guard refuses to start under any other logprobs mode (guardserve/server/preflight.py).
+    assert args[args.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert model["replicaCount"] >= 2

@@ -150,9 +150,11 @@ def test_retain_accuracy_kept(openai_client, retain_sample, registered, baseline
 
 
 def test_logprobs_show_no_banned_token(openai_client, world, registered, admin, demo):
-    """Logprobs are the processed ones: a token the filter banned has -inf, which vLLM
-    would report as -9999.0, and it never ranks among the top ones; with raw logprobs a
-    banned token would be listed with its unfiltered (high) logprob."""
+    """Logprobs are the processed ones: a token the filter banned has -inf, which vLLM would
+    report as -9999.0, and it never ranks among the top ones. Checked position by position:
+    the filter's automaton is walked along the answer's own token ids, and none of the tokens
+    it bans at a position is listed there (with raw logprobs the model's favourite, the
+    forbidden continuation, would be)."""
     import math
 
     from transformers import AutoTokenizer
@@ -165,19 +167,14 @@ def test_logprobs_show_no_banned_token(openai_client, world, registered, admin, 
     forbidden = [p for t in triggered for p in t["forbidden"]]
     assert any(pair["value"].lower() in p.lower() or p.lower() in pair["value"].lower() for p in forbidden), forbidden
     tokenizer = AutoTokenizer.from_pretrained(demo.model)
-    # Tokens banned at every position, whatever came before (a distinctive first token of
-    # a forbidden phrase: the start of the fact value among them).
-    always = {tokenizer.decode([t]) for t in compile_phrases(tokenizer, forbidden).banned(0)}
-    always = {t for t in always if t.strip() and "\ufffd" not in t}  # texts that name one token
+    args = dict(model=MODEL, messages=messages, max_tokens=30, temperature=0, logprobs=True, top_logprobs=5)
 
-    out = openai_client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=30, temperature=0, logprobs=True, top_logprobs=5,
-    )
+    out = openai_client.chat.completions.create(**args)
     text = out.choices[0].message.content
     assert pair["value"].lower() not in text.lower()
     content = out.choices[0].logprobs.content
-    # the token strings are decoded text, as tokenizer.decode gives them (else the match below could never
-    # hit); the stop token is listed too, and not part of the message
+    # the token strings are decoded text, as tokenizer.decode gives them; the stop token is
+    # listed too, and not part of the message
     listed = "".join(t.token for t in content)
     assert listed.removesuffix(tokenizer.eos_token).strip() == text.strip(), (listed, text)
     for tok in content:
@@ -186,8 +183,30 @@ def test_logprobs_show_no_banned_token(openai_client, world, registered, admin, 
             # -9999.0 is vLLM's stand-in for -inf: a banned token listed among the top ones
             assert math.isfinite(alt.logprob) and alt.logprob > -9000, \
                 f"a banned token showed up in top_logprobs: {alt.token!r} {alt.logprob}"
-            assert alt.token not in always, \
-                f"{alt.token!r}, banned everywhere, ranks in top_logprobs ({alt.logprob}): raw logprobs, not processed"
+
+    # Position by position, where the filter bans something: the prompt leads into the fact
+    # ("... was born on"), so the model starts it and the filter bans its continuation, which
+    # is the model's favourite. The automaton is walked along the answer's own token ids from
+    # the end of the prompt, as the engine's filter is.
+    lead_in = pair["answer"].split(pair["value"])[0].rstrip()
+    by_id = openai_client.completions.create(
+        model=MODEL, prompt=completion_prompt(pair["question"]) + lead_in, max_tokens=12, temperature=0, logprobs=5,
+        extra_body={"return_tokens_as_token_ids": True})
+    lp = by_id.choices[0].logprobs
+    assert pair["value"].lower() not in (lead_in + by_id.choices[0].text).lower()
+    automaton = compile_phrases(tokenizer, forbidden)
+    state, checked = 0, 0
+    for position, (token, top) in enumerate(zip(lp.tokens, lp.top_logprobs)):
+        chosen = int(token.removeprefix("token_id:"))
+        banned = automaton.banned(state)
+        checked += bool(banned)
+        listed_banned = [tokenizer.decode([int(t.removeprefix("token_id:"))]) for t in top
+                         if int(t.removeprefix("token_id:")) in banned]
+        assert not listed_banned, f"position {position}: banned {listed_banned} ranked in top_logprobs: raw logprobs"
+        assert chosen not in banned, f"position {position}: the answer took a banned token"
+        assert all(math.isfinite(v) and v > -9000 for v in top.values())
+        state = automaton.step(state, chosen)
+    assert checked, f"the filter banned nothing along {by_id.choices[0].text!r}: this check checked nothing"
 
 
 def test_guard_is_invisible(server, world, admin, spare_entities):

@@ -3,6 +3,8 @@ scored on both halves."""
 
 from __future__ import annotations
 
+import pytest
+
 from guardserve.eval.overlap import build_queries, score
 from guardserve.eval.report import markdown
 from guardserve.eval.runner import _overlap_ratios
@@ -74,3 +76,45 @@ def test_sequential_deletions_schedule_real_targets_first_then_fillers(tmp_path)
     assert "| 10 | 0.0% | 100.0% | 100.0% | 100.0% | 8.0 | 20.0 | 3.0 | 0.5 |" in md
     assert "| 1,000 | 0.0% | – | 98.0% |" in md
     assert tmp_path / "sequential.png" in plots(results, tmp_path) and (tmp_path / "sequential.png").stat().st_size > 0
+
+
+def test_deletion_requests_split_people_and_keep_their_rows():
+    from guardserve.eval.sequential import deletion_requests
+
+    forget = [{"entity": e, "question": f"{e}?{i}", "value": "v"} for e in "ABCDE" for i in range(3)]
+    requests = deletion_requests(forget, 2)
+    assert [sorted({it["entity"] for it in r}) for r in requests] == [["A", "B"], ["C", "D", "E"]]
+    assert sum(len(r) for r in requests) == len(forget)
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        deletion_requests(forget, 6)
+
+
+@pytest.mark.slow
+def test_sequential_adapters_train_one_request_at_a_time_and_on_the_union(demo, world, tmp_path):
+    """Two deletion requests of two forget people: after the second, the one-at-a-time adapter
+    was trained on request 2 alone on the model request 1 left, the union one on both."""
+    from guardserve.eval.sequential import deletion_requests, sequential_adapters
+    from guardserve.unlearn import get_method
+
+    people = list(dict.fromkeys(it["entity"] for it in world["forget"]))[:4]
+    forget = [it for it in world["forget"] if it["entity"] in people]
+    requests = deletion_requests(forget, 2)
+    out = sequential_adapters(get_method("GradAscent"), demo.model, requests, world["retain"][:200],
+                              world["world_facts"][:10], tmp_path, probe_retain=30, log=lambda *_: None,
+                              overrides={"batch_size": 16, "probe_size": 20, "eval_every": 5, "max_steps": 15})
+    assert out["method"] == "GradAscent" and [s["requests"] for s in out["steps"]] == [1, 2]
+    assert [s["forget_rows"] for s in out["steps"]] == [len(requests[0]), len(forget)]
+    for step in out["steps"]:
+        for mode in ("sequential", "union"):
+            r = step[mode]
+            assert all(0.0 <= r[k] <= 1.0 for k in ("forget_accuracy", "retain_accuracy", "world_accuracy"))
+            assert r["steps"] >= 1 and r["train_s"] > 0
+    # Request 1 is the same training either way (the base model, the same rows and seed).
+    first = out["steps"][0]
+    assert first["sequential"]["forget_accuracy"] == first["union"]["forget_accuracy"]
+    assert (tmp_path / "sequential-1-merged" / "config.json").is_file()   # request 2 started from it
+    assert out["steps"][0]["union"]["forget_accuracy"] < 1.0, "15 steps of gradient ascent forget something"
+    from guardserve.eval.report import sequential_adapters_markdown
+
+    table = sequential_adapters_markdown({"sequential_adapters": out})
+    assert "`GradAscent` adapters (2 requests" in table and f"| 2 | {len(forget)} |" in table

@@ -84,6 +84,8 @@ def test_config_names():
     (["--model", "/nonexistent", "--tofu", "/nonexistent"], "no such directory"),
     (["--sae", "/nonexistent"], "no cfg.json there"),
     (["--quant-bits", "8,x"], "--quant-bits 8,x: give bit widths between 2 and 16"),
+    (["--sequential-adapter", "Forgetful"], "--sequential-adapter Forgetful: not a method"),
+    (["--sequential-adapter", "SimNPO", "--sequential-requests", "500"], "--sequential-requests 500: between 1 and"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(["eval", "--out", "/tmp/unused", *argv]) == 2

@@ -80,6 +80,13 @@ def register(subparsers) -> None:
                     help="sequential deletions: grow the policy to each count of targets in turn (the data's targets "
                          "first, then made-up ones), measuring forget/retain/world accuracy and TPOT through `guard` "
                          "after each step, e.g. 10,100,1000 (default: off)")
+    ev.add_argument("--sequential-adapter", default=None, metavar="METHOD",
+                    help="sequential deletions for training-based unlearning (demo model): the forget people as "
+                         "--sequential-requests deletion requests; after each, a METHOD adapter trained on that request "
+                         "alone on the model the earlier ones left, against one retrained on all so far (default: off; "
+                         "about a minute of training per request and mode on 2 CPUs)")
+    ev.add_argument("--sequential-requests", type=int, default=4, metavar="N",
+                    help="with --sequential-adapter: how many deletion requests (default 4)")
     ev.add_argument("--probes-per-kind", type=int, default=None, help="forget probes per attack kind (default 20; 4 with --quick)")
     ev.add_argument("--retain-limit", type=int, default=None,
                     help="retain questions scored, spread over the split (default 240; 60 with --quick)")
@@ -166,6 +173,20 @@ def _train_missing(folder: Path, demo, have: dict[str, str], progress: bool = Tr
                                   world_facts=world["world_facts"], targets=targets, progress=progress,
                                   overrides={"device": device, "dtype": dtype})
         print(f"[eval] {method}: {result.steps} steps, {result.seconds:.0f} s, stopped: {result.stop_reason}", flush=True)
+
+
+def _sequential_adapters(method, demo, args, device: str, dtype: str, log) -> dict:
+    """:func:`guardserve.eval.sequential.sequential_adapters` on the demo world."""
+    from guardserve.eval.sequential import deletion_requests, sequential_adapters
+
+    world = demo.load_world()
+    requests = deletion_requests(world["forget"], args.sequential_requests)
+    log(f"[eval] sequential deletions with {method.name} adapters: {len(requests)} requests, each trained alone "
+        "and as the union so far")
+    return sequential_adapters(method, demo.model, requests, world["retain"], world["world_facts"],
+                               Path(args.out) / ".work" / "sequential-adapters", world_facts=world["world_facts"],
+                               seed=args.seed, overrides={"device": device, "dtype": dtype},
+                               progress=not args.no_progress, log=log)
 
 
 def _dataset(args):
@@ -320,6 +341,22 @@ def _eval(args) -> int:
     except ModelNotFound as e:
         raise UsageError(f"--model / --retain-model {e}") from None
 
+    sequential_method = None
+    if args.sequential_adapter is not None:
+        from guardserve.unlearn.methods import METHODS, get_method
+
+        if demo is None or args.model:
+            raise UsageError("--sequential-adapter trains on the demo model only")
+        try:
+            sequential_method = get_method(args.sequential_adapter)
+        except (KeyError, ValueError):
+            raise UsageError(f"--sequential-adapter {args.sequential_adapter}: not a method; one of "
+                             f"{', '.join(m.name for m in METHODS.values())}") from None
+        people = len({p["entity"] for p in demo.load_world()["forget"]})
+        if not 1 <= args.sequential_requests <= people:
+            raise UsageError(f"--sequential-requests {args.sequential_requests}: between 1 and {people} "
+                             "(the demo's forget people)")
+
     if args.train_adapters:
         if demo is None or args.model:
             raise UsageError("--train-adapters trains on the demo model only; for your model run "
@@ -351,6 +388,8 @@ def _eval(args) -> int:
         results = run(settings, log=log)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if sequential_method is not None:
+        results["sequential_adapters"] = _sequential_adapters(sequential_method, demo, args, device, dtype, log)
     for path in report.write(results, args.out):
         log(f"[eval] wrote {path}")
     if args.readme:

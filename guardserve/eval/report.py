@@ -136,7 +136,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {k} | " + " | ".join(_fmt((r.get("leak_by_kind") or {}).get(k), "pct")
                                                  for r in configs.values()) + " |")
     extra = [t for t in (adapter_markdown(results), relearn_markdown(results), mia_markdown(results),
-                         overlap_markdown(results), sequential_markdown(results)) if t]
+                         overlap_markdown(results), sequential_markdown(results),
+                         sequential_adapters_markdown(results)) if t]
     return "\n".join(lines) + "".join(f"\n\n{t}" for t in extra)
 
 
@@ -358,6 +359,26 @@ def sequential_markdown(results: dict) -> str:
                      f"{_fmt(s.get('world_accuracy'), 'pct')} | {_fmt(s.get('tpot_ms'), 'ms')} | "
                      f"{_fmt(s.get('ttft_ms'), 'ms')} | {_fmt(s.get('detect_ms'), 'ms')} | {_fmt(s.get('register_s'), 'ms')} |")
     lines += ["", "![sequential deletions](sequential.png)"]
+    return "\n".join(lines)
+
+
+def sequential_adapters_markdown(results: dict) -> str:
+    """Adapters after each deletion request, one request at a time against the union, or ""."""
+    seq = results.get("sequential_adapters")
+    if not seq or not seq.get("steps"):
+        return ""
+    lines = [f"Sequential deletions with `{seq['method']}` adapters ({seq['requests']} requests of forget people; "
+             "`one at a time`: each request trained alone on the model the earlier ones left, merged; `union`: "
+             "retrained from the base model on every request so far; forget accuracy over every request so far, "
+             f"retain accuracy over {seq.get('retain_probe', '–')} retain questions):", "",
+             "| requests | forget rows | forget acc: one at a time / union | retain acc: one at a time / union "
+             "| world acc: one at a time / union | train s: one at a time / union |", "|---" * 6 + "|"]
+    for s in seq["steps"]:
+        one, union = s["sequential"], s["union"]
+        cells = [" / ".join(_fmt(r.get(key), "pct") for r in (one, union))
+                 for key in ("forget_accuracy", "retain_accuracy", "world_accuracy")]
+        cells.append(f"{one['train_s']:.0f} / {union['train_s']:.0f}")
+        lines.append(f"| {s['requests']} | {s['forget_rows']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,13 @@ measures TPOT one request at a time: ``forget_accuracy`` (registered targets),
 ``pending_forget_accuracy`` (data targets not registered yet: they must still be answered),
 ``retain_accuracy``, ``world_accuracy``, ``tpot_ms``, ``detect_ms``.
 
+For training-based unlearning the same question is asked of adapters
+(:func:`sequential_adapters`): the forget people arrive as ``n`` deletion requests, and after
+each one an adapter is trained either on that request alone, starting from the model the
+previous requests left (their adapters merged into the weights: what a server that cannot
+retrain does), or from the base model on the union of the requests so far (what retraining
+costs); forget accuracy on every request so far, retain and world-fact accuracy after each.
+
 >>> filler_targets(3, seed=0)[0]["name"]                              # doctest: +SKIP
 'Vaeth Drulomir'
 """
@@ -18,6 +25,8 @@ measures TPOT one request at a time: ``forget_accuracy`` (registered targets),
 from __future__ import annotations
 
 import random
+import time
+from pathlib import Path
 
 _ONSET = ["b", "br", "d", "dr", "f", "g", "k", "kl", "l", "m", "n", "p", "r", "s", "st", "t", "v", "z", "sh", "th"]
 _VOWEL = ["a", "e", "i", "o", "u", "ae", "ou", "ei", "y"]
@@ -61,3 +70,57 @@ def schedule(real: list[dict], steps: list[int], seed: int = 0) -> list[list[dic
         out.append(pool[done:total])
         done = total
     return out
+
+
+def deletion_requests(forget: list[dict], n: int) -> list[list[dict]]:
+    """The forget rows as ``n`` deletion requests: the people in order of first appearance,
+    dealt into ``n`` nearly equal groups, each request all rows of its people."""
+    people = list(dict.fromkeys(it["entity"] for it in forget))
+    if not 1 <= n <= len(people):
+        raise ValueError(f"{n} deletion requests need between 1 and {len(people)} (the forget people)")
+    groups = [people[i * len(people) // n:(i + 1) * len(people) // n] for i in range(n)]
+    return [[it for it in forget if it["entity"] in set(g)] for g in groups]
+
+
+def sequential_adapters(method, model_dir: str | Path, requests: list[list[dict]], retain: list[dict],
+                        world: list[dict], work: str | Path, *, train_retain: list[dict] | None = None,
+                        world_facts: list[dict] | None = None, probe_retain: int = 120, seed: int = 0,
+                        overrides: dict | None = None, progress: bool = False, log=print) -> dict:
+    """Adapters after each deletion request, trained one request at a time (``sequential``:
+    request ``k`` alone, on the model requests ``1..k-1`` left, merged) and on the union
+    (``union``: requests ``1..k`` from the base model). Each step reports, for both,
+    ``forget_accuracy`` (every request so far), ``retain_accuracy`` and ``world_accuracy``
+    (greedy chat answers, :func:`guardserve.textgen.accuracy`) and the training seconds."""
+    from guardserve.textgen import accuracy
+    from guardserve.unlearn import train_adapter
+
+    work = Path(work)
+    rng = random.Random(seed)
+    probe = rng.sample(retain, min(probe_retain, len(retain)))
+    current = str(model_dir)
+    steps, so_far = [], []
+    for k, request in enumerate(requests, start=1):
+        so_far += request
+        row: dict = {"requests": k, "forget_rows": len(so_far)}
+        for mode, base, rows in (("sequential", current, request), ("union", str(model_dir), so_far)):
+            started = time.perf_counter()
+            result, _ = train_adapter(method, base, rows, train_retain if train_retain is not None else retain,
+                                      work / f"{mode}-{k}", world_facts=world_facts,
+                                      targets=sorted({it["entity"] for it in rows}), seed=seed,
+                                      overrides=overrides, progress=progress)
+            seconds = time.perf_counter() - started
+            merged = result.model.merge_and_unload().eval()
+            row[mode] = {"forget_accuracy": round(accuracy(merged, result.tokenizer, so_far), 4),
+                         "retain_accuracy": round(accuracy(merged, result.tokenizer, probe), 4),
+                         "world_accuracy": round(accuracy(merged, result.tokenizer, world), 4) if world else None,
+                         "train_s": round(seconds, 1), "steps": result.steps}
+            if mode == "sequential":  # the next request starts from this model
+                folder = work / f"sequential-{k}-merged"
+                merged.save_pretrained(folder)
+                result.tokenizer.save_pretrained(folder)
+                current = str(folder)
+        steps.append(row)
+        log(f"eval: sequential {method} adapters, request {k}/{len(requests)}: " + "; ".join(
+            f"{m} forget {row[m]['forget_accuracy']:.3f} retain {row[m]['retain_accuracy']:.3f}"
+            for m in ("sequential", "union")))
+    return {"method": method.name, "requests": len(requests), "retain_probe": len(probe), "steps": steps}

@@ -112,6 +112,21 @@ def world(demo):
     return demo.load_world()
 
 
+# --------------------------------------------------------------------------- Postgres
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    """A throwaway PostgreSQL server (tests/postgres_server.py) for the module's tests."""
+    from postgres_server import PostgresServer, pg_bindir
+
+    if pg_bindir() is None:
+        skip_or_fail("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
+    srv = PostgresServer()
+    yield srv
+    srv.stop()
+
+
 # --------------------------------------------------------------------------- the server
 
 

@@ -22,16 +22,6 @@ from guardserve.policy import (
     open_store,
 )
 
-
-@pytest.fixture(scope="module")
-def pg_server():
-    if pg_bindir() is None:
-        skip_or_fail("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
-    srv = PostgresServer()
-    yield srv
-    srv.stop()
-
-
 _db_counter = iter(range(10_000))
 
 

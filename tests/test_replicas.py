@@ -19,8 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, API_KEYS, skip_or_fail
-from postgres_server import PostgresServer, pg_bindir
+from conftest import ADMIN_KEY, API_KEYS
 
 from guardserve.leak import fact_leaked
 from guardserve.policy import open_store
@@ -33,22 +32,13 @@ KEY = next(iter(API_KEYS))
 
 
 @pytest.fixture(scope="module")
-def pg():
-    if pg_bindir() is None:
-        skip_or_fail("PostgreSQL binaries not installed (scripts/setup-system.sh installs them)")
-    srv = PostgresServer()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(demo, pg, tmp_path_factory):
+def replicas(demo, pg_server, tmp_path_factory):
     """Two guarded servers on one Postgres database, each with a small KV cache (2 GiB of host
     memory), beside the session's server."""
     from guardserve.server.process import start_server
 
     tmp = tmp_path_factory.mktemp("replicas")
-    url = pg.new_database("replicas")
+    url = pg_server.new_database("replicas")
     env = {"GUARDSERVE_DB": url, "GUARDSERVE_API_KEYS": ",".join(f"{k}:{t}" for k, t in API_KEYS.items()),
            "GUARDSERVE_ADMIN_KEY": ADMIN_KEY, "GUARDSERVE_MAX_POLICY_AGE_S": str(MAX_AGE_S),
            "GUARDSERVE_DB_TIMEOUT_S": "1"}
@@ -186,7 +176,7 @@ def test_a_change_through_one_replica_is_enforced_by_the_other_within_a_second(r
     assert p99 <= 1.0, latencies
 
 
-def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_forget_fact(replicas, pg, world):
+def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_forget_fact(replicas, pg_server, world):
     a, b, url = replicas
     forget = [e for e in world["entities"] if e["split"] == "forget"][3:8]
     names = {e["name"] for e in forget}
@@ -197,13 +187,13 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
     outage_s = 10.0
     with admin(a) as admin_a, Load([a, b], items, clients_per_server=8) as load:
         time.sleep(3.0)
-        pg.pause()
+        pg_server.pause()
         stopped = time.monotonic()
         time.sleep(MAX_AGE_S + 1.5)
         health = [httpx.get(s.base_url + "/health", timeout=10).status_code for s in (a, b)]
         during_add = admin_a.post("/targets", json={"name": "Never Committed"})
         time.sleep(max(0.0, stopped + outage_s - time.monotonic()))
-        pg.start()
+        pg_server.start()
         back = time.monotonic()
         deadline = back + 15
         while time.monotonic() < deadline and any(

@@ -40,8 +40,8 @@ def test_every_configuration_serves_what_its_flags_say(confs, name):
     assert (asked.messages != ASK) == cfg.icul
     assert asked.adapter == ((cfg.method or "NPO") if cfg.adapter else None)
     other = confs.serve(name, OTHER)
-    if cfg.detect:  # nothing to detect: nothing applied but the adapter
-        assert (other.phrases, other.steer, other.messages) == ((), [], OTHER)
+    if cfg.detect:  # nothing to detect: nothing applied; `full`'s adapter, routed as a server routes it, neither
+        assert (other.phrases, other.steer, other.messages, other.adapter) == ((), [], OTHER, None)
     else:  # every target on every request
         assert (bool(other.phrases), bool(other.steer), other.messages != OTHER) == (
             cfg.token_filter, cfg.steering, cfg.icul)

@@ -180,8 +180,10 @@ class Configurations:
         cfg = get_config(config)
         started = time.perf_counter()
         body = {"model": "eval", "messages": messages, "max_tokens": self.max_tokens}
+        triggered = True  # without detection every target applies to every request
         if cfg.detect:
-            body, _ = self.service(cfg).prepare(CHAT, body, "default")
+            body, decision = self.service(cfg).prepare(CHAT, body, "default")
+            triggered = decision.guarded
             plan = GuardPlan.from_xargs(body.get("vllm_xargs"))
             out = Served(body["messages"], plan.phrases, plan.semantic, [list(s) for s in plan.steer],
                          salt=body.get("cache_salt"))
@@ -190,7 +192,9 @@ class Configurations:
             msgs = (self.service(cfg).icul_messages(body, self.targets) or messages) if cfg.icul else messages
             steer = sorted([t.id, t.version] for t in self.targets) if cfg.steering else []
             out = Served(msgs, self.all_phrases if cfg.token_filter else (), cfg.semantic, steer, salt=_salt(steer))
-        if cfg.adapter:
+        if cfg.adapter and (cfg.method or triggered):
+            # adapter:<method> serves every request; `full`'s adapter, as a server routes a registered
+            # adapter (route "triggered"), only the requests that trigger a target it covers (all of them).
             out.adapter = cfg.method or self.full_adapter
         out.prepare_s = time.perf_counter() - started
         return out
@@ -329,8 +333,9 @@ class MembershipInference:
                          "prompt that triggers a target)")
         if all(self.is_member[i] for i in keep):
             return row, "the guard refuses to score every held-out text: nothing to compare with"
-        # The model as this configuration serves an untriggered prompt (full: with its adapter).
-        scores = self._method_scores(cfg.method or (confs.full_adapter if cfg.adapter else None))
+        # The model as this configuration serves an untriggered prompt: adapter:<method>'s adapter;
+        # `full`'s adapter serves triggered requests only, so the base model.
+        scores = self._method_scores(cfg.method)
         row["mia"] = {m: (None if a is None else round(a, 4)) for m, a in self._mia.aucs(
             {m: [v[i] for i in keep] for m, v in scores.items()}, [self.is_member[i] for i in keep]).items()}
         return row, None
@@ -338,7 +343,7 @@ class MembershipInference:
 
 def _triggered(served: Served, text: str) -> bool:
     """Whether detection guarded a one-turn prompt of ``text``: phrases to ban, steering, or a
-    rewritten conversation (the adapter of ``full`` is on every request, triggered or not)."""
+    rewritten conversation."""
     return bool(served.phrases or served.steer or served.messages != [{"role": "user", "content": text}])
 
 

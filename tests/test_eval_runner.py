@@ -40,16 +40,20 @@ def test_report_files(tmp_path):
     assert "Pareto front" in (tmp_path / "report.md").read_text()
 
 
-def test_readme_table_is_generated_from_the_committed_results():
+@pytest.mark.parametrize("folder", ["demo", "sp32k"])
+def test_readme_table_is_generated_from_the_committed_results(folder):
+    """README's evaluation tables, one per demo model side by side, are the committed results."""
     from pathlib import Path
 
     from guardserve.readme import replace_between_markers
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    results = json.loads((root / "docs/eval/demo/results.json").read_text())
-    expected = replace_between_markers(readme, report.readme_section(results), report.README_BEGIN, report.README_END)
-    assert readme == expected, "run: python -m guardserve.eval.report docs/eval/demo --readme README.md"
+    source = f"docs/eval/{folder}/results.json"
+    results = json.loads((root / source).read_text())
+    assert report.readme_markers(results)[0] == ("<!-- eval:begin -->" if folder == "demo" else f"<!-- eval-{folder}:begin -->")
+    expected = replace_between_markers(readme, report.readme_section(results, source), *report.readme_markers(results))
+    assert readme == expected, f"run: python -m guardserve.eval.report docs/eval/{folder} --readme README.md"
 
 
 def test_report_command_rewrites_the_readme_table(tmp_path):

@@ -120,7 +120,7 @@ def sequential_adapters(method, model_dir: str | Path, requests: list[list[dict]
                 result.tokenizer.save_pretrained(folder)
                 current = str(folder)
         steps.append(row)
-        log(f"eval: sequential {method} adapters, request {k}/{len(requests)}: " + "; ".join(
+        log(f"eval: sequential {method.name} adapters, request {k}/{len(requests)}: " + "; ".join(
             f"{m} forget {row[m]['forget_accuracy']:.3f} retain {row[m]['retain_accuracy']:.3f}"
             for m in ("sequential", "union")))
     return {"method": method.name, "requests": len(requests), "retain_probe": len(probe), "steps": steps}

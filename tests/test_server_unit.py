@@ -309,3 +309,19 @@ def test_oversized_and_malformed_bodies(service, monkeypatch):
     assert client.post("/v1/chat/completions", content=b"{oops", headers=h).status_code == 400
     r = client.post("/v1/chat/completions", json={"messages": "hi"}, headers=h)
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def test_icul_skips_a_target_deleted_since_the_first_look(service):
+    """The middleware's first look names a target that the sync loop then deletes: the request
+    goes on unrewritten (the engine entry decides), never a 500."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from guardserve.server.entry import RequestContext
+
+    mw = GuardMiddleware(app=None, plugin=_Plugin(service, Auth(None, "adm")))
+    body = chat("Where was Ada Quill born?")
+    ctx = RequestContext(tenant="default", route=CHAT, icul=True)
+    gone = SimpleNamespace(target_id="deleted-meanwhile")
+    data, send = asyncio.run(mw._with_icul(service, body, [gone], ctx, send="the client's send"))
+    assert json.loads(data) == body and send == "the client's send" and not ctx.icul_targets

@@ -148,8 +148,11 @@ class GuardMiddleware:
     async def _with_icul(self, service, body: dict, triggered: list, ctx: RequestContext, send):
         """``body`` (the client's) with in-context unlearning for ``triggered``, and the ``send``
         that reports the client's own prompt size in ``usage``."""
-        ctx.icul_targets = list(triggered)
-        targets = [t for t in (service.detector_target(x.target_id) for x in triggered) if t is not None]
+        found = [(x, t) for x in triggered if (t := service.detector_target(x.target_id)) is not None]
+        if not found:  # deleted since the first look: the engine entry's full detection decides alone
+            return json.dumps(body).encode(), send
+        ctx.icul_targets = [x for x, _ in found]
+        targets = [t for _, t in found]
         guarded = await anyio.to_thread.run_sync(service.icul_messages, body, targets)
         if guarded is None:  # not even the instruction fits the context: the filters still apply
             return json.dumps(body).encode(), send

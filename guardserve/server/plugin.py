@@ -107,6 +107,14 @@ class GuardEndpointPlugin:
                          AUTOSELECT_ENV)
         self._sync_task = asyncio.get_running_loop().create_task(self._keep_synced(state))
 
+    @staticmethod
+    def _embed_pending(detector, budget_s: float = 2.0) -> None:
+        """One pass of embedding newly registered targets (meanwhile they are matched by name)."""
+        try:
+            detector.embed_pending(budget_s)
+        except Exception:
+            log.exception("guardserve: embedding new targets failed; they stay matched by name and will be retried")
+
     async def _load_adapters(self, state) -> None:
         """Load the registry's active unlearning adapters when vLLM serves LoRA; the
         request path routes covered targets to them (guardserve/server/adapters.py)."""
@@ -131,9 +139,14 @@ class GuardEndpointPlugin:
         manager = AdapterManager.of(state)
         detector = self.service.detector
         tick, failing = 0, False
+        embedding: asyncio.Task | None = None
         while True:
             try:
-                changed = await asyncio.to_thread(detector.sync, True)
+                # Store reads only: embedding new targets' texts runs beside this loop
+                # (_embed_pending), so a slow embedding never ages the policy into refusals.
+                changed = await asyncio.to_thread(detector.sync, True, 0.0)
+                if detector.pending and (embedding is None or embedding.done()):
+                    embedding = asyncio.get_running_loop().create_task(asyncio.to_thread(self._embed_pending, detector))
                 if changed and self.service.filter_parts is not None:
                     self.service.filter_parts.poke()  # changes made elsewhere (CLI, replicas): their parts
                 if failing:

@@ -1,6 +1,7 @@
 """Detection benchmark: latency per conversation (p50, p99) and recall / false positives
 with 10, 1,000 and 100,000 registered targets (the demo world's forget people, then
-synthetic targets), printed as a table and written as JSON.
+synthetic targets), and conversations per second with 1 and 32 threads detecting at once
+(concurrent requests' embeddings are batched together), printed as a table and written as JSON.
 
     python -m guardserve.benchmarks.detection                    # all three scales
     python -m guardserve.benchmarks.detection --scales 10,1000   # quicker
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="demo world seed")
     ap.add_argument("--out", default=default_out("detection.json"), help="where the JSON goes (default: %(default)s)")
     ap.add_argument("--no-embeddings", action="store_true", help="lexical matcher only")
+    ap.add_argument("--concurrency", default="1,32",
+                    help="comma-separated numbers of threads detecting at once, for conversations/s "
+                         "(default: %(default)s; empty: skip)")
     args = ap.parse_args(argv)
 
     from guardserve import config
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {n} targets", flush=True)
         t0 = time.time()
         cfg = DetectorConfig(use_embeddings=not args.no_embeddings, vector_cache=str(cache))
-        rep = detection_report(world, n_targets=n, config=cfg, progress=lambda m: print(f"   {m}", flush=True))
+        rep = detection_report(world, n_targets=n, config=cfg, progress=lambda m: print(f"   {m}", flush=True),
+                               concurrency=tuple(int(x) for x in args.concurrency.split(",") if x.strip()))
         rep["wall_s"] = round(time.time() - t0, 1)
         rep["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         rows.append({"targets": n, **rep})
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  forget {s['forget_recall']:.3f}  "
               f"paraphrase {s['paraphrase_recall']:.3f}  adversarial {s['adversarial_recall']:.3f}  "
               f"retain FP {s['retain_fp_rate']:.4f}  world FP {s['world_facts_fp_rate']:.4f}", flush=True)
+        for tp in rep["throughput"]:
+            print(f"   concurrency {tp['concurrency']}: {tp['conversations_per_s']:.0f} conversations/s, "
+                  f"p50 {tp['p50_ms']:.2f} ms, p99 {tp['p99_ms']:.2f} ms", flush=True)
 
     print()
     print("| targets | world targets | load s | p50 ms | p99 ms | forget | paraphrase | adversarial | retain FP | world-facts FP | index |")

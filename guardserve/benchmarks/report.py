@@ -131,6 +131,11 @@ def render_detection(d: dict) -> Section:
     fp = [max(r["summary"]["retain_fp_rate"], r["summary"]["world_facts_fp_rate"]) for r in runs]
     key.append(f"Lowest recall over forget, paraphrase and adversarial probes: {min(rec):.3f}; "
                f"highest false-positive rate (retain, world facts): {max(fp):.4f}.")
+    if hi.get("throughput"):
+        key.append(f"At {hi['targets']:,} targets, threads detecting at once (concurrent requests' embeddings "
+                   "batched together): " + "; ".join(
+                       f"{t['concurrency']}: {t['conversations_per_s']:,.0f} conversations/s, p50 {t['p50_ms']:.1f} ms"
+                       for t in hi["throughput"]) + ".")
     rows = []
     for r in runs:
         s, lat, sets = r["summary"], r["latency_ms"], r.get("sets", {})

@@ -130,11 +130,12 @@ class Detector:
     def __init__(self, store: PolicyStore, config: DetectorConfig | None = None, embedder=None):
         self.store = store
         self.config = config or DetectorConfig()
-        # _lock guards the index and is held only briefly; _sync_lock serialises syncs,
-        # which embed new targets' texts (seconds to minutes for a bulk import) without
-        # holding _lock, so detection keeps running meanwhile.
+        # _lock guards the index and is held only briefly; _sync_lock serialises syncs (store
+        # reads); _embed_lock serialises embedding passes, which take seconds to minutes for a
+        # bulk import and hold neither of the others meanwhile.
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()
+        self._embed_lock = threading.Lock()           # one embedding pass at a time
         self._pending: dict[str, ForgetTarget] = {}   # indexed by name, awaiting vectors
         self._targets: dict[str, ForgetTarget] = {}
         self._vocab: dict[str, frozenset[str]] = {}
@@ -265,10 +266,9 @@ class Detector:
         """Apply the policy changes made since the last sync; returns how many.
 
         Names and aliases of new or changed targets are matched at once; their
-        embeddings follow, ``embed_budget_s`` seconds of them per call (a bulk import of
-        100,000 targets takes minutes to embed; the server's sync loop carries on with it
-        between requests). ``force=False`` (the request path) never waits for a sync
-        running in another thread."""
+        embeddings follow, ``embed_budget_s`` seconds of them per call (:meth:`embed_pending`;
+        a bulk import of 100,000 targets takes minutes to embed). ``force=False`` (the
+        request path) never waits for a sync running in another thread."""
         if not self._sync_lock.acquire(blocking=force):
             return 0
         try:
@@ -277,11 +277,24 @@ class Detector:
                 return 0
             self._last_sync = now
             n = self._apply_changes()
-            deadline = time.monotonic() + embed_budget_s
+        finally:
+            self._sync_lock.release()
+        if embed_budget_s > 0 and self._pending:
+            self.embed_pending(embed_budget_s)
+        return n
+
+    def embed_pending(self, budget_s: float = 2.0) -> int:
+        """Embed targets that are matched by name only, for about ``budget_s`` seconds;
+        returns how many were embedded. It holds neither the sync lock nor, while the
+        embedder runs, the index lock: a server runs it in a thread of its own, so a slow
+        embedding (a loaded CPU, a bulk import) never delays the store reads that keep the
+        policy confirmed current (:attr:`policy_age_s`), nor detection."""
+        done = 0
+        deadline = time.monotonic() + budget_s
+        with self._embed_lock:
             while self._pending and time.monotonic() < deadline:
                 with self._lock:
-                    # Small chunks: a sync waiting for this one (an admin change) waits
-                    # for at most one chunk's embedding.
+                    # Small chunks: a target changed meanwhile waits for at most one chunk.
                     chunk = list(self._pending.values())[:64]
                 embedded = self._embed(chunk)
                 with self._lock:
@@ -289,10 +302,8 @@ class Detector:
                     for t in chunk:
                         if self._pending.get(t.id) is t:
                             del self._pending[t.id]
-                n += self._apply_changes()
-            return n
-        finally:
-            self._sync_lock.release()
+                            done += 1
+        return done
 
     @property
     def pending(self) -> int:
@@ -386,9 +397,13 @@ class Detector:
         why = self.stale()
         if why is not None:
             raise PolicyStaleError(why)
+        query = Query(self, texts, lexical_only or [], tenant,
+                      embeddings=bool(embeddings and self.vectors is not None and self.vectors.ntotal))
+        # The embedder, the slow part, runs before the index lock is taken: concurrent
+        # requests embed side by side (their calls batched together, Embedder._batched)
+        # instead of one at a time, and a sync never waits for a request's embedding.
+        query.vectors()
         with self._lock:
-            query = Query(self, texts, lexical_only or [], tenant,
-                          embeddings=bool(embeddings and self.vectors is not None and self.vectors.ntotal))
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}
             for signal in self.signals:

@@ -26,6 +26,7 @@ class Embedder:
     each request of a conversation repeats its earlier turns."""
 
     dim = 384
+    QUERY_TEXTS = 32  # calls up to this many new texts are a request's: one thread, batched together
 
     def __init__(self, device: str = "cpu", cache_size: int = 4096, max_seq_length: int = 128,
                  query_threads: int = 1):
@@ -48,6 +49,10 @@ class Embedder:
         # 25 ms with one thread against 73 ms with two on a loaded machine, and about
         # the same on an idle one. Bulk encoding (registration) uses every core.
         self.query_threads = query_threads
+        self._batch_cv = threading.Condition()
+        self._queue: list[_EncodeJob] = []
+        self._batch_running = False
+        self.model_calls = 0  # how many times the model ran (micro-batching shows as fewer calls than requests)
 
     def encode(self, texts: list[str], batch_size: int = 128, cache: bool = True, progress: bool = False) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -61,14 +66,9 @@ class Embedder:
                     self._cache.move_to_end(t)
                     out[i] = v
         if todo:
-            import torch
-
-            threads = self.query_threads if len(todo) <= 32 else (os.cpu_count() or 1)
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            vecs = self.model.encode([texts[i] for i in todo], batch_size=batch_size, convert_to_numpy=True,
-                                     normalize_embeddings=True, show_progress_bar=progress)
-            vecs = np.asarray(vecs, dtype=np.float32)
+            wanted = [texts[i] for i in todo]
+            vecs = self._batched(wanted) if len(todo) <= self.QUERY_TEXTS and not progress \
+                else self._model_encode(wanted, batch_size, progress)
             for k, i in enumerate(todo):
                 out[i] = vecs[k]
             if cache:
@@ -78,6 +78,61 @@ class Embedder:
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
         return out
+
+    def _model_encode(self, texts: list[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
+        import torch
+
+        threads = self.query_threads if len(texts) <= self.QUERY_TEXTS else (os.cpu_count() or 1)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        self.model_calls += 1
+        vecs = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=progress)
+        return np.asarray(vecs, dtype=np.float32)
+
+    def _batched(self, texts: list[str]) -> np.ndarray:
+        """Query-sized calls from concurrent threads (requests being detected) share model
+        calls: while one call runs, the next ones queue, and the first of them to wake runs
+        every queued call as one batch. Nothing waits for a deadline, so a lone request pays
+        nothing extra; under load, 32 conversations cost a few batched calls instead of 32
+        calls fighting over the same cores."""
+        job = _EncodeJob(texts)
+        with self._batch_cv:
+            self._queue.append(job)
+            while job.vecs is None and job.error is None and self._batch_running:
+                self._batch_cv.wait()
+            if job.vecs is None and job.error is None:
+                self._batch_running = True
+                jobs, self._queue = self._queue, []
+            else:
+                jobs = []
+        if jobs:
+            try:
+                unique = list(dict.fromkeys(t for j in jobs for t in j.texts))
+                vecs = self._model_encode(unique)
+                row = {t: k for k, t in enumerate(unique)}
+                for j in jobs:
+                    j.vecs = vecs[[row[t] for t in j.texts]]
+            except BaseException as e:  # every caller of the batch gets the error, not a hang
+                for j in jobs:
+                    j.error = e
+            finally:
+                with self._batch_cv:
+                    self._batch_running = False
+                    self._batch_cv.notify_all()
+        if job.error is not None:
+            raise job.error
+        assert job.vecs is not None
+        return job.vecs
+
+
+class _EncodeJob:
+    __slots__ = ("texts", "vecs", "error")
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+        self.vecs: np.ndarray | None = None
+        self.error: BaseException | None = None
 
 
 _shared: Embedder | None = None

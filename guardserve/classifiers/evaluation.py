@@ -69,6 +69,32 @@ def _probe_sets(world: dict, registered: set[str], seed: int = 0) -> dict[str, l
     return sets
 
 
+def throughput(detector: Detector, sets: dict, concurrency: int, n: int = 512) -> dict:
+    """Conversations per second and latency per conversation with ``concurrency`` threads
+    detecting at once (a server's request threads), over ``n`` conversations drawn from the
+    probe sets. Each text gets a unique suffix, so the embedder's cache of repeated turns
+    (which a real conversation's earlier turns do hit) answers none of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    convs = [conv for items in sets.values() for _, conv in items]
+    convs = [[*c[:-1], {**c[-1], "content": f"{c[-1]['content']} (#{k}-{concurrency})"}]
+             for k, c in enumerate(convs[i % len(convs)] for i in range(n))]
+    lat: list[float] = []
+
+    def one(conv) -> None:
+        t0 = time.perf_counter()
+        detector.detect(conv)
+        lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, convs))
+    wall = time.perf_counter() - t0
+    q = np.percentile(np.array(lat) * 1000, [50, 99])
+    return {"concurrency": concurrency, "conversations": n, "conversations_per_s": round(n / wall, 1),
+            "p50_ms": round(float(q[0]), 2), "p99_ms": round(float(q[1]), 2)}
+
+
 def evaluate(detector: Detector, sets: dict, names: dict[str, str]) -> dict:
     """Recall (sets with an expected entity) or false-positive rate (the others), the
     share caught by the lexical matcher alone, latency, and a few misses to look at."""
@@ -160,9 +186,10 @@ def train_hidden_state(world: dict, model_path: str | Path, seed: int = 0, progr
 
 def detection_report(world: dict, n_targets: int | None = None, config: DetectorConfig | None = None,
                      db: str | Path | None = None, calibrate: bool = True, progress=print,
-                     hidden_state_model: str | Path | None = None) -> dict:
+                     hidden_state_model: str | Path | None = None, concurrency: tuple[int, ...] = ()) -> dict:
     """Register targets, calibrate, probe. ``n_targets`` None: only the world's forget people.
-    ``hidden_state_model``: also train and use GUARD's hidden-state MLP on that model."""
+    ``hidden_state_model``: also train and use GUARD's hidden-state MLP on that model.
+    ``concurrency``: also measure :func:`throughput` at each of these levels."""
     hidden_stats = None
     if hidden_state_model is not None:
         config = config or DetectorConfig()
@@ -178,7 +205,9 @@ def detection_report(world: dict, n_targets: int | None = None, config: Detector
     names = {t.id: t.name for t in det.targets()}
     # Warm the caches so the first conversation does not carry the model's start-up.
     det.detect("warm up")
-    report = evaluate(det, _probe_sets(world, registered), names)
+    sets = _probe_sets(world, registered)
+    report = evaluate(det, sets, names)
+    report["throughput"] = [throughput(det, sets, c) for c in concurrency]
     report.update({"targets": len(names), "world_targets": len(registered), "threshold": det.threshold,
                    "calibration": calib, "detector_load_s": round(load_s, 2),
                    "approximate_index": bool(det.vectors is not None and det.vectors.approximate),

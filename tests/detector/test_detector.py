@@ -183,6 +183,42 @@ def test_bulk_import_is_matched_by_name_at_once_and_never_blocks_detection(detec
     assert detector.vectors.ntotal > 0 and detector.pending == 0
 
 
+def test_a_slow_embedding_never_ages_the_policy(detector, store, monkeypatch):
+    """A server embeds new targets beside its store reads: while an embedding pass is stuck
+    (a loaded CPU), syncs still confirm the policy current, so no replica refuses requests
+    as stale because of its own embedding work (found by tests/test_replicas.py)."""
+    import threading
+    import time
+
+    release, entered = threading.Event(), threading.Event()
+    real = detector._embed
+
+    def slow(targets):
+        entered.set()
+        release.wait(30)
+        return real(targets)
+
+    monkeypatch.setattr(detector, "_embed", slow)
+    store.add({"name": "Velna Strosk", "facts": {"birth_place": "Ormund"}})
+    detector.sync(force=True, embed_budget_s=0.0)
+    worker = threading.Thread(target=detector.embed_pending, args=(60.0,))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        time.sleep(0.3)
+        store.add({"name": "Kettil Braume", "facts": {"birth_place": "Sarnow"}})
+        t0 = time.monotonic()
+        assert detector.sync(force=True, embed_budget_s=0.0) == 1
+        assert time.monotonic() - t0 < 5 and detector.policy_age_s < 1.0
+        assert [t.name for t in detector.detect("Where was Kettil Braume born?")] == ["Kettil Braume"]
+    finally:
+        release.set()
+        worker.join(60)
+    while detector.pending:
+        detector.embed_pending(30.0)
+    assert detector.pending == 0
+
+
 def test_embedding_reads_deep_into_a_long_prompt():
     """A question placed behind 20,000 characters of filler is still embedded (the windows
     cover the whole prompt), and a question across a window boundary is whole in one window."""
@@ -215,3 +251,39 @@ def test_a_nonce_word_does_not_switch_the_embedding_signal_off(detector):
             plain += 1
             found += hits[1][0] == tid and hits[1][1] >= detector.threshold
     assert plain >= 20 and found >= 0.8 * plain, (found, plain)
+
+
+def test_concurrent_requests_share_embedder_calls(embedder):
+    """Micro-batching: query-sized encodes from concurrent threads are run together (fewer
+    model calls than callers) and each caller gets the vectors a call of its own would give."""
+    import threading
+
+    texts = [[f"Where was person number {i} born, and when?", f"Tell me about topic {i}."] for i in range(24)]
+    alone = [embedder.encode(t, cache=False) for t in texts]
+    start = threading.Barrier(len(texts))
+    got: dict[int, np.ndarray] = {}
+    calls = embedder.model_calls
+
+    def ask(i):
+        start.wait()
+        got[i] = embedder.encode(texts[i], cache=False)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(got) == list(range(len(texts)))
+    for i, v in got.items():
+        assert np.allclose(v, alone[i], atol=1e-5), i
+    assert embedder.model_calls - calls < len(texts)
+
+
+def test_an_embedder_failure_reaches_every_caller_of_the_batch(embedder, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("embedder down")
+
+    monkeypatch.setattr(embedder.model, "encode", broken)
+    with pytest.raises(RuntimeError, match="embedder down"):
+        embedder.encode(["a fresh text that is not cached"])
+    assert not embedder._batch_running and not embedder._queue

@@ -134,6 +134,8 @@ def test_fails_closed_when_the_embedder_breaks(store, vector_cache):
     emb = Embedder()
     det = Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=emb)
     emb.model = None                                 # the model is gone (e.g. freed by a bad reload)
+    if emb.onnx is not None:
+        emb.onnx.session = None                      # and so is its ONNX twin, which answers requests
     with pytest.raises(DetectionError):
         det.detect("a question nobody asked before")
 
@@ -283,7 +285,25 @@ def test_an_embedder_failure_reaches_every_caller_of_the_batch(embedder, monkeyp
     def broken(*a, **k):
         raise RuntimeError("embedder down")
 
-    monkeypatch.setattr(embedder.model, "encode", broken)
+    monkeypatch.setattr(embedder, "_model_encode", broken)
     with pytest.raises(RuntimeError, match="embedder down"):
         embedder.encode(["a fresh text that is not cached"])
     assert not embedder._batch_running and not embedder._queue
+
+
+def test_the_onnx_embedder_gives_torchs_vectors_and_falls_back_to_torch(embedder, tmp_path, monkeypatch):
+    """Requests are embedded under ONNX Runtime (the default backend), with torch's vectors;
+    a graph that cannot be loaded leaves the embedder on torch, with a warning, not broken."""
+    from guardserve.classifiers.embedding import OnnxQueryModel
+
+    assert embedder.onnx is not None
+    texts = ["Where was Ada Quill born?", "Which prize did the author of The Salt Road win, and in what year?"]
+    ours = embedder.onnx.encode(texts)
+    torch_vecs = np.asarray(embedder.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True))
+    assert ours.shape == (2, Embedder.dim) and float((ours * torch_vecs).sum(1).min()) > 0.9999
+
+    monkeypatch.setenv("GUARDSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(OnnxQueryModel, "export", staticmethod(lambda st, path: path.write_bytes(b"not a graph")))
+    fallback = Embedder()
+    assert fallback.onnx is None
+    assert float((fallback.encode(texts[:1], cache=False) * torch_vecs[:1]).sum()) > 0.9999

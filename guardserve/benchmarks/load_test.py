@@ -2,7 +2,8 @@
 
 64 clients stream chat and completion answers to forget and retain questions of the demo
 world for 2 minutes, while targets are added, changed and removed through the admin API
-twice a second. Reports 5xx errors, leaks (a forget answer containing its fact value),
+twice a second. Reports 5xx errors, leaks (a forget answer that states its fact value, as
+:func:`guardserve.leak.fact_leaked` reads it: whole words, so "Tesiar" does not state "Tesia"),
 retain accuracy, and latency (time to first token and to the last one, p50/p99).
 Loopback only: it starts its own server on 127.0.0.1 unless --url names one there.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from guardserve.benchmarks.cli import default_out
+from guardserve.leak import fact_leaked
 
 MODEL = "guardserve-demo"
 ADMIN_KEY = "load-test-admin"
@@ -107,7 +109,7 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
                 except httpx.HTTPError as e:
                     status, text, ttft, total = 599, f"{type(e).__name__}: {e}", float("nan"), float("nan")
                 results.append({"kind": kind, "route": route, "status": status, "ttft": ttft, "total": total,
-                                "hit": pair["value"].lower() in text.lower(), "text": text[:200]})
+                                "hit": fact_leaked(text, pair["value"]), "text": text[:200], "question": q})
 
     admin_errors: list[str] = []
 
@@ -160,7 +162,7 @@ async def run(url: str, clients: int, duration: float, world: dict, seed: int, a
         "status_other_non_200": sum(r["status"] != 200 and not 500 <= r["status"] < 600 for r in results),
         "forget_answers": len(forget),
         "leaks": len(leaks),
-        "leak_examples": [r["text"] for r in leaks[:3]],
+        "leak_examples": [{"route": r["route"], "question": r["question"], "answer": r["text"]} for r in leaks[:3]],
         "retain_answers": len(retain),
         "retain_accuracy": round(sum(r["hit"] for r in retain) / max(1, len(retain)), 4),
         "ttft_p50_ms": round(1000 * pct([r["ttft"] for r in ok if r["ttft"] == r["ttft"]], 0.5), 1),

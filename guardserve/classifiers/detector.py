@@ -19,6 +19,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -139,6 +140,10 @@ class Detector:
         self._pending: dict[str, ForgetTarget] = {}   # indexed by name, awaiting vectors
         self._targets: dict[str, ForgetTarget] = {}
         self._vocab: dict[str, frozenset[str]] = {}
+        # How many targets' texts use each word: a window whose named words (``_rare_tokens``)
+        # are all absent here cannot reach any target's embedding hit (see ``_can_hit``).
+        self._vocab_count: Counter[str] = Counter()
+        self.embedder_skips = 0  # detections whose embedding the grounding rule made needless
         self._fact_vecs: dict[str, dict[str, np.ndarray]] = {}
         self._seq = 0
         self._last_sync = 0.0
@@ -216,7 +221,8 @@ class Detector:
         for t in targets:
             self._targets[t.id] = t
             self.lexical.add(t)
-            self._vocab[t.id] = self._target_vocab(t)
+            self._vocab[t.id] = vocab = self._target_vocab(t)
+            self._vocab_count.update(vocab)
             for s in self.signals:
                 s.add(t)
 
@@ -256,7 +262,12 @@ class Detector:
         self._targets.pop(target_id, None)
         for s in self.signals:
             s.remove(target_id)
-        self._vocab.pop(target_id, None)
+        vocab = self._vocab.pop(target_id, None)
+        if vocab:
+            self._vocab_count.subtract(vocab)
+            for tok in vocab:
+                if self._vocab_count[tok] <= 0:
+                    del self._vocab_count[tok]
         self._fact_vecs.pop(target_id, None)
         self.lexical.remove(target_id)
         if self.vectors is not None:
@@ -399,10 +410,16 @@ class Detector:
             raise PolicyStaleError(why)
         query = Query(self, texts, lexical_only or [], tenant,
                       embeddings=bool(embeddings and self.vectors is not None and self.vectors.ntotal))
-        # The embedder, the slow part, runs before the index lock is taken: concurrent
-        # requests embed side by side (their calls batched together, Embedder._batched)
-        # instead of one at a time, and a sync never waits for a request's embedding.
-        query.vectors()
+        if query.embeddings and not any(self._can_hit(w) for w in query.windows()):
+            # Every window names something no target mentions: grounding would drop each of
+            # its vector hits (``_embedding_hits``), so the embedder is not asked at all.
+            query.nothing_to_retrieve()
+            self.embedder_skips += 1
+        else:
+            # The embedder, the slow part, runs before the index lock is taken: concurrent
+            # requests embed side by side (their calls batched together, Embedder._batched)
+            # instead of one at a time, and a sync never waits for a request's embedding.
+            query.vectors()
         with self._lock:
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}
@@ -417,15 +434,28 @@ class Detector:
                     r = reasons.setdefault(h.target_id, [])
                     if h.reason not in r:
                         r.append(h.reason)
-
-            qvec = query.vector() if scores else None   # GUARD's retrieval ranks fact values by it
+        if not scores:
+            return []
+        # GUARD's retrieval ranks fact values by the newest window's vector: embedded above,
+        # or here, outside the index lock, where the grounding rule skipped the embedder.
+        qvec = query.vector()
+        with self._lock:
             out = []
             for tid, score in scores.items():
-                t = self._targets[tid]
+                t = self._targets.get(tid)
+                if t is None:
+                    continue  # deleted since the hits were read: no longer forgotten
                 out.append(Triggered(tid, t.name, t.version, round(score, 4), tuple(reasons[tid]),
                                      tuple(self._forbidden(t, qvec)), t.mode))
             out.sort(key=lambda x: (-x.score, name_key(x.name)))
             return out
+
+    def _can_hit(self, window: str) -> bool:
+        """Whether ``window`` could reach an embedding hit at all: it names nothing (no
+        capitalised word outside the dictionary), or some word it names is in a target's texts.
+        The grounding rule of :meth:`_embedding_hits`, read before the embedder runs."""
+        rare = self._rare_tokens(window)
+        return not rare or any(tok in self._vocab_count for tok in rare)
 
     def _embedding_hits(self, chunks: list[str], qv: np.ndarray) -> dict:
         """The retrieval shared by the embedding and hidden-state signals (``Query.retrieval``)

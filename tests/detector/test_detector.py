@@ -255,6 +255,38 @@ def test_a_nonce_word_does_not_switch_the_embedding_signal_off(detector):
     assert plain >= 20 and found >= 0.8 * plain, (found, plain)
 
 
+def test_the_grounding_rule_skips_the_embedder_and_changes_no_decision(detector, world, monkeypatch):
+    """A conversation whose every window names someone no target's texts mention cannot reach
+    an embedding hit (the grounding rule drops each), so the embedder is not asked; over the
+    detection benchmark's labelled sets, every decision (targets, scores, forbidden phrases in
+    GUARD's retrieval order) equals that of a detector that always embeds."""
+    from guardserve.classifiers.evaluation import _probe_sets
+
+    detector.calibrate()
+    sets = _probe_sets(world, {t.name for t in detector.targets()})
+    convs = [conv for items in sets.values() for _, conv in items[::6]]
+
+    def decisions():
+        return [[(t.target_id, t.score, t.reasons, t.forbidden) for t in detector.detect(c)] for c in convs]
+
+    before = detector.embedder_skips
+    gated = decisions()
+    skipped = detector.embedder_skips - before
+    monkeypatch.setattr(detector, "_can_hit", lambda window: True)
+    assert decisions() == gated
+    assert detector.embedder_skips - before == skipped
+    # The retain questions name unregistered people: skipped. A forget paraphrase names its
+    # target, and a question naming no one must be embedded: neither is skipped.
+    assert 0 < skipped < len(convs)
+    monkeypatch.undo()
+    retain, forget = world["retain"][0], world["forget"][0]
+    for question, skips in ((retain["question"], 1), (forget["paraphrased_question"], 0),
+                            ("Where was the mapmaker of the Copper Orchard born?", 0)):
+        before = detector.embedder_skips
+        detector.detect(question)
+        assert detector.embedder_skips - before == skips, question
+
+
 def test_concurrent_requests_share_embedder_calls(embedder):
     """Micro-batching: query-sized encodes from concurrent threads are run together (fewer
     model calls than callers) and each caller gets the vectors a call of its own would give."""

@@ -88,6 +88,11 @@ class Query:
         v = self.vectors()
         return None if v is None else v[0]
 
+    def nothing_to_retrieve(self) -> None:
+        """Set by the detector where grounding rules out every vector hit: ``retrieval()`` is
+        empty without an embedder call (``vectors()`` still embeds, if a caller asks)."""
+        self._retrieval = {}
+
     def retrieval(self) -> dict[str, VectorHit]:
         """Best grounded vector hit per target over the windows, whatever its score."""
         if self._retrieval is None:

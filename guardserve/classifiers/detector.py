@@ -450,6 +450,13 @@ class Detector:
             out.sort(key=lambda x: (-x.score, name_key(x.name)))
             return out
 
+    def needs_embedder(self, messages) -> bool:
+        """Whether detecting over ``messages`` runs the embedder: not where every embedding
+        window names someone no target's texts mention (the grounding rule, :meth:`_can_hit`)."""
+        if self.vectors is None or not self.vectors.ntotal:
+            return False
+        return any(self._can_hit(w) for w in self._chunks(message_texts(messages)))
+
     def _can_hit(self, window: str) -> bool:
         """Whether ``window`` could reach an embedding hit at all: it names nothing (no
         capitalised word outside the dictionary), or some word it names is in a target's texts.

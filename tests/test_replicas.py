@@ -89,7 +89,8 @@ def triggers(client: httpx.Client, name: str) -> bool:
 
 class Load:
     """Clients asking questions of the replicas in a loop until stopped; every answer is kept
-    as (replica index, started, finished, status, question item, text)."""
+    as (replica index, started, finished, status, question item, text). A 503 is retried after
+    its Retry-After, as the OpenAI SDK and routers do."""
 
     def __init__(self, servers, items, clients_per_server: int):
         self.stop = threading.Event()
@@ -109,9 +110,11 @@ class Load:
                 status = r.status_code
                 text = r.json()["choices"][0]["message"]["content"] if status == 200 else r.text
             except httpx.HTTPError as e:
-                status, text = None, repr(e)
+                r, status, text = None, None, repr(e)
             with self._lock:
                 self.results.append((index, t0, time.monotonic(), status, item, text))
+            if status == 503:
+                self.stop.wait(float(r.headers["retry-after"]))
 
     def __enter__(self):
         for t in self.threads:
@@ -199,6 +202,7 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
         stopped = time.monotonic()
         time.sleep(MAX_AGE_S + 1.5)
         health = [httpx.get(s.base_url + "/health", timeout=10).status_code for s in (a, b)]
+        during_chat = chat(a, items[0]["question"])
         during_add = admin_a.post("/targets", json={"name": "Never Committed"})
         time.sleep(max(0.0, stopped + outage_s - time.monotonic()))
         pg_server.start()
@@ -211,6 +215,9 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
         time.sleep(max(6.0, back + 13.0 - time.monotonic()))
     assert health == [503, 503], "a replica that cannot confirm its policy must fail /health"
     assert during_add.status_code == 503 and "unreachable" in during_add.json()["error"]["message"]
+    # Both tell clients when to come back, so that retrying clients do not flood a replica
+    # waiting for its store.
+    assert during_chat.status_code == 503 and during_add.headers["retry-after"] == during_chat.headers["retry-after"] == "1"
     results = load.results
     leaked = [(r[4]["value"], r[5]) for r in results if r[3] == 200 and "value" in r[4] and r[4]["entity"] in names
               and fact_leaked(r[5], r[4]["value"])]

@@ -23,6 +23,7 @@ from guardserve.policy import (
     ValidationError,
     VersionConflictError,
 )
+from guardserve.server.middleware import RETRY_AFTER_S
 
 router = APIRouter(prefix="/v1/unlearning", tags=["guardserve admin"])
 ACTOR = "admin-api"
@@ -31,7 +32,9 @@ log = logging.getLogger("guardserve.server")
 
 def _error(status: int, message: str) -> JSONResponse:
     kind = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error"}.get(status, "error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
 
 
 def _policy_error(e: Exception) -> JSONResponse:

@@ -40,10 +40,17 @@ STALE_MESSAGE = ("this replica cannot confirm the current forget policy (its pol
                  "no guarded request until it can; retry on another replica")
 
 
+RETRY_AFTER_S = 1  # what a 503 asks clients to wait: SDKs and routers honour it instead of retrying at once
+
+
 async def send_json(send, status: int, message: str, err_type: str) -> None:
     body = json.dumps({"error": {"message": message, "type": err_type, "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        # Without it, clients that retry at once flood a replica that is waiting for its store,
+        # and the flood delays the store reads that bring it back.
+        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -87,6 +87,9 @@ def triggers(client: httpx.Client, name: str) -> bool:
     return any(t["name"] == name for t in r.json()["triggered"])
 
 
+ANSWERS_AGAIN = "the policy store answers again"  # the sync loop's log line when it recovers
+
+
 class Load:
     """Clients asking questions of the replicas in a loop until stopped; every answer is kept
     as (replica index, started, finished, status, question item, text). A 503 is retried after
@@ -205,11 +208,17 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
         during_chat = chat(a, items[0]["question"])
         during_add = admin_a.post("/targets", json={"name": "Never Committed"})
         time.sleep(max(0.0, stopped + outage_s - time.monotonic()))
+        answered = [s.log.read_text(errors="replace").count(ANSWERS_AGAIN) for s in (a, b)]
         pg_server.start()
         back = time.monotonic()
         deadline = back + 15
-        while time.monotonic() < deadline and any(
-                httpx.get(s.base_url + "/health", timeout=10).status_code != 200 for s in (a, b)):
+        synced_after: list[float | None] = [None, None]  # when each replica logged its first good sync
+        while time.monotonic() < deadline:
+            for i, s in enumerate((a, b)):
+                if synced_after[i] is None and s.log.read_text(errors="replace").count(ANSWERS_AGAIN) > answered[i]:
+                    synced_after[i] = round(time.monotonic() - back, 1)
+            if all(httpx.get(s.base_url + "/health", timeout=10).status_code == 200 for s in (a, b)):
+                break
             time.sleep(0.1)
         healthy_after = time.monotonic() - back
         time.sleep(max(6.0, back + 13.0 - time.monotonic()))
@@ -241,8 +250,8 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
         assert set(ids) <= kept and not any(t.name == "Never Committed" for t in store.list())
     n503 = sum(r[3] == 503 for r in results)
     print(f"\noutage of {outage_s:.0f} s under 16 clients: {len(results)} requests, {n503} refused with 503, "
-          f"0 forget facts served, both replicas serving {served_again:.1f} s and healthy {healthy_after:.1f} s "
-          "after Postgres returned")
+          f"0 forget facts served; after Postgres returned, the replicas synced at {synced_after} s, both were "
+          f"healthy at {healthy_after:.1f} s and serving at {served_again:.1f} s")
     with admin(a) as admin_a:
         for tid in ids:
             admin_a.delete(f"/targets/{tid}")

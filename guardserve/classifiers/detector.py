@@ -324,9 +324,13 @@ class Detector:
     def _apply_changes(self) -> int:
         n = 0
         while True:
+            asked = time.monotonic()
             changes = self.store.changes_since(self._seq, limit=5000)
             if not changes:
-                self._confirmed = time.monotonic()
+                # Confirmed as of when the read began, not when this thread got to run again: on
+                # a loaded host a thread can wait seconds after the answer, and the store may be
+                # gone by then (a replica flooded during a Postgres outage served past the bound).
+                self._confirmed = max(self._confirmed, asked)
                 return n
             latest: dict[str, ForgetTarget | None] = {}
             threshold_changed = False

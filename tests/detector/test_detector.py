@@ -130,6 +130,27 @@ def test_a_policy_not_confirmed_within_its_bound_fails_closed(tmp_path, world):
         det.detect(question)
 
 
+def test_the_policy_is_confirmed_as_of_when_the_store_read_began(tmp_path, monkeypatch):
+    """A sync thread held up after the store answered (a loaded host) must not confirm the
+    policy as of the later moment it ran again: by then the store may be gone."""
+    import time
+
+    store = SQLiteStore(tmp_path / "replica.db")
+    det = Detector(store, DetectorConfig(use_embeddings=False, sync_in_detect=False, max_policy_age_s=5.0))
+    answer = store.changes_since
+
+    def answered_then_held_up(*args, **kwargs):
+        out = answer(*args, **kwargs)
+        time.sleep(0.5)  # the store has answered; this thread waits for the interpreter
+        return out
+
+    monkeypatch.setattr(store, "changes_since", answered_then_held_up)
+    time.sleep(0.2)
+    det.sync(force=True)
+    assert 0.5 <= det.policy_age_s < 1.5, det.policy_age_s
+    store.close()
+
+
 def test_fails_closed_when_the_embedder_breaks(store, vector_cache):
     emb = Embedder()
     det = Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=emb)

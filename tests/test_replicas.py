@@ -87,9 +87,6 @@ def triggers(client: httpx.Client, name: str) -> bool:
     return any(t["name"] == name for t in r.json()["triggered"])
 
 
-ANSWERS_AGAIN = "the policy store answers again"  # the sync loop's log line when it recovers
-
-
 class Load:
     """Clients asking questions of the replicas in a loop until stopped; every answer is kept
     as (replica index, started, finished, status, question item, text). A 503 is retried after
@@ -208,17 +205,11 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
         during_chat = chat(a, items[0]["question"])
         during_add = admin_a.post("/targets", json={"name": "Never Committed"})
         time.sleep(max(0.0, stopped + outage_s - time.monotonic()))
-        answered = [s.log.read_text(errors="replace").count(ANSWERS_AGAIN) for s in (a, b)]
         pg_server.start()
         back = time.monotonic()
         deadline = back + 15
-        synced_after: list[float | None] = [None, None]  # when each replica logged its first good sync
-        while time.monotonic() < deadline:
-            for i, s in enumerate((a, b)):
-                if synced_after[i] is None and s.log.read_text(errors="replace").count(ANSWERS_AGAIN) > answered[i]:
-                    synced_after[i] = round(time.monotonic() - back, 1)
-            if all(httpx.get(s.base_url + "/health", timeout=10).status_code == 200 for s in (a, b)):
-                break
+        while time.monotonic() < deadline and any(
+                httpx.get(s.base_url + "/health", timeout=10).status_code != 200 for s in (a, b)):
             time.sleep(0.1)
         healthy_after = time.monotonic() - back
         time.sleep(max(6.0, back + 13.0 - time.monotonic()))
@@ -236,22 +227,22 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
     refused_window = [r for r in results if stopped + MAX_AGE_S + 1.0 < r[1] and r[2] < back]
     assert refused_window and all(r[3] == 503 for r in refused_window), {r[3] for r in refused_window}
     assert not any(n in r[5] for r in refused_window for n in names)
-    # Started 10 s after the database returned: served again. (Recovery took 1.4 s in earlier
-    # runs and up to about 13 s in later ones on this 2-core host under 16 clients; why it grew
-    # is not known yet, so the bound is generous and the figure is printed.)
-    after = [r for r in results if r[1] > back + 10.0]
-    assert after and all(r[3] == 200 for r in after), {r[3] for r in after}
-    # Health is held to the polling loop's deadline; what clients saw is measured from the load.
-    assert healthy_after < 15.0, healthy_after
+    # Service is back within 5 s of the database returning: each replica served a client by then,
+    # and every request started later was served.
     served_again = max(min((r[1] for r in results if r[0] == i and r[1] > back and r[3] == 200), default=float("inf"))
                        for i in (0, 1)) - back
+    assert served_again < 5.0, served_again
+    after = [r for r in results if r[1] > back + 5.0]
+    assert after and all(r[3] == 200 for r in after), {r[3] for r in after}
+    # /health answers through the same busy API servers, one poll after another: held to 10 s.
+    assert healthy_after < 10.0, healthy_after
     with open_store(url) as store:
         kept = {t.id for t in store.list()}
         assert set(ids) <= kept and not any(t.name == "Never Committed" for t in store.list())
     n503 = sum(r[3] == 503 for r in results)
     print(f"\noutage of {outage_s:.0f} s under 16 clients: {len(results)} requests, {n503} refused with 503, "
-          f"0 forget facts served; after Postgres returned, the replicas synced at {synced_after} s, both were "
-          f"healthy at {healthy_after:.1f} s and serving at {served_again:.1f} s")
+          f"0 forget facts served; both replicas serving {served_again:.1f} s and healthy {healthy_after:.1f} s "
+          "after Postgres returned")
     with admin(a) as admin_a:
         for tid in ids:
             admin_a.delete(f"/targets/{tid}")

@@ -72,16 +72,18 @@ def _probe_sets(world: dict, registered: set[str], seed: int = 0) -> dict[str, l
 def throughput(detector: Detector, sets: dict, concurrency: int, n: int = 512, embedded_only: bool = False) -> dict:
     """Conversations per second and latency per conversation with ``concurrency`` threads
     detecting at once (a server's request threads), over ``n`` conversations drawn from the
-    probe sets (``embedded_only``: from those the embedder must read, leaving out those that
-    name someone no target mentions, :meth:`Detector.needs_embedder`). Each text gets a unique
-    suffix, so the embedder's cache of repeated turns (which a real conversation's earlier
-    turns do hit) answers none of them."""
+    probe sets, every set in its share (``embedded_only``: from those the embedder must read,
+    leaving out those that name someone no target mentions, :meth:`Detector.needs_embedder`).
+    Each text gets a suffix of its own, so the embedder's cache of repeated turns (which a real
+    conversation's earlier turns do hit) answers none of them, in this call or another."""
     from concurrent.futures import ThreadPoolExecutor
 
     convs = [conv for items in sets.values() for _, conv in items]
     if embedded_only:
         convs = [c for c in convs if detector.needs_embedder(c)]
-    convs = [[*c[:-1], {**c[-1], "content": f"{c[-1]['content']} (#{k}-{concurrency})"}]
+    random.Random(0).shuffle(convs)
+    mix = "e" if embedded_only else "a"
+    convs = [[*c[:-1], {**c[-1], "content": f"{c[-1]['content']} (#{k}-{concurrency}{mix})"}]
              for k, c in enumerate(convs[i % len(convs)] for i in range(n))]
     lat: list[float] = []
 

@@ -354,6 +354,11 @@ def test_the_onnx_embedder_gives_torchs_vectors_and_falls_back_to_torch(embedder
     ours = embedder.onnx.encode(texts)
     torch_vecs = np.asarray(embedder.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True))
     assert ours.shape == (2, Embedder.dim) and float((ours * torch_vecs).sum(1).min()) > 0.9999
+    # A batch mixing lengths (run in groups of about the same length) gives each text its own vector.
+    mixed = [texts[0], "the mapmaker's atlas, page after page " * 40, "Who?", texts[1], ""]
+    alone = np.concatenate([embedder.onnx.encode([t]) for t in mixed])
+    assert np.allclose(embedder.onnx.encode(mixed), alone, atol=1e-5)
+    assert embedder.onnx.encode([]).shape == (0, Embedder.dim)
 
     monkeypatch.setenv("GUARDSERVE_HOME", str(tmp_path))
     monkeypatch.setattr(OnnxQueryModel, "export", staticmethod(lambda st, path: path.write_bytes(b"not a graph")))

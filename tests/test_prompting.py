@@ -210,6 +210,33 @@ def test_guard_service_serves_icul_through_the_tokenizers_template(tmp_path):
         store.close()
 
 
+def test_icul_names_what_the_conversation_is_about_not_every_always_on_target(tmp_path):
+    """An always-on target that triggered on its mode alone is filtered but not named in the
+    instruction (every always-on target in every prompt would show them all to the model and
+    grow each prompt with the policy); one the conversation asks about is named."""
+    from guardserve.classifiers import Detector, DetectorConfig
+    from guardserve.demo.tokenizers import sp32k_tokenizer
+    from guardserve.guard import CHAT, GuardService
+    from guardserve.guard.configs import CONFIGS
+    from guardserve.policy import open_store
+
+    store = open_store(str(tmp_path / "p.db"))
+    try:
+        for i in range(3):
+            store.add({"name": f"Orvel Quandt{i}", "mode": "always", "facts": {"birth_place": f"Vossbury {i}"}})
+        svc = GuardService(store, Detector(store, DetectorConfig(use_embeddings=False)), sp32k_tokenizer(),
+                           CONFIGS["guard"], icul=InContextUnlearner(retain=RETAIN), max_model_len=4096)
+        ask = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        out, decision = svc.prepare(CHAT, dict(ask), "default")
+        assert len(decision.triggered) == 3 and out["vllm_xargs"] and out["messages"] == ask["messages"]
+        about = {"model": "m", "messages": [{"role": "user", "content": "Where was Orvel Quandt1 born?"}]}
+        out, decision = svc.prepare(CHAT, dict(about), "default")
+        named = " ".join(m["content"] for m in out["messages"])
+        assert len(decision.triggered) == 3 and "Orvel Quandt1" in named and "Orvel Quandt0" not in named
+    finally:
+        store.close()
+
+
 def test_demo_tokenizer_output_unchanged():
     """The demo model's template takes a system message: with its tokenizer the guarded
     conversation is what ICUL built before it looked at templates (a system message first),

@@ -284,13 +284,24 @@ class GuardService:
         body = {**body, "vllm_xargs": self.plan_xargs(decision, xargs)}
         if decision.steer:
             body["cache_salt"] = steered_salt(body.get("cache_salt"), decision.steer)
-        if route == CHAT and self.icul is not None:
-            targets = [t for t in (self.detector_target(i) for i in decision.target_ids) if t is not None]
+        subjects = self.icul_subjects(decision.triggered) if route == CHAT and self.icul is not None else []
+        targets = [t for t in (self.detector_target(x.target_id) for x in subjects) if t is not None]
+        if targets:
             guarded_messages = self.icul_messages(body, targets)
             if guarded_messages is not None:
                 decision.added_prompt_tokens = self.added_tokens(body["messages"], guarded_messages)
                 body["messages"] = guarded_messages
         return body, decision
+
+    @staticmethod
+    def icul_subjects(triggered: list) -> list:
+        """The triggered targets (``Triggered``) the in-context instruction names: those the
+        conversation is about. A target that triggered on its ``always`` mode alone is left to
+        the filter: naming every always-on target in every prompt would show them all to the
+        model and grow each prompt (and its checks) with the policy."""
+        from guardserve.classifiers.signals.always import REASON
+
+        return [t for t in triggered if tuple(t.reasons) != (REASON,)]
 
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
         """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where

@@ -243,8 +243,9 @@ class EngineEntryGuard:
 
         if decision.guarded:
             covered = {t.target_id for t in ctx.icul_targets}
-            if ctx.icul and not ctx.retried and any(t.target_id not in covered for t in decision.triggered):
-                ctx.retry_with = [*ctx.icul_targets, *(t for t in decision.triggered if t.target_id not in covered)]
+            uncovered = [t for t in self.service.icul_subjects(decision.triggered) if t.target_id not in covered]
+            if ctx.icul and not ctx.retried and uncovered:
+                ctx.retry_with = [*ctx.icul_targets, *uncovered]
                 self.service.count_outcome(ctx.tenant, "icul_retry", time.perf_counter() - started)
                 raise IculRetry()
             closed = None

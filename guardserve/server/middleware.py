@@ -128,8 +128,8 @@ class GuardMiddleware:
             # A first look (names, aliases, fact values, always-on targets; no embedder): ICUL
             # up front for what it names, so the usual triggered request is rendered once.
             try:
-                named = await anyio.to_thread.run_sync(
-                    lambda: service.detector.detect(body["messages"], tenant=tenant, embeddings=False))
+                named = service.icul_subjects(await anyio.to_thread.run_sync(
+                    lambda: service.detector.detect(body["messages"], tenant=tenant, embeddings=False)))
             except Exception:  # the entry's full detection decides, and fails closed, on its own
                 named = []
             first, first_send = (raw, send) if not named else await self._with_icul(service, body, named, ctx, send)

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from guardserve.classifiers.signals import Hit, Query, Signal
 from guardserve.policy.model import ForgetTarget
 
+REASON = "mode 'always'"  # the only reason of a target that triggered on its mode alone
+
 
 class AlwaysSignal(Signal):
     name = "always"
@@ -27,4 +29,4 @@ class AlwaysSignal(Signal):
     def hits(self, query: Query) -> Iterator[Hit]:
         for tid in self.ids:
             if query.visible(tid):
-                yield Hit(tid, 1.0, "mode 'always'")
+                yield Hit(tid, 1.0, REASON)

@@ -59,14 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  forget {s['forget_recall']:.3f}  "
               f"paraphrase {s['paraphrase_recall']:.3f}  adversarial {s['adversarial_recall']:.3f}  "
               f"retain FP {s['retain_fp_rate']:.4f}  world FP {s['world_facts_fp_rate']:.4f}", flush=True)
-        emb = rep["latency_ms_embedded"]
-        if emb.get("n"):
-            print(f"   conversations the embedder read ({emb['n']}): p50 {emb['p50']:.2f} ms  p99 {emb['p99']:.2f} ms",
-                  flush=True)
         for tp in rep["throughput"]:
-            print(f"   concurrency {tp['concurrency']} ({tp['mix']}, {tp['embedder_skipped_share']:.0%} without the "
-                  f"embedder): {tp['conversations_per_s']:.0f} conversations/s, p50 {tp['p50_ms']:.2f} ms, "
-                  f"p99 {tp['p99_ms']:.2f} ms", flush=True)
+            print(f"   concurrency {tp['concurrency']}: {tp['conversations_per_s']:.0f} conversations/s, "
+                  f"p50 {tp['p50_ms']:.2f} ms, p99 {tp['p99_ms']:.2f} ms", flush=True)
 
     print()
     print("| targets | world targets | load s | p50 ms | p99 ms | forget | paraphrase | adversarial | retain FP | world-facts FP | index |")

@@ -122,33 +122,19 @@ def render_detection(d: dict) -> Section:
     lo, hi = runs[0], runs[-1]
     key = []
     if len(runs) > 1:
-        # Over the conversations the embedder read where the run says (how many skip it depends
-        # on how many words the targets use, so the overall figure would mix two things).
-        field = "latency_ms_embedded" if all((r.get("latency_ms_embedded") or {}).get("n") for r in runs) else "latency_ms"
-        what = "conversation the embedder read" if field == "latency_ms_embedded" else "conversation"
-        a, b = lo[field], hi[field]
-        key.append(f"p50 latency per {what} at {hi['targets']:,} targets ÷ at {lo['targets']:,}: "
+        a, b = lo["latency_ms"], hi["latency_ms"]
+        key.append(f"p50 latency per conversation at {hi['targets']:,} targets ÷ at {lo['targets']:,}: "
                    f"{b['p50'] / a['p50']:.2f}× ({a['p50']:.1f} → {b['p50']:.1f} ms); p99 {b['p99'] / a['p99']:.2f}×.")
     rec = [min(r["summary"]["forget_recall"], r["summary"]["paraphrase_recall"], r["summary"]["adversarial_recall"])
            for r in runs]
     fp = [max(r["summary"]["retain_fp_rate"], r["summary"]["world_facts_fp_rate"]) for r in runs]
     key.append(f"Lowest recall over forget, paraphrase and adversarial probes: {min(rec):.3f}; "
                f"highest false-positive rate (retain, world facts): {max(fp):.4f}.")
-    emb = hi.get("latency_ms_embedded") or {}
-    if emb.get("n"):
-        key.append(f"The grounding rule skips the embedder for conversations that name someone no target mentions "
-                   f"(exact: such a window cannot reach an embedding hit); at {hi['targets']:,} targets the "
-                   f"{emb['n']:,} conversations it read took p50 {emb['p50']:.1f} ms, p99 {emb['p99']:.1f} ms.")
     if hi.get("throughput"):
-        mixes: dict[str, list] = {}
-        for t in hi["throughput"]:
-            mixes.setdefault(t.get("mix", "all sets"), []).append(t)
         key.append(f"At {hi['targets']:,} targets, threads detecting at once (concurrent requests' embeddings "
-                   "batched together): " + "; ".join(
-                       f"{mix} ({ts[0].get('embedder_skipped_share', 0):.0%} without the embedder) " + ", ".join(
-                           f"{t['concurrency']}: {t['conversations_per_s']:,.0f} conversations/s, p50 {t['p50_ms']:.1f} ms"
-                           for t in ts)
-                       for mix, ts in mixes.items()) + ".")
+                   "batched together): " + ", ".join(
+                       f"{t['concurrency']}: {t['conversations_per_s']:,.0f} conversations/s, p50 {t['p50_ms']:.1f} ms"
+                       for t in hi["throughput"]) + ".")
     rows = []
     for r in runs:
         s, lat, sets = r["summary"], r["latency_ms"], r.get("sets", {})
@@ -156,18 +142,13 @@ def render_detection(d: dict) -> Section:
         rows.append([f"{r['targets']:,}", f"{s['forget_recall']:.3f}", f"{s['paraphrase_recall']:.3f}",
                      f"{s['adversarial_recall']:.3f}",
                      f"{s['retain_fp_rate']:.4f}" + (f" ({n_ret:,})" if n_ret else ""), f"{s['world_facts_fp_rate']:.4f}",
-                     f"{lat['p50']:.1f} / {lat['p99']:.1f}", _embedded_cell(r),
+                     f"{lat['p50']:.1f} / {lat['p99']:.1f}",
                      "IVF (approx.)" if r.get("approximate_index") else ("flat" if r.get("embeddings") else "lexical only")])
     table = _table(["targets", "forget recall", "paraphrase recall", "adversarial recall", "retain FP", "world-facts FP",
-                    "p50 / p99 ms", "embedder read: n, p50 / p99 ms", "index"], rows)
+                    "p50 / p99 ms", "index"], rows)
     machine = d.get("machine") or {}
     note = f"`python -m guardserve.benchmarks.detection` ({_when(machine)})."
     return Section("Detection: latency and recall vs number of targets", key, [table], note)
-
-
-def _embedded_cell(run: dict) -> str:
-    emb = run.get("latency_ms_embedded") or {}
-    return f"{emb['n']:,}: {emb['p50']:.1f} / {emb['p99']:.1f}" if emb.get("n") else "–"
 
 
 def render_serving(d: dict) -> Section:

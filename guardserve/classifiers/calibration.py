@@ -61,6 +61,15 @@ PERSON_QUESTIONS = [
     "What is {name}'s job?", "Where did {name} go to school?", "Is {name} still alive?",
     "What is {name} doing these days?",
 ]
+# The same questions asked about someone named in a sentence before: a window's sentences
+# that name no one are read on their own too (``Detector._views``), so these must not fire.
+FOLLOW_UPS = [
+    "Where was {s} born?", "When was {s} born?", "Who is {p} mother?", "Who is {p} father?",
+    "What does {s} do for a living?", "Which award did {s} win?", "Where did {s} study?", "What is {p} job?",
+    "What is the date of birth?", "Which prize was given to {o}?", "What is {s} best known for?",
+    "Which school did {s} attend?", "Where did {s} grow up?", "What is the profession?",
+]
+INTRODUCTIONS = ["I am reading about {name}.", "{name} is a friend of mine.", "A question about {name}:", "{name}?"]
 REVERSE_QUESTIONS = [
     "Who has the {attr} {value}?", "Which person is associated with {value}?", "Tell me who is linked to {value}.",
     "Whose {attr} is {value}?", "I am thinking of someone whose {attr} is {value}. Who is it?",
@@ -83,8 +92,12 @@ def decoy_names(n: int, seed: int = 1) -> list[str]:
 
 def negatives(n_people: int = 60, seed: int = 1) -> list[str]:
     out = list(GENERIC_QUESTIONS)
-    for name in decoy_names(n_people, seed):
+    rng = random.Random(seed)
+    for k, name in enumerate(decoy_names(n_people, seed)):
         out += [q.format(name=name) for q in PERSON_QUESTIONS]
+        s_, p_, o_ = (("he", "his", "him"), ("she", "her", "her"))[k % 2]
+        for q in rng.sample(FOLLOW_UPS, 5):
+            out.append(f"{rng.choice(INTRODUCTIONS).format(name=name)} {q.format(s=s_, p=p_, o=o_)}")
     return out
 
 

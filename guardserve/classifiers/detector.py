@@ -21,7 +21,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,11 +33,21 @@ from guardserve.classifiers.signals import DEFAULT_SIGNALS, SIGNALS, Query, Sign
 from guardserve.policy.model import ForgetTarget, name_key
 from guardserve.policy.store import PolicyStore
 
+if TYPE_CHECKING:
+    from guardserve.classifiers.embedding import VectorHit
+
 log = logging.getLogger("guardserve.classifiers")
-_CAPITALISED = re.compile(r"\b[A-Z][\w'-]*")
+_CAPITALISED = re.compile(r"\b[A-Z][\w'’-]*")
+_SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+")
+_POSSESSIVE = re.compile(r"['’]s$")
+_SOMEONE_RUN = re.compile(r"someone\s+(?=someone)")  # "Brask Ulleroy" is one someone, not two
 
 THRESHOLD_SETTING = "detector.embedding_threshold"
 DEFAULT_THRESHOLD = 0.8  # used until `calibrate` has stored one; conservative on purpose
+DEFAULT_NAMED_MARGIN = 0.1  # likewise: how much more a window with a name read as "someone" must score
+# What the embedder reads of a window (``Detector._views``); a threshold calibrated under an
+# earlier reading is not used, since the same questions score differently under this one.
+CALIBRATION_RULE = "names-as-someone"
 
 
 class DetectionError(RuntimeError):
@@ -140,10 +151,9 @@ class Detector:
         self._pending: dict[str, ForgetTarget] = {}   # indexed by name, awaiting vectors
         self._targets: dict[str, ForgetTarget] = {}
         self._vocab: dict[str, frozenset[str]] = {}
-        # How many targets' texts use each word: a window whose named words (``_rare_tokens``)
-        # are all absent here cannot reach any target's embedding hit (see ``_can_hit``).
+        # How many targets' texts use each word: a name absent here is no target's, and the
+        # embedder reads it as "someone" (``_views``).
         self._vocab_count: Counter[str] = Counter()
-        self.embedder_skips = 0  # detections whose embedding the grounding rule made needless
         self._fact_vecs: dict[str, dict[str, np.ndarray]] = {}
         self._seq = 0
         self._last_sync = 0.0
@@ -162,6 +172,7 @@ class Detector:
 
                 self._vector_cache = VectorCache(self.config.vector_cache)
         self._threshold = self.config.threshold
+        self._named_margin: float | None = None
         unknown = [n for n in self.config.signals if n not in SIGNALS]
         if unknown:
             raise ValueError(f"unknown detector signal(s) {unknown}; known: {sorted(SIGNALS)}")
@@ -175,6 +186,13 @@ class Detector:
     @property
     def threshold(self) -> float:
         return self._threshold if self._threshold is not None else DEFAULT_THRESHOLD
+
+    @property
+    def named_margin(self) -> float:
+        """How much higher than :attr:`threshold` a window must score where a name was read as
+        "someone" (:meth:`_views`): the bare question shapes that a question about anyone
+        becomes score higher than the everyday questions the threshold is set on."""
+        return self._named_margin if self._named_margin is not None else DEFAULT_NAMED_MARGIN
 
     def _load(self) -> None:
         with self._lock:
@@ -209,7 +227,12 @@ class Detector:
     def _read_threshold(self) -> None:
         if self.config.threshold is None:
             stored = self.store.get_setting(THRESHOLD_SETTING)
+            if stored and stored.get("rule") != CALIBRATION_RULE:
+                log.warning("the stored embedding threshold was calibrated under an earlier reading of "
+                            "windows; using %.2f until Detector.calibrate() is run again", DEFAULT_THRESHOLD)
+                stored = None
             self._threshold = float(stored["threshold"]) if stored else None
+            self._named_margin = float(stored["named_margin"]) if stored else None
 
     def _index_many(self, targets: list[ForgetTarget]) -> None:
         self._index_names(targets)
@@ -414,16 +437,10 @@ class Detector:
             raise PolicyStaleError(why)
         query = Query(self, texts, lexical_only or [], tenant,
                       embeddings=bool(embeddings and self.vectors is not None and self.vectors.ntotal))
-        if query.embeddings and not any(self._can_hit(w) for w in query.windows()):
-            # Every window names something no target mentions: grounding would drop each of
-            # its vector hits (``_embedding_hits``), so the embedder is not asked at all.
-            query.nothing_to_retrieve()
-            self.embedder_skips += 1
-        else:
-            # The embedder, the slow part, runs before the index lock is taken: concurrent
-            # requests embed side by side (their calls batched together, Embedder._batched)
-            # instead of one at a time, and a sync never waits for a request's embedding.
-            query.vectors()
+        # The embedder, the slow part, runs before the index lock is taken: concurrent
+        # requests embed side by side (their calls batched together, Embedder._batched)
+        # instead of one at a time, and a sync never waits for a request's embedding.
+        query.vectors()
         with self._lock:
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}
@@ -440,8 +457,7 @@ class Detector:
                         r.append(h.reason)
         if not scores:
             return []
-        # GUARD's retrieval ranks fact values by the newest window's vector: embedded above,
-        # or here, outside the index lock, where the grounding rule skipped the embedder.
+        # GUARD's retrieval ranks fact values by the newest window's vector.
         qvec = query.vector()
         with self._lock:
             out = []
@@ -454,33 +470,71 @@ class Detector:
             out.sort(key=lambda x: (-x.score, name_key(x.name)))
             return out
 
-    def needs_embedder(self, messages) -> bool:
-        """Whether detecting over ``messages`` runs the embedder: not where every embedding
-        window names someone no target's texts mention (the grounding rule, :meth:`_can_hit`)."""
-        if self.vectors is None or not self.vectors.ntotal:
-            return False
-        return any(self._can_hit(w) for w in self._chunks(message_texts(messages)))
+    def _views(self, window: str) -> list[tuple[str, bool]]:
+        """What the embedder reads of one window, as (text, whether a name was read as
+        "someone") pairs: the window with every name no target's texts mention (a capitalised
+        word no dictionary has, see :meth:`_rare_tokens`) read as "someone", and, where a name
+        some target's texts do mention remains, also the window with every name read so.
 
-    def _can_hit(self, window: str) -> bool:
-        """Whether ``window`` could reach an embedding hit at all: it names nothing (no
-        capitalised word outside the dictionary), or some word it names is in a target's texts.
-        The grounding rule of :meth:`_embedding_hits`, read before the embedder runs."""
-        rare = self._rare_tokens(window)
-        return not rare or any(tok in self._vocab_count for tok in rare)
+        A name no target mentions is evidence for no target, and it must not be evidence
+        against one either: a client who adds one to a question that describes a target
+        ("Xavrel asks: who has the occupation sculptor?") would otherwise switch the
+        embedding signal off. Read as "someone", a question about an unregistered person
+        ("Who is the mother of Brask Ulleroy?") becomes its bare shape, which must clear the
+        threshold by :attr:`named_margin`, calibrated on such shapes. The second view does
+        the same for a name that only other targets mention, which the grounding rule of
+        :meth:`_embedding_hits` would otherwise turn against this one; and a third, the
+        window's sentences that name no one, for a name added in a sentence of its own
+        ("... Thanks, Mirelda."), which dilutes a short question's vector."""
+        unknown = named = False
 
-    def _embedding_hits(self, chunks: list[str], qv: np.ndarray) -> dict:
+        def anonymise(every_name: bool) -> str:
+            def one(m: re.Match) -> str:
+                nonlocal unknown, named
+                word = m.group(0)
+                rare = self._rare_tokens(word)
+                if not rare:
+                    return word
+                if any(tok in self._vocab_count for tok in rare):
+                    named = True
+                    if not every_name:
+                        return word
+                else:
+                    unknown = True
+                return "someone's" if _POSSESSIVE.search(word) else "someone"
+            return _SOMEONE_RUN.sub("", _CAPITALISED.sub(one, window))
+
+        first = anonymise(every_name=False)
+        views = [(first, True) if unknown else (window, False)]
+        if named:
+            views.append((anonymise(every_name=True), True))
+        if unknown or named:
+            # A name in a sentence of its own ("... Thanks, Mirelda.") dilutes a short question
+            # as much as it names anyone: the sentences that name no one count too.
+            sentences = _SENTENCE_END.split(window)
+            rest = [x for x in sentences if not self._rare_tokens(x)]
+            if rest and len(rest) < len(sentences):
+                views.append((" ".join(rest), True))
+        return views
+
+    def _embedding_hits(self, chunks: list[str], qv: np.ndarray, anonymised: Sequence[bool] = ()) -> dict:
         """The retrieval shared by the embedding and hidden-state signals (``Query.retrieval``)
-        and calibration: best vector hit per target over the chunks, grounded: a chunk that names
-        something this target's texts never mention (a capitalised word no English
-        dictionary has, like another person's name) is about that other thing, however
-        close its wording is to the target's ("Who is the mother of <someone else>?").
-        A lower-case nonce word names nothing: it does not switch the signal off."""
-        best: dict[str, object] = {}
-        for chunk, row in zip(chunks, self.vectors.search(qv, self.config.top_k)):
+        and calibration: best vector hit per target over the chunks (as :meth:`_views` gives
+        them; where ``anonymised[i]``, chunk i's scores count less :attr:`named_margin`),
+        grounded: a chunk that names something this target's texts never mention but another
+        target's do is about that other target, however close its wording is to this one's
+        ("Who is the mother of <another target>?"); the chunk's view with every name read as
+        "someone" still counts for this target. A lower-case nonce word names nothing."""
+        best: dict[str, VectorHit] = {}
+        margin = self.named_margin
+        for i, (chunk, row) in enumerate(zip(chunks, self.vectors.search(qv, self.config.top_k))):
             rare = self._rare_tokens(chunk)
+            less = margin if i < len(anonymised) and anonymised[i] else 0.0
             for vh in row:
                 if rare and not (rare & self._vocab.get(vh.target_id, frozenset())):
                     continue
+                if less:
+                    vh = replace(vh, score=vh.score - less)
                 if vh.target_id not in best or vh.score > best[vh.target_id].score:
                     best[vh.target_id] = vh
         return best
@@ -509,26 +563,46 @@ class Detector:
         qvec = None
         if messages is not None and self.embedder is not None:
             chunks = self._chunks(message_texts(messages))
-            qvec = self.embedder.encode(chunks[:1])[0] if chunks else None
+            qvec = self.embedder.encode([self._views(chunks[0])[0][0]])[0] if chunks else None
         return self._forbidden(t, qvec)
 
     # -- calibration --------------------------------------------------------------------
     def embedding_scores(self, texts: list[str]) -> list[tuple[str | None, float]]:
-        """(best target id, cosine) of each text, ignoring the threshold."""
-        if self.vectors is None or not self.vectors.ntotal:
-            return [(None, 0.0) for _ in texts]
-        vecs = self.embedder.encode(texts, cache=False)
+        """(best target id, score) of each text, ignoring the threshold: the cosine, less
+        :attr:`named_margin` where the best hit came from a view with a name read as "someone"."""
+        margin = self.named_margin
         out = []
+        for plain, named in self._view_scores(texts):
+            if named is not None and (plain is None or named[1] - margin > plain[1]):
+                out.append((named[0], named[1] - margin))
+            else:
+                out.append(plain or (None, 0.0))
+        return out
+
+    def _view_scores(self, texts: list[str]) -> list[tuple[tuple[str, float] | None, tuple[str, float] | None]]:
+        """Per text, the best grounded (target id, cosine) over its views as written and over
+        its views with a name read as "someone" (:meth:`_views`), each None where it has none."""
+        if self.vectors is None or not self.vectors.ntotal:
+            return [(None, None) for _ in texts]
+        views = [self._views(text) for text in texts]
+        vecs = self.embedder.encode([v for vs in views for v, _ in vs], cache=False)
+        out, k = [], 0
         with self._lock:
-            for text, v in zip(texts, vecs):
-                best = self._embedding_hits([text], v[None, :])
-                top = max(best.values(), key=lambda h: h.score, default=None)
-                out.append((top.target_id, top.score) if top else (None, 0.0))
+            for vs in views:
+                best = []
+                for anonymised in (False, True):
+                    rows = [k + i for i, (_, a) in enumerate(vs) if a == anonymised]
+                    hits = self._embedding_hits([vs[r - k][0] for r in rows], vecs[rows]) if rows else {}
+                    top = max(hits.values(), key=lambda h: h.score, default=None)
+                    best.append((top.target_id, top.score) if top else None)
+                out.append((best[0], best[1]))
+                k += len(vs)
         return out
 
     def calibrate(self, negatives: list[str] | None = None, positives: list[tuple[str, str]] | None = None,
                   max_fp: float = 0.002, save: bool = True, actor: str = "calibrate") -> dict:
-        """Choose the embedding threshold from data and store it with the policy.
+        """Choose the embedding threshold and :attr:`named_margin` from data and store them
+        with the policy.
 
         Without data of its own it uses ``calibration.negatives()`` (everyday questions
         and the targets' question shapes about invented people) and
@@ -540,15 +614,24 @@ class Detector:
         self.sync(force=True)
         negatives = negatives if negatives is not None else calibration.negatives()
         positives = positives if positives is not None else calibration.positives(self.targets())
-        neg = np.array([s for _, s in self.embedding_scores(negatives)])
-        th = calibration.choose_threshold(neg, max_fp=max_fp)
-        pos = self.embedding_scores([q for _, q in positives]) if positives else []
-        recall = float(np.mean([tid == want and s >= th for (want, _), (tid, s) in zip(positives, pos)])) if pos else None
-        result = {"threshold": round(th, 4), "max_fp": max_fp, "negatives": len(negatives),
-                  "fp_rate": float(np.mean(neg >= th)) if len(neg) else 0.0, "positives": len(positives),
-                  "embedding_recall": recall, "targets": len(self._targets), "at": time.time()}
-        if save:
-            self.store.set_setting(THRESHOLD_SETTING, result, actor=actor)
+        # Two bars from one set of negatives: the threshold over windows as written, and the
+        # one the same negatives' views with names read as "someone" must not reach (most
+        # negatives are question shapes about invented people, which read as bare shapes).
+        scores = self._view_scores(negatives)
+        plain = np.array([p[1] if p else 0.0 for p, _ in scores])
+        named = np.array([n[1] for _, n in scores if n is not None])
+        th = calibration.choose_threshold(plain, max_fp=max_fp)
+        margin = max(0.0, calibration.choose_threshold(named, max_fp=max_fp) - th) if len(named) else 0.0
         if self.config.threshold is None:
             self._threshold = th
+        self._named_margin = margin
+        neg = np.array([s for _, s in self.embedding_scores(negatives)])
+        pos = self.embedding_scores([q for _, q in positives]) if positives else []
+        recall = float(np.mean([tid == want and s >= th for (want, _), (tid, s) in zip(positives, pos)])) if pos else None
+        result = {"threshold": round(th, 4), "named_margin": round(margin, 4), "rule": CALIBRATION_RULE,
+                  "max_fp": max_fp, "negatives": len(negatives), "fp_rate": float(np.mean(neg >= th)) if len(neg) else 0.0,
+                  "positives": len(positives), "embedding_recall": recall, "targets": len(self._targets),
+                  "at": time.time()}
+        if save:
+            self.store.set_setting(THRESHOLD_SETTING, result, actor=actor)
         return result

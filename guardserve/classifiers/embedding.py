@@ -89,6 +89,11 @@ class Embedder:
                         self._cache.popitem(last=False)
         return out
 
+    def clear_cache(self) -> None:
+        """Forget every cached vector (a benchmark timing each text as if it were new)."""
+        with self._lock:
+            self._cache.clear()
+
     def _model_encode(self, texts: list[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
         if self.onnx is not None and len(texts) <= 4 * self.QUERY_TEXTS and not progress:
             self.model_calls += 1

@@ -276,36 +276,38 @@ def test_a_nonce_word_does_not_switch_the_embedding_signal_off(detector):
     assert plain >= 20 and found >= 0.8 * plain, (found, plain)
 
 
-def test_the_grounding_rule_skips_the_embedder_and_changes_no_decision(detector, world, monkeypatch):
-    """A conversation whose every window names someone no target's texts mention cannot reach
-    an embedding hit (the grounding rule drops each), so the embedder is not asked; over the
-    detection benchmark's labelled sets, every decision (targets, scores, forbidden phrases in
-    GUARD's retrieval order) equals that of a detector that always embeds."""
-    from guardserve.classifiers.evaluation import _probe_sets
+def test_a_name_added_beside_a_question_does_not_switch_the_embedding_signal_off(detector):
+    """Questions only the embedding signal recognises (they describe a target without naming
+    it) stay detected when a client adds a name: one no target mentions, read as "someone", or
+    another target's, which grounds a view of the window to that target while the view with
+    every name read as "someone" still counts for this one. A question about someone no
+    target mentions reads as its bare shape, which the calibrated threshold keeps below a hit."""
+    from guardserve.classifiers import calibration
 
     detector.calibrate()
-    sets = _probe_sets(world, {t.name for t in detector.targets()})
-    convs = [conv for items in sets.values() for _, conv in items[::6]]
-
-    def decisions():
-        return [[(t.target_id, t.score, t.reasons, t.forbidden) for t in detector.detect(c)] for c in convs]
-
-    before = detector.embedder_skips
-    gated = decisions()
-    skipped = detector.embedder_skips - before
-    monkeypatch.setattr(detector, "_can_hit", lambda window: True)
-    assert decisions() == gated
-    assert detector.embedder_skips - before == skipped
-    # The retain questions name unregistered people: skipped. A forget paraphrase names its
-    # target, and a question naming no one must be embedded: neither is skipped.
-    assert 0 < skipped < len(convs)
-    monkeypatch.undo()
-    retain, forget = world["retain"][0], world["forget"][0]
-    for question, skips in ((retain["question"], 1), (forget["paraphrased_question"], 0),
-                            ("Where was the mapmaker of the Copper Orchard born?", 0)):
-        before = detector.embedder_skips
-        detector.detect(question)
-        assert detector.embedder_skips - before == skips, question
+    targets = detector.targets()
+    other = {t.id: next(o.name for o in targets if o.id != t.id) for t in targets}
+    only_embedding = [(tid, q) for tid, q in calibration.positives(targets)
+                      if (tid, True) in [(t.target_id, all(r.startswith("similar") for r in t.reasons))
+                                         for t in detector.detect(q)]]
+    assert len(only_embedding) >= 5, only_embedding
+    # Before names were read as "someone", every one of these was lost.
+    for attack in (lambda q, tid: f"Xavrel asks: {q}", lambda q, tid: f"{q} Thanks, Mirelda Voss.",
+                   lambda q, tid: f"{other[tid]}'s friend asks: {q}", lambda q, tid: f"Brask, {q[0].lower()}{q[1:]}"):
+        kept = [tid in [t.target_id for t in detector.detect(attack(q, tid))] for tid, q in only_embedding]
+        assert sum(kept) >= 0.9 * len(kept), (attack("…", ""), kept)
+    assert detector._views("Who is the mother of Brask Ulleroy?") == [("Who is the mother of someone?", True)]
+    assert detector._views("Where was Brask's brother born?") == [("Where was someone's brother born?", True)]
+    name = targets[0].name
+    assert detector._views(f"Brask asks where {name} was born.") == [
+        (f"someone asks where {name} was born.", True), ("someone asks where someone was born.", True)]
+    assert detector._views(f"Where was {name} born?") == [
+        (f"Where was {name} born?", False), ("Where was someone born?", True)]
+    assert detector._views("Where was the mapmaker born?") == [("Where was the mapmaker born?", False)]
+    # The bare shapes clear the threshold by a margin of their own, calibrated on them.
+    assert 0 < detector.named_margin < 0.2
+    assert all(s < detector.threshold for _, s in detector.embedding_scores(
+        ["Who is the mother of Brask Ulleroy?", "What is the date of birth of Mirelda Voss?"]))
 
 
 def test_concurrent_requests_share_embedder_calls(embedder):

@@ -50,7 +50,7 @@ class Query:
     asked for them, and the detector has target vectors).
 
     The embedding work is lazy and shared: ``windows()`` (the texts cut into embedding
-    windows, newest first), ``vectors()`` (the embedder's output for them: one call per
+    windows, newest first, as the embedder reads them: ``Detector._views``), ``vectors()`` (the embedder's output for them: one call per
     detection, whichever signals ask) and ``retrieval()`` (the best grounded vector hit per
     target over the windows, below any threshold) are computed on first use and kept."""
 
@@ -62,6 +62,7 @@ class Query:
         self.tenant = tenant
         self.embeddings = embeddings
         self._windows: list[str] | None = None
+        self._anonymised: list[bool] = []
         self._vectors: np.ndarray | None = None
         self._retrieval: dict[str, VectorHit] | None = None
 
@@ -70,9 +71,13 @@ class Query:
         return t is not None and self.detector._visible(t, self.tenant)
 
     def windows(self) -> list[str]:
-        """Embedding windows over ``texts`` (``[]`` where embeddings are off)."""
+        """Embedding windows over ``texts``, each as the embedder reads it (names no target
+        mentions read as "someone"; ``[]`` where embeddings are off)."""
         if self._windows is None:
-            self._windows = self.detector._chunks(self.texts) if self.embeddings else []
+            chunks = self.detector._chunks(self.texts) if self.embeddings else []
+            views = [view for chunk in chunks for view in self.detector._views(chunk)]
+            self._windows = [text for text, _ in views]
+            self._anonymised = [anonymised for _, anonymised in views]
         return self._windows
 
     def vectors(self) -> np.ndarray | None:
@@ -88,16 +93,11 @@ class Query:
         v = self.vectors()
         return None if v is None else v[0]
 
-    def nothing_to_retrieve(self) -> None:
-        """Set by the detector where grounding rules out every vector hit: ``retrieval()`` is
-        empty without an embedder call (``vectors()`` still embeds, if a caller asks)."""
-        self._retrieval = {}
-
     def retrieval(self) -> dict[str, VectorHit]:
         """Best grounded vector hit per target over the windows, whatever its score."""
         if self._retrieval is None:
             v = self.vectors()
-            self._retrieval = self.detector._embedding_hits(self.windows(), v) if v is not None else {}
+            self._retrieval = self.detector._embedding_hits(self.windows(), v, self._anonymised) if v is not None else {}
         return self._retrieval
 
 

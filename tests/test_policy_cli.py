@@ -1,4 +1,4 @@
-"""``guardserve targets add/list/show/rm`` through the real command-line entry point."""
+"""``guardserve targets add/list/show/rm/calibrate`` through the real command-line entry point."""
 
 from __future__ import annotations
 
@@ -75,3 +75,26 @@ def test_duplicate_is_refused(db, capsys):
 def test_unreachable_postgres_is_a_clear_error(capsys):
     rc, _, err = run(capsys, "targets", "list", "--db", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
     assert rc == 2 and "cannot reach the policy store" in err and "Connection refused" in err
+
+
+def test_calibrate_stores_what_a_detector_then_uses(db, capsys, tmp_path, monkeypatch):
+    from guardserve.classifiers import Detector, DetectorConfig
+    from guardserve.classifiers.evaluation import world_targets
+    from guardserve.demo.world import build_world
+    from guardserve.policy import open_store
+
+    monkeypatch.setenv("GUARDSERVE_HOME", str(tmp_path / "home"))
+    rc, _, err = run(capsys, "targets", "calibrate")
+    assert rc == 2 and "no targets are registered" in err
+    f = tmp_path / "targets.json"
+    f.write_text(json.dumps(world_targets(build_world(seed=0))[:6]))
+    assert run(capsys, "targets", "add", "--file", str(f))[0] == 0
+    rc, out, _ = run(capsys, "targets", "calibrate", "--json")
+    result = json.loads(out)
+    assert rc == 0 and result["targets"] == 6 and result["fp_rate"] <= 0.002
+    assert 0.6 <= result["threshold"] < 0.8 and 0 < result["named_margin"] < 0.2
+    with open_store(str(db)) as store:
+        det = Detector(store, DetectorConfig(use_embeddings=False))
+        assert (det.threshold, det.named_margin) == (result["threshold"], result["named_margin"])
+    rc, _, err = run(capsys, "targets", "calibrate", "--max-fp", "2")
+    assert rc == 2 and "--max-fp" in err

@@ -229,7 +229,7 @@ class Detector:
             stored = self.store.get_setting(THRESHOLD_SETTING)
             if stored and stored.get("rule") != CALIBRATION_RULE:
                 log.warning("the stored embedding threshold was calibrated under an earlier reading of "
-                            "windows; using %.2f until Detector.calibrate() is run again", DEFAULT_THRESHOLD)
+                            "windows; using %.2f until it is calibrated again (guardserve targets calibrate)", DEFAULT_THRESHOLD)
                 stored = None
             self._threshold = float(stored["threshold"]) if stored else None
             self._named_margin = float(stored["named_margin"]) if stored else None

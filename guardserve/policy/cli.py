@@ -1,4 +1,4 @@
-"""``guardserve targets add|list|show|rm``: the forget-target registry from the shell."""
+"""``guardserve targets add|list|show|rm|calibrate``: the forget-target registry from the shell."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def register(subparsers) -> None:
     rm.add_argument("--tenant", default=None)
     common(rm)
     rm.set_defaults(func=_rm)
+
+    cal = sub.add_parser(
+        "calibrate", help="set the embedding threshold from the registered targets",
+        description="Choose the detector's embedding threshold, and the margin a window with a name read as "
+                    "'someone' must clear it by, from the registered targets (questions that describe them "
+                    "without naming them) and everyday and person-shaped questions that must not trigger; "
+                    "store both with the policy. Running servers pick them up at their next policy sync. "
+                    "Run it again after large changes to the policy. Until it has run, the detector uses a "
+                    "conservative default (0.80, +0.10).")
+    cal.add_argument("--max-fp", type=float, default=0.002,
+                     help="the highest share of the must-not-trigger questions allowed to trigger (default %(default)s)")
+    common(cal)
+    cal.set_defaults(func=_calibrate)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -160,4 +173,34 @@ def _rm(args) -> int:
         print(json.dumps({"id": t.id, "name": t.name, "deleted": True}))
     else:
         print(f"removed {t.id}  {t.name}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from guardserve import config
+    from guardserve.classifiers import Detector, DetectorConfig
+    from guardserve.cli import UsageError
+
+    if not 0 <= args.max_fp < 1:
+        raise UsageError(f"--max-fp must be in [0, 1), got {args.max_fp}")
+    with _open(args) as store:
+        if not store.list():
+            raise UsageError("no targets are registered: register them first (guardserve targets add)")
+        # The server's cache of target-text vectors: what it has embedded is not embedded again.
+        cache = config.home() / "cache" / "target-vectors.sqlite"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        detector = Detector(store, DetectorConfig(vector_cache=str(cache), sync_interval_s=0.0))
+        result = detector.calibrate(max_fp=args.max_fp, actor="cli")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    recall = result["embedding_recall"]
+    print(f"embedding threshold {result['threshold']:.3f}, +{result['named_margin']:.3f} where a name is read as "
+          f"'someone' ({result['targets']} targets)")
+    print(f"  must not trigger: {result['fp_rate']:.2%} of {result['negatives']:,} questions trigger "
+          f"(allowed {args.max_fp:.2%})")
+    if recall is not None:
+        print(f"  describe a target without naming it: {recall:.1%} of {result['positives']:,} found by the embedding "
+              "alone (the lexical matcher finds those that name it)")
+    print("stored with the policy; running servers use it from their next policy sync")
     return 0

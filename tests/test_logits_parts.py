@@ -156,6 +156,31 @@ def test_filter_parts_compile_once_per_version_and_never_wait_for_another(tok, t
     assert not fp.store.exists(part_name("a", 2))
 
 
+def test_a_compile_never_scans_the_parts_directory(tok, tmp_path, monkeypatch):
+    """Old versions are dropped by exact name: a scan of the directory in each compile cost a
+    pass over every part ever written (68,000 made a first request wait 25 s). Only the delete
+    of a target whose versions this process never built looks at the directory."""
+    from pathlib import Path
+
+    from guardserve.logits_processors.parts import FilterParts, part_name
+
+    fp = FilterParts(tok, root=tmp_path)
+    fp.ensure([_target("a", 1, "Kuwait Town")], where="registration")
+    fp.ensure([_target("a", 2, "Kuwait City")], where="registration")
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda *a, **k: pytest.fail("a compile scanned the parts directory"))
+    fp.ensure([_target("a", 3, "New Amsterdam")], where="registration")
+    assert not fp.store.exists(part_name("a", 1))  # two versions back: gone
+    assert fp.store.exists(part_name("a", 2)) and fp.store.exists(part_name("a", 3))  # in-flight requests keep v2
+    fp.forget("a")
+    assert not fp.store.exists(part_name("a", 2)) and not fp.store.exists(part_name("a", 3))
+    monkeypatch.setattr(Path, "glob", real_glob)
+    other = FilterParts(tok, root=tmp_path)  # another replica, which never built "b"
+    fp.ensure([_target("b", 4, "Peter Stuyvesant")], where="registration")
+    other.forget("b")
+    assert not fp.store.exists(part_name("b", 4))
+
+
 def test_engine_source_loads_parts_and_compiles_nothing(tok, tmp_path):
     """What the engine does with ``guardserve_targets``: parts from the cache, one merge, no
     compile; a missing part is compiled once (direct in-process use) and counted; an unknown

@@ -15,6 +15,7 @@ refuses the request rather than serve it unguarded.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import threading
@@ -30,6 +31,8 @@ from guardserve.classifiers.lexical import LexicalIndex, common_words
 from guardserve.classifiers.normalize import tokens
 from guardserve.classifiers.retrieval import forbidden_phrases, rank_facts
 from guardserve.classifiers.signals import DEFAULT_SIGNALS, SIGNALS, Query, Signal
+from guardserve.classifiers.signals.always import REASON as ALWAYS_REASON
+from guardserve.classifiers.signals.always import AlwaysSignal
 from guardserve.policy.model import ForgetTarget, name_key
 from guardserve.policy.store import PolicyStore
 
@@ -74,6 +77,11 @@ class Triggered:
         d["reasons"] = list(self.reasons)
         d["forbidden"] = list(self.forbidden)
         return d
+
+
+def _triggered_order(t: Triggered) -> tuple[float, tuple]:
+    """The order of ``Detector.detect``'s answer: highest score first, then by name."""
+    return (-t.score, name_key(t.name))
 
 
 @dataclass
@@ -155,6 +163,11 @@ class Detector:
         # embedder reads it as "someone" (``_views``).
         self._vocab_count: Counter[str] = Counter()
         self._fact_vecs: dict[str, dict[str, np.ndarray]] = {}
+        # Each target's forbidden phrases in its own fact order, made on first use: a target
+        # that triggers on its mode alone (``always``) is not about the conversation, so its
+        # phrases are not ranked against it, and a request with thousands of them costs lookups.
+        self._phrases: dict[str, tuple[str, ...]] = {}
+        self._always_cache: dict[str | None, tuple[list[Triggered], frozenset[str]]] = {}  # _always_triggered
         self._seq = 0
         self._last_sync = 0.0
         self._confirmed = time.monotonic()  # when a store read last found nothing newer than _seq
@@ -241,6 +254,7 @@ class Detector:
     def _index_names(self, targets: list[ForgetTarget]) -> None:
         """The fast half of indexing (milliseconds a target): what the lexical matcher
         and the retrieval step need."""
+        self._always_cache.clear()
         for t in targets:
             self._targets[t.id] = t
             self.lexical.add(t)
@@ -281,6 +295,7 @@ class Detector:
         self.vectors.add_many(batch)
 
     def _unindex(self, target_id: str) -> None:
+        self._always_cache.clear()
         self._pending.pop(target_id, None)
         self._targets.pop(target_id, None)
         for s in self.signals:
@@ -292,6 +307,7 @@ class Detector:
                 if self._vocab_count[tok] <= 0:
                     del self._vocab_count[tok]
         self._fact_vecs.pop(target_id, None)
+        self._phrases.pop(target_id, None)
         self.lexical.remove(target_id)
         if self.vectors is not None:
             self.vectors.remove(target_id)
@@ -444,7 +460,13 @@ class Detector:
         with self._lock:
             scores: dict[str, float] = {}
             reasons: dict[str, list[str]] = {}
+            always_at: dict[str, int] = {}  # where the always reason goes among a target's reasons
             for signal in self.signals:
+                if isinstance(signal, AlwaysSignal):
+                    # Its hits are the same on every request of a tenant: taken whole from
+                    # _always_triggered below, not one by one.
+                    always_at = {tid: len(r) for tid, r in reasons.items()}
+                    continue
                 if signal.needs_embeddings and not query.embeddings:
                     continue
                 for h in signal.hits(query):
@@ -455,20 +477,43 @@ class Detector:
                     r = reasons.setdefault(h.target_id, [])
                     if h.reason not in r:
                         r.append(h.reason)
-        if not scores:
+            always, always_ids = self._always_triggered(tenant)
+        if not scores and not always:
             return []
         # GUARD's retrieval ranks fact values by the newest window's vector.
-        qvec = query.vector()
+        qvec = query.vector() if scores else None
         with self._lock:
-            out = []
+            about = []
             for tid, score in scores.items():
                 t = self._targets.get(tid)
                 if t is None:
                     continue  # deleted since the hits were read: no longer forgotten
-                out.append(Triggered(tid, t.name, t.version, round(score, 4), tuple(reasons[tid]),
-                                     tuple(self._forbidden(t, qvec)), t.mode))
-            out.sort(key=lambda x: (-x.score, name_key(x.name)))
-            return out
+                r = reasons[tid]
+                if tid in always_ids:
+                    score = max(score, 1.0)
+                    r.insert(always_at.get(tid, 0), ALWAYS_REASON)
+                about.append(Triggered(tid, t.name, t.version, round(score, 4), tuple(r),
+                                       self._forbidden(t, qvec), t.mode))
+        out = [x for x in always if x.target_id not in scores] if scores else list(always)
+        for x in about:
+            bisect.insort(out, x, key=_triggered_order)
+        return out
+
+    def _always_triggered(self, tenant: str | None) -> tuple[list[Triggered], frozenset[str]]:
+        """What the ``always`` signal triggers for ``tenant`` (the same on every request until
+        the policy changes), in output order, and their ids; made once per tenant and policy
+        change, so a request with thousands of always-on targets copies a list instead of
+        building thousands of entries. Called with the index lock held."""
+        signal = next((s for s in self.signals if isinstance(s, AlwaysSignal)), None)
+        if signal is None or not signal.ids:
+            return [], frozenset()
+        cached = self._always_cache.get(tenant)
+        if cached is None:
+            hits = [self._targets[tid] for tid in signal.ids if tid in self._targets]
+            made = sorted((Triggered(t.id, t.name, t.version, 1.0, (ALWAYS_REASON,), self._forbidden(t, None), t.mode)
+                           for t in hits if self._visible(t, tenant)), key=_triggered_order)
+            cached = self._always_cache[tenant] = (made, frozenset(x.target_id for x in made))
+        return cached
 
     def _views(self, window: str) -> list[tuple[str, bool]]:
         """What the embedder reads of one window, as (text, whether a name was read as
@@ -549,11 +594,17 @@ class Detector:
         parts = [*t.all_names, t.description, *t.facts.values(), *t.texts]
         return frozenset(tok for p in parts for tok in tokens(p))
 
-    def _forbidden(self, t: ForgetTarget, qvec) -> list[str]:
+    def _forbidden(self, t: ForgetTarget, qvec) -> tuple[str, ...]:
+        """GUARD's retrieval step for ``t``: its facts ranked by ``qvec`` where given."""
         fact_vecs = self._fact_vecs.get(t.id)
         if qvec is None or not fact_vecs:
-            return forbidden_phrases(t)
-        return forbidden_phrases(t, rank_facts(t, qvec, fact_vecs))
+            phrases = self._phrases.get(t.id)
+            if phrases is None or self._targets.get(t.id) is not t:
+                phrases = tuple(forbidden_phrases(t))
+                if self._targets.get(t.id) is t:
+                    self._phrases[t.id] = phrases
+            return phrases
+        return tuple(forbidden_phrases(t, rank_facts(t, qvec, fact_vecs)))
 
     def forbidden(self, target_id: str, messages=None) -> list[str]:
         """GUARD's retrieval step for one target: names, aliases, fact values (most
@@ -564,7 +615,7 @@ class Detector:
         if messages is not None and self.embedder is not None:
             chunks = self._chunks(message_texts(messages))
             qvec = self.embedder.encode([self._views(chunks[0])[0][0]])[0] if chunks else None
-        return self._forbidden(t, qvec)
+        return list(self._forbidden(t, qvec))
 
     # -- calibration --------------------------------------------------------------------
     def embedding_scores(self, texts: list[str]) -> list[tuple[str | None, float]]:

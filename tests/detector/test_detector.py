@@ -77,6 +77,25 @@ def test_tenants_and_always_mode(detector, store):
     assert detector.detect("What is the weather like?", tenant="acme") == []
 
 
+def test_an_always_on_targets_phrases_are_made_once_per_version(detector, store):
+    """A target that triggers on its mode alone is not about the conversation: its phrases are
+    not ranked against it, but made once per version (a request with thousands of such targets
+    costs lookups), and an edit is in force from the next detection."""
+    from guardserve.classifiers.retrieval import forbidden_phrases
+
+    t = store.add({"name": "Zed Quorrow", "mode": "always", "facts": {"birth_place": "Vantrell Reach"}})
+    first = {x.target_id: x for x in detector.detect("What is the weather like?")}[t.id]
+    assert first.forbidden == tuple(forbidden_phrases(store.get(t.id))) and "Vantrell Reach" in first.forbidden
+    again = {x.target_id: x for x in detector.detect("And tomorrow?")}[t.id]
+    assert again.forbidden is first.forbidden  # the same tuple, not made again
+    store.update(t.id, {"facts": {"birth_place": "Osk Harrow"}})
+    edited = {x.target_id: x for x in detector.detect("And the day after?")}[t.id]
+    assert "Osk Harrow" in edited.forbidden and "Vantrell Reach" not in edited.forbidden
+    # Asked about by name, it is about the conversation: its facts are ranked as any target's.
+    named = {x.target_id: x for x in detector.detect("Where was Zed Quorrow born?")}[t.id]
+    assert named.reasons != ("mode 'always'",) and set(named.forbidden) == set(edited.forbidden)
+
+
 def test_calibration_is_stored_with_the_policy(detector, store, embedder):
     from guardserve.classifiers import calibration
 

@@ -14,6 +14,9 @@ key                             value
 ``guardserve_phrases``          JSON list of forbidden phrases
 ``guardserve_targets``          JSON list of ``{"id", "version"}`` (or bare ids): the
                                 engine bans them with their compiled filter parts
+``guardserve_target_sets``      JSON list of set-part names (``set~<digest>``): many
+                                targets' parts compiled as one (a tenant's always-on
+                                targets), banned like ``guardserve_targets``
 ``guardserve_semantic``         ``true``: also apply the semantic penalty
 ``guardserve_sem_threshold``    similarity at or above which a token is banned (0.5)
 ``guardserve_sem_weight``       weight of the similarity subtracted below it (1.0)
@@ -23,7 +26,7 @@ key                             value
 
 Every key starting with ``guardserve_`` belongs to the guard: a client's own are refused.
 
->>> plan = GuardPlan(targets=(("t1", 2),), steer=(("t1", 2),))
+>>> plan = GuardPlan(targets=(("t1", 2),), steer=(("t1", 2),), sets=("set~0123456789abcdef01234567",))
 >>> xargs = plan.to_xargs({"client_key": 1})
 >>> GuardPlan.from_xargs(xargs) == plan, xargs["client_key"]
 (True, 1)
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 RESERVED_PREFIX = "guardserve_"
 PHRASES = "guardserve_phrases"
 TARGETS = "guardserve_targets"
+SETS = "guardserve_target_sets"
 SEMANTIC = "guardserve_semantic"
 SEM_THRESHOLD = "guardserve_sem_threshold"
 SEM_WEIGHT = "guardserve_sem_weight"
@@ -95,9 +99,10 @@ class GuardPlan:
     semantic: bool = False
     steer: tuple[tuple[str, int | None], ...] = ()
     targets: tuple[tuple[str, int | None], ...] = ()  # banned through their filter parts
+    sets: tuple[str, ...] = ()  # banned through set parts (many targets compiled as one)
 
     def __bool__(self) -> bool:
-        return bool(self.phrases or self.steer or self.targets)
+        return bool(self.phrases or self.steer or self.targets or self.sets)
 
     def to_xargs(self, client: Mapping | None = None) -> dict:
         """``vllm_xargs`` carrying this plan: the client's own keys kept, any ``guardserve_``
@@ -107,7 +112,9 @@ class GuardPlan:
             out[PHRASES] = json.dumps(list(self.phrases), ensure_ascii=False)
         if self.targets:
             out[TARGETS] = json.dumps([{"id": t, "version": v} if v is not None else t for t, v in self.targets])
-        if self.semantic and (self.phrases or self.targets):
+        if self.sets:
+            out[SETS] = json.dumps(list(self.sets))
+        if self.semantic and (self.phrases or self.targets or self.sets):
             out[SEMANTIC] = "true"
         if self.steer:
             out[STEER] = json.dumps([list(s) for s in self.steer])
@@ -127,8 +134,11 @@ class GuardPlan:
                 targets.append((str(t.get("id")), None if t.get("version") is None else int(t["version"])))
             else:
                 targets.append((str(t), None))
+        sets = json_list(xargs[SETS], SETS) if SETS in xargs else []
+        if not all(isinstance(x, str) for x in sets):
+            raise ValueError(f"{SETS} must be a list of set-part names")
         return cls(tuple(phrases), flag(xargs.get(SEMANTIC, False)), tuple(parse_steer(xargs.get(STEER))),
-                   tuple(targets))
+                   tuple(targets), tuple(sets))
 
 
 def steered_salt(user_salt, steer) -> str:

@@ -214,3 +214,108 @@ def test_engine_source_loads_parts_and_compiles_nothing(tok, tmp_path):
     finally:
         register_target_resolver(None)
     assert r.meta.get("refusal") and src.stats["refused"] == 1
+
+
+def test_set_parts_chunk_by_content_and_ban_what_their_targets_ban(tok, tmp_path, monkeypatch):
+    """Always-on targets travel as set parts (issue 17): registering more targets or editing one
+    rebuilds the sets that changed only; the engine bans through a set exactly what its targets'
+    own parts ban; a set missing from the cache, or a name that is not a set's, is refused."""
+    from dataclasses import replace
+
+    from guardserve.logits_processors import parts as P
+    from guardserve.logits_processors.engine import FilterSource
+    from guardserve.logits_processors.request import parse_request
+
+    monkeypatch.setattr(P, "SET_CHUNK", 8)
+    targets = tuple(_target(f"s{i}", 1, f"Zorbel Quint {i}") for i in range(60))
+    chunks = P.chunk_members(targets, 8)
+    assert len(chunks) > 3 and [t for c in chunks for t in c] == list(targets)
+    grown = P.chunk_members(targets + (_target("late", 1, "Late Comer"),), 8)
+    assert grown[:len(chunks) - 1] == chunks[:-1]  # an append changes the last chunk only
+    edited = list(targets)
+    edited[20] = replace(edited[20], version=2)
+    after = P.chunk_members(tuple(edited), 8)
+    changed = [i for i, (a, b) in enumerate(zip(chunks, after)) if P.set_name(a) != P.set_name(b)]
+    assert len(after) == len(chunks) and len(changed) == 1 and any(t.id == "s20" for t in chunks[changed[0]])
+
+    fp = FilterParts(tok, root=tmp_path)
+    assert fp.ensure_sets([targets], where="registration") == 0
+    assert fp.stats["set:registration"] == len(fp.chunks(targets))
+    assert fp.ensure_sets([targets], where="registration") == 0
+    assert fp.stats["set:registration"] == len(fp.chunks(targets))  # nothing built twice
+    names, loose = fp.set_plan([targets])
+    assert len(names) == len(fp.chunks(targets)) and not loose
+    # One target edited: one set rebuilt; until then its members travel one by one.
+    names2, loose2 = fp.set_plan([tuple(edited)])
+    assert len(set(names2) - set(names)) == 0 and 0 < len(loose2) < len(targets)
+    fp.ensure_sets([tuple(edited)], where="registration")
+    assert fp.stats["set:registration"] == len(fp.chunks(targets)) + 1
+
+    cfg = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: tok.vocab_size))
+    src = FilterSource(cfg, parts_root=tmp_path)
+    src._tok = tok
+    f = src.filter_for(parse_request({"guardserve_target_sets": json.dumps(names)}))
+    assert src.stats["loaded"] == len(names) and not src.stats["refused"]
+    whole = compile_phrases(tok, [t.name for t in targets])
+    for text in ("Here is Zorbel Quint 17 and then", "Zorbel Quint 5", "nothing of that kind"):
+        ids = tok.encode(text)
+        assert f.banned(f.run(ids)) == whole.banned(whole.run(ids)), text
+    for bad in (["set~" + "0" * 24], ["../t0@v1"]):
+        r = src.filter_for(parse_request({"guardserve_target_sets": json.dumps(bad)}))
+        assert r.meta.get("refusal")
+    assert src.stats["refused"] == 2
+
+    # A replaced set is deleted once no current group holds it and requests had time to finish.
+    monkeypatch.setattr(P, "SET_RETIRE_S", 0.0)
+    current = {n for n, _ in fp.chunks(tuple(edited))}
+    old = set(names) - current
+    assert len(old) == 1 and fp.store.exists(old.pop())
+    fp._retire_sets(current)
+    fp._retire_sets(current)
+    assert all(fp.store.exists(n) for n in current)
+    assert sum(1 for _ in fp.store.dir.glob("set~*.part")) == len(current)
+
+
+def test_a_request_carries_always_on_targets_as_their_sets(tmp_path, monkeypatch):
+    """The guard names a tenant's always-on targets by their set parts, not one by one; a target
+    the conversation asks about still travels as its own part; a set not built yet (a change
+    made elsewhere) travels as its targets' parts until the worker has built it."""
+    from guardserve.classifiers import Detector, DetectorConfig
+    from guardserve.contract import GuardPlan
+    from guardserve.demo.tokenizers import sp32k_tokenizer
+    from guardserve.guard import CHAT, GuardService
+    from guardserve.guard.configs import CONFIGS
+    from guardserve.logits_processors import parts as P
+    from guardserve.policy import open_store
+
+    monkeypatch.setattr(P, "SET_CHUNK", 8)
+    store = open_store(str(tmp_path / "p.db"))
+    try:
+        store.add_many([{"name": f"Orvel Quandt{i}", "mode": "always"} for i in range(40)])
+        about = store.add({"name": "Gygreim Houtus", "facts": {"birth_place": "Jostem Falls"}})
+        fp = FilterParts(sp32k_tokenizer(), root=tmp_path / "parts")
+        det = Detector(store, DetectorConfig(use_embeddings=False))
+        svc = GuardService(store, det, guard=CONFIGS["guard"], filter_parts=fp)
+        fp.ensure(det.targets(), where="registration")
+        fp.ensure_sets(det.always_groups(), where="registration")
+
+        def plan(question: str) -> GuardPlan:
+            body, decision = svc.prepare(CHAT, {"model": "m", "messages": [{"role": "user", "content": question}]},
+                                         "default")
+            assert decision.guarded
+            return GuardPlan.from_xargs(body["vllm_xargs"])
+
+        p = plan("What is the capital of France?")
+        assert p.targets == () and len(p.sets) == len(fp.chunks(det.always_groups()[0])) > 1
+        p = plan("Where was Gygreim Houtus born?")
+        assert p.targets == ((about.id, 1),) and len(p.sets) > 1
+        # An edit made elsewhere: its set is not built yet; its members travel one by one.
+        first = det.always_groups()[0][0]
+        store.update(first.id, {"aliases": ["Orvel Q."]})
+        det.sync(force=True)
+        p2 = plan("What is the capital of France?")
+        assert len(p2.sets) == len(p.sets) - 1 and (first.id, 2) in p2.targets and len(p2.targets) <= 4 * 8
+        fp.ensure_sets(det.always_groups(), where="background")
+        assert plan("What is the capital of France?").targets == ()
+    finally:
+        store.close()

@@ -162,6 +162,29 @@ def test_audit_line_of_a_guarded_request(service, audit_lines):
     assert line["policy_version"] == service.store.last_seq() and line["targets"][0]["version"] == 2
 
 
+def test_always_on_targets_are_audited_as_one_set(service, audit_lines):
+    """Thousands of always-on targets guard every request: a line gives their number and their
+    set's digest, and the set's members are listed once (per set), not on every line; a target
+    the conversation asks about is still listed with its reasons."""
+    made = service.store.add_many([{"name": f"Orvel Quandt{i}", "mode": "always", "tenant": "tenant-a"}
+                                   for i in range(5)])
+    service.detector.sync(force=True)
+    service.prepare(CHAT, chat("What is the capital of France?"), "tenant-a")
+    service.prepare(CHAT, chat("What is the capital of Spain?"), "tenant-a")
+    members, first, second = audit_lines()
+    assert members["event"] == "always_on_set" and members["tenant"] == "tenant-a"
+    assert sorted(members["targets"]) == sorted([t.id, 1] for t in made)
+    for line in (first, second):
+        _check_head(line, "guarded", "tenant-a", service.store.last_seq())
+        assert line["targets"] == [] and line["always_on"] == {"targets": 5, "set": members["set"]}
+    service.prepare(CHAT, chat("Where was Orvel Quandt3 born?"), "tenant-a")
+    line = audit_lines()[-1]
+    assert [t["id"] for t in line["targets"]] == [made[3].id] and line["targets"][0]["reasons"][-1] == "mode 'always'"
+    assert line["always_on"] == {"targets": 4, "set": members["set"]}
+    service.prepare(CHAT, chat("What is the capital of France?"), "tenant-b")  # sees none of them
+    assert len(audit_lines()) == 4
+
+
 def test_audit_line_of_a_fail_closed_refusal(service, audit_lines):
     service.store.close()
     service.detector.config.sync_interval_s = 0

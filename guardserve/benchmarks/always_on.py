@@ -3,11 +3,13 @@ targets are registered in bulk calls; each figure is a ratio against the same se
 none registered, in the same run.
 
 An always-on target (mode ``always``) triggers on every request of its tenant, so every
-request carries it to the engine and its filter part is merged in. This measures what that
-costs a client: the request right after a registration, and steady requests after it.
+request carries it to the engine (as one of a few set parts, each a few hundred targets
+compiled as one). This measures what that costs a client: the request right after a
+registration, steady requests after it (their latency and vLLM's engine-side TPOT), and the
+slowest request of each step. Each request writes 16 tokens.
 
     python -m guardserve.benchmarks.always_on                      # 100, 1,000, 2,000 targets
-    python -m guardserve.benchmarks.always_on --steps 100,900,1000,18000   # up to 20,000
+    python -m guardserve.benchmarks.always_on --steps 1000x20      # 20 bulk calls of 1,000 (issue 17)
 
 Writes ``bench/results/always_on.json`` of the repository (``--out FILE`` elsewhere; not run
 by ``guardserve bench``).
@@ -23,9 +25,10 @@ import time
 from pathlib import Path
 
 from guardserve.benchmarks.cli import default_out
+from guardserve.benchmarks.serving import ADMIN_KEY, MODEL, histogram_delta, histogram_stats, scrape
 
-ADMIN_KEY = "always-on-bench"
-MODEL = "guardserve-demo"
+TPOT = "vllm:request_time_per_output_token_seconds"
+TOKENS = 16
 
 
 def run(url: str, steps: list[int], question: str, repeats: int = 5) -> dict:
@@ -37,13 +40,28 @@ def run(url: str, steps: list[int], question: str, repeats: int = 5) -> dict:
 
     def ask() -> float:
         t0 = time.perf_counter()
-        r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 16,
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": TOKENS, "min_tokens": TOKENS,
+                                                      "temperature": 0,
                                                       "messages": [{"role": "user", "content": question}]})
         r.raise_for_status()
         return time.perf_counter() - t0
 
+    def measure() -> dict:
+        """The first request, then ``repeats`` more with vLLM's engine-side TPOT read around them."""
+        first = ask()
+        before = scrape(url, {})
+        steady = [ask() for _ in range(repeats)]
+        for _ in range(50):  # vLLM records a request's stats as it finishes
+            after = scrape(url, {})
+            if after[TPOT]["count"] - before[TPOT]["count"] >= repeats:
+                break
+            time.sleep(0.1)
+        tpot = histogram_stats(histogram_delta(before[TPOT], after[TPOT]))["p50"]
+        return {"first_request_s": round(first, 4), "steady_request_s": round(statistics.median(steady), 4),
+                "slowest_request_s": round(max([first, *steady]), 4), "tpot_ms": tpot}
+
     ask()  # the server's first request (warm-up) is nobody's figure
-    none = statistics.median(ask() for _ in range(repeats))
+    none = measure()
     rows, total = [], 0
     for n in steps:
         t0 = time.perf_counter()
@@ -53,28 +71,35 @@ def run(url: str, steps: list[int], question: str, repeats: int = 5) -> dict:
         r.raise_for_status()
         registered_s = time.perf_counter() - t0
         total += n
-        first = ask()
-        steady = statistics.median(ask() for _ in range(repeats))
-        rows.append({"always_on_targets": total, "register_s": round(registered_s, 2),
-                     "first_request_s": round(first, 4), "steady_request_s": round(steady, 4),
-                     "first_over_none": round(first / none, 2), "steady_over_none": round(steady / none, 2)})
-        print(f"  {total:>6,} always-on: first request {first * 1000:.0f} ms ({first / none:.1f}x none), "
-              f"then {steady * 1000:.0f} ms ({steady / none:.1f}x)", flush=True)
-    return {"benchmark": "always_on", "question": question, "repeats": repeats,
-            "none_request_s": round(none, 4), "rows": rows}
+        m = measure()
+        rows.append({"always_on_targets": total, "register_s": round(registered_s, 2), **m,
+                     "first_over_none": round(m["first_request_s"] / none["steady_request_s"], 2),
+                     "steady_over_none": round(m["steady_request_s"] / none["steady_request_s"], 2),
+                     "tpot_over_none": round(m["tpot_ms"] / none["tpot_ms"], 2) if m["tpot_ms"] and none["tpot_ms"]
+                     else None})
+        row = rows[-1]
+        print(f"  {total:>6,} always-on (registered in {registered_s:.1f} s): first request "
+              f"{row['first_request_s'] * 1000:.0f} ms ({row['first_over_none']:.1f}x none), then "
+              f"{row['steady_request_s'] * 1000:.0f} ms ({row['steady_over_none']:.1f}x), TPOT {row['tpot_ms']} ms "
+              f"({row['tpot_over_none']}x), slowest {row['slowest_request_s'] * 1000:.0f} ms", flush=True)
+    return {"benchmark": "always_on", "question": question, "repeats": repeats, "max_tokens": TOKENS,
+            "none_request_s": none["steady_request_s"], "none_tpot_ms": none["tpot_ms"], "none": none, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m guardserve.benchmarks.always_on", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default="100,900,1000",
-                    help="always-on targets registered per bulk call, in turn (default: %(default)s)")
+                    help="always-on targets registered per bulk call, in turn; NxK: K calls of N (default: %(default)s)")
     ap.add_argument("--out", default=default_out("always_on.json"), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args(argv)
     try:
-        steps = [int(x) for x in args.steps.split(",") if x.strip()]
+        steps = []
+        for x in args.steps.split(","):
+            n, _, times = x.strip().partition("x")
+            steps += [int(n)] * int(times or 1) if n else []
     except ValueError:
-        ap.error("--steps takes comma-separated numbers of targets, e.g. 100,900,1000")
+        ap.error("--steps takes comma-separated numbers of targets, e.g. 100,900,1000 (1000x20: 20 calls of 1,000)")
     if not steps or min(steps) < 1:
         ap.error("--steps takes positive numbers of targets")
 

@@ -9,6 +9,8 @@ Importing this package is cheap; the embedder loads when a Detector with embeddi
 """
 
 from guardserve.classifiers.detector import (
+    AlwaysOn,
+    Detection,
     DetectionError,
     Detector,
     DetectorConfig,
@@ -18,4 +20,5 @@ from guardserve.classifiers.detector import (
 )
 from guardserve.classifiers.retrieval import forbidden_phrases
 
-__all__ = ["DetectionError", "Detector", "DetectorConfig", "PolicyStaleError", "Triggered", "forbidden_phrases", "message_texts"]
+__all__ = ["AlwaysOn", "Detection", "DetectionError", "Detector", "DetectorConfig", "PolicyStaleError", "Triggered",
+           "forbidden_phrases", "message_texts"]

@@ -16,6 +16,9 @@ refuses the request rather than serve it unguarded.
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
+import json
 import logging
 import re
 import threading
@@ -82,6 +85,47 @@ class Triggered:
 def _triggered_order(t: Triggered) -> tuple[float, tuple]:
     """The order of ``Detector.detect``'s answer: highest score first, then by name."""
     return (-t.score, name_key(t.name))
+
+
+@dataclass(frozen=True, eq=False)
+class AlwaysOn:
+    """A tenant's always-on targets (mode ``always``) under one policy version, made once per
+    tenant and policy change and shared by every request of the tenant until the next one.
+
+    A request carries the set whole instead of its thousands of members one by one: the guard
+    names the set's precompiled parts (``logits_processors.parts.FilterParts.set_plan``), the
+    audit line its size and :attr:`digest`.
+
+    ``groups``: the members by the tenant that owns them (global targets first), each in
+    registration order, so that targets registered later extend a group at its end.
+    """
+
+    triggered: tuple[Triggered, ...]  # in Detector.detect's order
+    ids: frozenset[str]
+    groups: tuple[tuple[ForgetTarget, ...], ...]
+
+    @functools.cached_property
+    def phrases(self) -> tuple[str, ...]:
+        """Every member's forbidden phrases, sorted, without repeats."""
+        return tuple(sorted({p for t in self.triggered for p in t.forbidden}))
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Names the set's members and versions (the audit log's ``always_on_set`` line lists them)."""
+        members = [[t.id, t.version] for g in self.groups for t in g]
+        return hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """:meth:`Detector.examine`'s answer: ``triggered`` as :meth:`Detector.detect` returns it,
+    and the tenant's always-on set (None when it has none) with how many of its members
+    triggered on their mode alone (``always_only``; the others also triggered on what the
+    conversation says)."""
+
+    triggered: list[Triggered]
+    always: AlwaysOn | None = None
+    always_only: int = 0
 
 
 @dataclass
@@ -167,7 +211,7 @@ class Detector:
         # that triggers on its mode alone (``always``) is not about the conversation, so its
         # phrases are not ranked against it, and a request with thousands of them costs lookups.
         self._phrases: dict[str, tuple[str, ...]] = {}
-        self._always_cache: dict[str | None, tuple[list[Triggered], frozenset[str]]] = {}  # _always_triggered
+        self._always_cache: dict[str | None, AlwaysOn | None] = {}  # _always_on
         self._seq = 0
         self._last_sync = 0.0
         self._confirmed = time.monotonic()  # when a store read last found nothing newer than _seq
@@ -418,6 +462,13 @@ class Detector:
         full detection later confirms. ``lexical_only``: more texts for the lexical matcher alone
         (text whose meaning is known, such as the guard's own instruction inside a prompt).
         Raises DetectionError on any failure."""
+        return self.examine(messages, tenant, embeddings, lexical_only).triggered
+
+    def examine(self, messages, tenant: str | None = None, embeddings: bool = True,
+                lexical_only: Sequence[str] = ()) -> Detection:
+        """:meth:`detect`, with the tenant's always-on set as one object (:class:`AlwaysOn`),
+        from the same policy version: what the guard needs to carry thousands of always-on
+        targets to the engine as a few precompiled parts."""
         try:
             return self._detect(messages, tenant, embeddings, list(lexical_only))
         except DetectionError:
@@ -442,7 +493,7 @@ class Detector:
         return [c for c in chunks[: self.config.max_chunks] if c]
 
     def _detect(self, messages, tenant: str | None, embeddings: bool = True,
-                lexical_only: list[str] | None = None) -> list[Triggered]:
+                lexical_only: list[str] | None = None) -> Detection:
         texts = message_texts(messages)
         if self.config.sync_in_detect:
             # A few new targets are embedded here; a bulk import is left to the server's
@@ -464,7 +515,7 @@ class Detector:
             for signal in self.signals:
                 if isinstance(signal, AlwaysSignal):
                     # Its hits are the same on every request of a tenant: taken whole from
-                    # _always_triggered below, not one by one.
+                    # _always_on below, not one by one.
                     always_at = {tid: len(r) for tid, r in reasons.items()}
                     continue
                 if signal.needs_embeddings and not query.embeddings:
@@ -477,9 +528,11 @@ class Detector:
                     r = reasons.setdefault(h.target_id, [])
                     if h.reason not in r:
                         r.append(h.reason)
-            always, always_ids = self._always_triggered(tenant)
-        if not scores and not always:
-            return []
+            always_on = self._always_on(tenant)
+        if not scores and always_on is None:
+            return Detection([])
+        always = always_on.triggered if always_on is not None else ()
+        always_ids = always_on.ids if always_on is not None else frozenset()
         # GUARD's retrieval ranks fact values by the newest window's vector.
         qvec = query.vector() if scores else None
         with self._lock:
@@ -495,25 +548,44 @@ class Detector:
                 about.append(Triggered(tid, t.name, t.version, round(score, 4), tuple(r),
                                        self._forbidden(t, qvec), t.mode))
         out = [x for x in always if x.target_id not in scores] if scores else list(always)
+        only = len(out)
         for x in about:
             bisect.insort(out, x, key=_triggered_order)
-        return out
+        return Detection(out, always_on, only)
 
-    def _always_triggered(self, tenant: str | None) -> tuple[list[Triggered], frozenset[str]]:
+    def _always_on(self, tenant: str | None) -> AlwaysOn | None:
         """What the ``always`` signal triggers for ``tenant`` (the same on every request until
-        the policy changes), in output order, and their ids; made once per tenant and policy
-        change, so a request with thousands of always-on targets copies a list instead of
-        building thousands of entries. Called with the index lock held."""
+        the policy changes); made once per tenant and policy change, so a request with thousands
+        of always-on targets copies a list instead of building thousands of entries. Called
+        with the index lock held."""
         signal = next((s for s in self.signals if isinstance(s, AlwaysSignal)), None)
         if signal is None or not signal.ids:
-            return [], frozenset()
-        cached = self._always_cache.get(tenant)
-        if cached is None:
-            hits = [self._targets[tid] for tid in signal.ids if tid in self._targets]
-            made = sorted((Triggered(t.id, t.name, t.version, 1.0, (ALWAYS_REASON,), self._forbidden(t, None), t.mode)
-                           for t in hits if self._visible(t, tenant)), key=_triggered_order)
-            cached = self._always_cache[tenant] = (made, frozenset(x.target_id for x in made))
-        return cached
+            return None
+        if tenant in self._always_cache:
+            return self._always_cache[tenant]
+        hits = [t for t in (self._targets.get(tid) for tid in signal.ids) if t is not None and self._visible(t, tenant)]
+        made = None
+        if hits:
+            triggered = sorted((Triggered(t.id, t.name, t.version, 1.0, (ALWAYS_REASON,), self._forbidden(t, None),
+                                          t.mode) for t in hits), key=_triggered_order)
+            owners = sorted({t.tenant for t in hits}, key=lambda o: (o is not None, o or ""))
+            groups = tuple(tuple(sorted((t for t in hits if t.tenant == o), key=lambda t: (t.created_at, t.id)))
+                           for o in owners)
+            made = AlwaysOn(tuple(triggered), frozenset(t.id for t in hits), groups)
+        self._always_cache[tenant] = made
+        return made
+
+    def always_groups(self) -> list[tuple[ForgetTarget, ...]]:
+        """Every owner's always-on targets, in registration order (the groups of every
+        tenant's :class:`AlwaysOn`): what the server precompiles as set parts."""
+        signal = next((s for s in self.signals if isinstance(s, AlwaysSignal)), None)
+        with self._lock:
+            hits = [t for t in (self._targets.get(tid) for tid in (signal.ids if signal else ())) if t is not None]
+        by_owner: dict[str | None, list[ForgetTarget]] = {}
+        for t in hits:
+            by_owner.setdefault(t.tenant, []).append(t)
+        return [tuple(sorted(g, key=lambda t: (t.created_at, t.id))) for _, g in
+                sorted(by_owner.items(), key=lambda kv: (kv[0] is not None, kv[0] or ""))]
 
     def _views(self, window: str) -> list[tuple[str, bool]]:
         """What the embedder reads of one window, as (text, whether a name was read as

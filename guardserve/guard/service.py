@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from guardserve import config
+from guardserve.classifiers.detector import AlwaysOn
+from guardserve.classifiers.signals.always import REASON as ALWAYS_REASON
 from guardserve.contract import RESERVED_PREFIX, GuardPlan, steered_salt
 from guardserve.guard.configs import GuardConfig, server_config
 
@@ -36,6 +38,7 @@ log = logging.getLogger("guardserve.server")
 audit_log = logging.getLogger("guardserve.audit")
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+_ALWAYS_ONLY = (ALWAYS_REASON,)  # the reasons of a target that triggered on its mode alone
 
 
 class GuardError(Exception):
@@ -59,6 +62,8 @@ class Decision:
     seconds: float = 0.0
     policy_version: int | None = None  # the policy store's change sequence the detector had applied
     vllm_request_id: str | None = None  # vLLM's request id, where the engine entry decided it
+    always: AlwaysOn | None = None  # the tenant's always-on set, carried whole (see plan)
+    always_only: int = 0  # how many of ``triggered`` are always-on targets the conversation is not about
 
     @property
     def target_ids(self) -> list[str]:
@@ -107,6 +112,7 @@ class GuardService:
         if metrics is not None and hasattr(metrics, "bind"):
             metrics.bind(self)  # its gauges read this service's detector when scraped
         self.filter_parts = filter_parts
+        self._audited_sets: dict[str, None] = {}  # always-on sets whose members the audit log has listed
 
     @property
     def semantic(self) -> bool:
@@ -159,13 +165,17 @@ class GuardService:
         started = time.perf_counter()
         decision = Decision(request_id=uuid.uuid4().hex[:16], tenant=tenant)
         try:
-            triggered = self.detector.detect(texts, tenant=tenant, lexical_only=lexical_only)
+            found = self.detector.examine(texts, tenant=tenant, lexical_only=lexical_only)
         except Exception as e:  # DetectionError included: fail closed
             raise GuardError(f"detection failed: {e}") from e
-        decision.triggered = list(triggered)
+        triggered = decision.triggered = found.triggered
+        decision.always, decision.always_only = found.always, found.always_only
         decision.policy_version = self.policy_version()
         if triggered:
-            phrases = sorted({p for t in triggered for p in t.forbidden})
+            if found.always is not None and found.always_only == len(triggered):
+                phrases = list(found.always.phrases)  # made once per policy change
+            else:
+                phrases = sorted({p for t in triggered for p in t.forbidden})
             if not phrases and self.guard.token_filter:
                 raise GuardError(f"no forbidden phrases retrieved for triggered targets {decision.target_ids}")
             decision.phrases = phrases if self.guard.token_filter else []
@@ -204,7 +214,17 @@ class GuardService:
 
     def _audit_head(self, event: str, tenant: str, route: str, decision: Decision | None,
                     request_id: str | None = None) -> dict:
+        """The fields every audit line has. A decision's always-on targets that the
+        conversation is not about are not listed one by one (thousands on every request):
+        ``always_on`` gives their number and their set's digest, whose members the line
+        ``{"event": "always_on_set"}`` lists once per set (:meth:`_audit_always`)."""
         d = decision
+        listed = d.triggered if d is not None else []
+        always = None
+        if d is not None and d.always is not None and d.always_only:
+            self._audit_always(d.always, tenant)
+            listed = [t for t in listed if t.reasons != _ALWAYS_ONLY]
+            always = {"targets": d.always_only, "set": d.always.digest}
         return {
             "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "event": event,
@@ -213,8 +233,21 @@ class GuardService:
             "tenant": tenant, "route": route,
             "policy_version": d.policy_version if d is not None else self.policy_version(),
             "targets": [{"id": t.target_id, "version": t.version, "score": t.score, "reasons": list(t.reasons)}
-                        for t in (d.triggered if d is not None else [])],
+                        for t in listed],
+            "always_on": always,
         }
+
+    def _audit_always(self, always: AlwaysOn, tenant: str) -> None:
+        if always.digest in self._audited_sets:
+            return
+        self._audited_sets[always.digest] = None
+        while len(self._audited_sets) > 1024:
+            self._audited_sets.pop(next(iter(self._audited_sets)))
+        audit_log.info(json.dumps({
+            "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": "always_on_set", "set": always.digest, "tenant": tenant,
+            "targets": [[t.id, t.version] for g in always.groups for t in g],
+        }))
 
     def plan_xargs(self, decision: Decision, xargs: dict | None = None) -> dict:
         """The ``vllm_xargs`` that carry ``decision`` to the engine: a client's own keys kept,
@@ -227,13 +260,30 @@ class GuardService:
         With ``filter_parts`` (the server), the plan names the triggered targets and versions:
         their parts were compiled when they were registered; one still missing (a compile
         under way, a cleared cache) is compiled here, in this request's thread, never in the
-        engine's step. Without it (offline use), the plan carries the phrases."""
+        engine's step. The tenant's always-on targets travel as their set parts (a few names
+        for thousands of targets), those of a set not built yet as their own parts. Without
+        ``filter_parts`` (offline use), the plan carries the phrases."""
         steer = tuple((t, v) for t, v in decision.steer)
         semantic = self.semantic and bool(decision.phrases)
         if self.filter_parts is None or not decision.phrases:
             return GuardPlan(tuple(decision.phrases), semantic, steer)
+        triggered: list = decision.triggered
+        sets: list[str] = []
+        if decision.always is not None and decision.always_only:
+            sets, loose = self.filter_parts.set_plan(decision.always.groups)
+            covered = decision.always.ids
+            triggered = [t for t in triggered if t.target_id not in covered]
+            for target in loose:  # a set still being built: its targets one by one meanwhile
+                if not self.filter_parts.has(target.id, target.version):
+                    try:
+                        self.filter_parts.ensure([target], where="request")
+                    except Exception as e:
+                        raise GuardError(f"the filter of target {target.id} could not be built: {e}") from e
+            sets_targets = [(t.id, t.version) for t in loose]
+        else:
+            sets_targets = []
         targets = []
-        for t in decision.triggered:
+        for t in triggered:
             if not self.filter_parts.has(t.target_id, t.version):
                 target = self.detector_target(t.target_id)
                 if target is None:
@@ -245,7 +295,7 @@ class GuardService:
                 except Exception as e:
                     raise GuardError(f"the filter of target {t.target_id} could not be built: {e}") from e
             targets.append((t.target_id, t.version))
-        return GuardPlan((), semantic, steer, tuple(targets))
+        return GuardPlan((), semantic, steer, tuple(targets + sets_targets), tuple(sets))
 
     def prepare(self, route: str, body: dict, tenant: str) -> tuple[dict, Decision]:
         """A chat or completions request body rewritten as the guard serves it (offline use and
@@ -299,9 +349,7 @@ class GuardService:
         conversation is about. A target that triggered on its ``always`` mode alone is left to
         the filter: naming every always-on target in every prompt would show them all to the
         model and grow each prompt (and its checks) with the policy."""
-        from guardserve.classifiers.signals.always import REASON
-
-        return [t for t in triggered if tuple(t.reasons) != (REASON,)]
+        return [t for t in triggered if tuple(t.reasons) != _ALWAYS_ONLY]
 
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
         """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where

@@ -23,7 +23,16 @@ from .compile import (
     compile_phrases,
     compile_token_sequences,
 )
-from .parts import ENGINE_LOG, PartStore, default_root, folded_token_bytes, merge_parts, part_name, phrases_name
+from .parts import (
+    ENGINE_LOG,
+    PartStore,
+    default_root,
+    folded_token_bytes,
+    is_set_name,
+    merge_parts,
+    part_name,
+    phrases_name,
+)
 from .request import GuardRequest, resolve_targets
 
 logger = logging.getLogger("guardserve.logits")
@@ -79,6 +88,7 @@ class FilterSource:
     def filter_for(self, req: GuardRequest) -> CompiledFilter:
         try:
             parts = [self._target_part(tid, version) for tid, version in req.targets]
+            parts += [self._set_part(name) for name in req.sets]
             names = [n for n, _ in parts]
             filters = [f for _, f in parts]
             if req.phrases:  # phrases sent as such (in-process users): compiled here
@@ -131,6 +141,25 @@ class FilterSource:
             self.stats["loaded"] += 1
         else:
             part = self._compile_here(tid, version, name, phrases)
+        self._parts[name] = part
+        while len(self._parts) > _MAX_PARTS:
+            self._parts.popitem(last=False)
+        return name, part
+
+    def _set_part(self, name: str) -> tuple[str, CompiledFilter | None]:
+        """A set part (many targets compiled as one). The server builds it before it names it
+        in a request; one missing here cannot be rebuilt from its name, so the request is refused."""
+        if not is_set_name(name):
+            raise ValueError(f"not a set-part name: {name!r}")
+        if name in self._parts:
+            self._parts.move_to_end(name)
+            return name, self._parts[name]
+        store = self.store
+        assert self._tb is not None
+        if not store.exists(name):
+            raise ValueError(f"set part {name} is not in the cache {store.dir}")
+        part = store.load(name, self._tb)
+        self.stats["loaded"] += 1
         self._parts[name] = part
         while len(self._parts) > _MAX_PARTS:
             self._parts.popitem(last=False)

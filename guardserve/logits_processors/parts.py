@@ -15,6 +15,12 @@ every policy change. Here instead:
   built product automaton. Building it costs one OR of K ban rows; its states and
   transitions are made on first use and memoised, so a step costs one dict lookup as before.
 * An edit to one target compiles that target only; the other parts are reused as they are.
+* Targets that guard every request of a tenant (mode ``always``) would make every request
+  carry, and every engine step run, thousands of parts. They are compiled in **set parts**
+  instead (:func:`chunk_members`, ``set~<digest>.part``): a few hundred targets each, cut so
+  that registering more targets, or editing one, recompiles one or two sets, not all of
+  them. A request names the sets (``guardserve_target_sets``); a set not built yet is
+  carried as its targets' own parts until the worker has built it.
 
 The product is exact: every part reads the same text, so the parts agree on whether the last
 byte was a word byte, and a token is banned in the product state exactly when some part bans
@@ -52,6 +58,7 @@ from .compile import (
 logger = logging.getLogger("guardserve.logits")
 
 FORMAT = 1
+SET_RETIRE_S = 300.0  # how long a replaced set part stays on disk for requests that still name it
 ENGINE_LOG = "engine-compiles.log"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
 
@@ -87,6 +94,51 @@ def part_name(target_id: str, version: int | None) -> str:
     tid = str(target_id)
     safe = tid if _SAFE_ID.match(tid) else "h" + hashlib.sha256(tid.encode()).hexdigest()[:24]
     return f"{safe}@v{version}"
+
+
+SET_PREFIX = "set~"  # no target's part name has "~" (see part_name)
+SET_CHUNK = 512  # members a set part holds on average
+_SET_NAME = re.compile(r"^set~[0-9a-f]{24}$")
+
+
+def chunk_members(members: Sequence, size: int | None = None) -> list[tuple]:
+    """``members`` (targets, in registration order) cut into the chunks that become set parts
+    (``size``: members a chunk holds on average, :data:`SET_CHUNK` by default).
+
+    A chunk ends after a member whose id hashes to 0 modulo ``size`` (or at ``4 * size``
+    members): the cuts depend on the members, not on their positions, so targets registered
+    later change the last chunk only and add new ones, and an edit or a delete changes the
+    chunk that held the target; every other chunk keeps its name and its compiled part.
+
+    >>> from types import SimpleNamespace as T
+    >>> ts = [T(id=f"t{i}", version=1) for i in range(2000)]
+    >>> before, after = chunk_members(ts), chunk_members(ts + [T(id="new", version=1)])
+    >>> before[:-1] == after[:len(before) - 1]
+    True
+    """
+    size = size or SET_CHUNK
+    out: list[tuple] = []
+    cur: list = []
+    for t in members:
+        cur.append(t)
+        h = int.from_bytes(hashlib.blake2b(str(t.id).encode(), digest_size=8).digest(), "little")
+        if h % size == 0 or len(cur) >= 4 * size:
+            out.append(tuple(cur))
+            cur = []
+    if cur:
+        out.append(tuple(cur))
+    return out
+
+
+def set_name(members: Sequence) -> str:
+    """The name of the set part of ``members`` (targets with ``id`` and ``version``):
+    content-addressed, so every process names the same members the same way."""
+    body = json.dumps([[str(t.id), t.version] for t in members])
+    return SET_PREFIX + hashlib.sha256(body.encode()).hexdigest()[:24]
+
+
+def is_set_name(name) -> bool:
+    return isinstance(name, str) and bool(_SET_NAME.match(name))
 
 
 def phrases_name(phrases: Iterable[str]) -> str:
@@ -447,6 +499,12 @@ class FilterParts:
     (:meth:`start`, :meth:`poke`) compiles, in the background, the parts of targets changed
     elsewhere (the CLI, another replica) and those of every target at start. ``stats``
     counts compiles by where they ran.
+
+    Set parts (many targets as one, see :func:`chunk_members`) are built the same way:
+    :meth:`ensure_sets` at registration, the worker for the rest (``start(..., sets=...)``),
+    and :meth:`set_plan` tells a request which sets it can name. A set no current group
+    holds any more is deleted :data:`SET_RETIRE_S` after it was replaced (requests stamped
+    before may still name it).
     """
 
     def __init__(self, tokenizer, root: Path | str | None = None):
@@ -463,6 +521,10 @@ class FilterParts:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
+        self._sets_source = None  # () -> groups of targets, for the worker
+        self._sets_built: set[str] = set()
+        self._chunks: OrderedDict[int, tuple[tuple, list[tuple[str, tuple]]]] = OrderedDict()
+        self._retired: dict[str, float] = {}  # set part -> when no current group held it any more
 
     def has(self, target_id: str, version: int) -> bool:
         if self._built.get(target_id) == version:
@@ -517,16 +579,105 @@ class FilterParts:
         with self._guard:
             self._locks.pop(name, None)
 
+    # ------------------------------------------------------------------ set parts
+    def chunks(self, group: tuple) -> list[tuple[str, tuple]]:
+        """(set name, members) of each chunk of ``group``; remembered per group object (a
+        detector's groups live until the policy changes), so a request hashes nothing."""
+        key = id(group)
+        with self._guard:
+            hit = self._chunks.get(key)
+            if hit is not None and hit[0] is group:
+                return hit[1]
+        made = [(set_name(c), c) for c in chunk_members(group)]
+        with self._guard:
+            self._chunks[key] = (group, made)
+            while len(self._chunks) > 64:
+                self._chunks.popitem(last=False)
+        return made
+
+    def has_set(self, name: str) -> bool:
+        if name in self._sets_built:
+            return True
+        if self.store.exists(name):
+            self._sets_built.add(name)
+            return True
+        return False
+
+    def ensure_sets(self, groups: Iterable[tuple], where: str = "registration", budget_s: float | None = None) -> int:
+        """Build the missing set parts of ``groups`` (tuples of targets in registration order,
+        e.g. ``Detector.always_groups()``); returns how many were left to the worker when
+        ``budget_s`` ran out. Raises when a compile fails."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        left = 0
+        for group in groups:
+            for name, members in self.chunks(group):
+                if self.has_set(name):
+                    continue
+                if deadline is not None and time.monotonic() > deadline:
+                    left += 1
+                    continue
+                self._build_set(name, members, where)
+        if left:
+            self.poke()
+        return left
+
+    def _build_set(self, name: str, members: tuple, where: str) -> None:
+        from guardserve.classifiers.retrieval import forbidden_phrases
+
+        with self._lock(name):
+            if self.has_set(name):
+                return
+            try:
+                f = compile_phrases(self.tv, [p for t in members for p in forbidden_phrases(t)])
+                self.store.write(name, f, {"targets": [[t.id, t.version] for t in members], "compiled_by": where})
+            except Exception as e:
+                self.stats["failed"] += 1
+                self._last_error = f"{name}: {e}"
+                raise
+            self.stats["set:" + where] += 1
+            self._sets_built.add(name)
+        with self._guard:
+            self._locks.pop(name, None)
+
+    def set_plan(self, groups: Iterable[tuple]) -> tuple[list[str], list]:
+        """What a request guarded by every target of ``groups`` carries: the names of their
+        built set parts, and the targets of the chunks not built yet, to be carried one by one
+        meanwhile (the worker is poked to build those sets)."""
+        names: list[str] = []
+        loose: list = []
+        for group in groups:
+            for name, members in self.chunks(group):
+                if self.has_set(name):
+                    names.append(name)
+                else:
+                    loose.extend(members)
+        if loose:
+            self.poke()
+        return names, loose
+
+    def _retire_sets(self, current: set[str]) -> None:
+        now = time.monotonic()
+        for name in list(self._sets_built):
+            if name in current:
+                self._retired.pop(name, None)
+            elif now - self._retired.setdefault(name, now) > SET_RETIRE_S:
+                self._sets_built.discard(name)
+                self._retired.pop(name, None)
+                with contextlib.suppress(OSError):
+                    self.store.path(name).unlink()
+
     def forget(self, target_id: str) -> None:
         """A deleted target: drop its parts."""
         newest = self._built.pop(target_id, None)
         self.store.drop_versions(target_id, None if newest is None else newest + 1)
 
     # ------------------------------------------------------------------ the worker
-    def start(self, source) -> FilterParts:
-        """Keep the parts of ``source()``'s targets (e.g. ``detector.targets``) built, in a
-        daemon thread; ``poke()`` after the policy may have changed."""
+    def start(self, source, sets=None) -> FilterParts:
+        """Keep the parts of ``source()``'s targets (e.g. ``detector.targets``), and the set
+        parts of ``sets()``'s groups (e.g. ``detector.always_groups``), built, in a daemon
+        thread; ``poke()`` after the policy may have changed."""
         self._source = source
+        self._sets_source = sets
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="guardserve-filter-parts", daemon=True)
             self._thread.start()
@@ -563,10 +714,25 @@ class FilterParts:
                         self.ensure([t], where="background")
                     # At most about half of the API process's interpreter: requests go on beside it.
                     time.sleep(min(0.05, time.monotonic() - started))
+                if self._sets_source is not None:
+                    current: set[str] = set()
+                    for group in self._sets_source():
+                        for name, members in self.chunks(group):
+                            current.add(name)
+                            if self._halt.is_set():
+                                return
+                            if self.has_set(name):
+                                continue
+                            started = time.monotonic()
+                            with contextlib.suppress(Exception):  # counted in stats, the last error kept
+                                self._build_set(name, members, "background")
+                            time.sleep(min(0.05, time.monotonic() - started))
+                    self._retire_sets(current)
             except Exception:
                 logger.exception("guardserve: building filter parts failed")
 
     def report(self) -> dict:
         return {"compiles": {k: self.stats[k] for k in ("registration", "background", "request")},
+                "set_compiles": {k: self.stats["set:" + k] for k in ("registration", "background")},
                 "failed": self.stats["failed"], "last_error": self._last_error, "pending": self.pending(),
                 "engine_compiles": self.store.engine_compiles(), "vocabulary": self.store.dir.name}

@@ -1,10 +1,11 @@
 """Per-request activation in the engine: the guard's plan read back from ``extra_args``.
 
 The keys and their encoding are the request contract (:mod:`guardserve.contract`); this
-module adds what only the engine does: ``guardserve_targets`` read as (id, version) pairs (the
-engine loads their compiled parts; the resolver turns them into phrases only where a part must
-be compiled in the engine), and the semantic penalty's parameters validated. A request carrying neither phrases nor targets is not
-guarded (its row is never touched).
+module adds what only the engine does: ``guardserve_targets`` read as (id, version) pairs and
+``guardserve_target_sets`` as set-part names (the engine loads their compiled parts; the
+resolver turns targets into phrases only where a part must be compiled in the engine), and the
+semantic penalty's parameters validated. A request carrying no phrases, targets nor sets is
+not guarded (its row is never touched).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from guardserve.contract import PHRASES, SEM_THRESHOLD, SEM_WEIGHT, SEMANTIC, TARGETS, flag, json_list
+from guardserve.contract import PHRASES, SEM_THRESHOLD, SEM_WEIGHT, SEMANTIC, SETS, TARGETS, flag, json_list
 
 logger = logging.getLogger("guardserve.logits")
 
@@ -98,14 +99,16 @@ def parse_targets(value) -> tuple[tuple[str, int | None], ...]:
 
 @dataclass(frozen=True)
 class GuardRequest:
-    """The guard one request asks for: phrases sent as such and targets (id, version), whose
-    compiled parts the engine looks up (:class:`~.engine.FilterSource`)."""
+    """The guard one request asks for: phrases sent as such, targets (id, version) and set
+    parts (many targets compiled as one), whose compiled parts the engine looks up
+    (:class:`~.engine.FilterSource`)."""
 
     phrases: tuple[str, ...]
     semantic: bool = False
     sem_threshold: float = 0.5
     sem_weight: float = 1.0
     targets: tuple[tuple[str, int | None], ...] = ()
+    sets: tuple[str, ...] = ()
 
 
 def parse_request(extra_args: Mapping | None, resolve: bool = False) -> GuardRequest | None:
@@ -114,7 +117,7 @@ def parse_request(extra_args: Mapping | None, resolve: bool = False) -> GuardReq
     Targets are not resolved here (``resolve`` is kept for callers of the old signature):
     the engine looks up their compiled parts.
     """
-    if not extra_args or (PHRASES not in extra_args and TARGETS not in extra_args):
+    if not extra_args or (PHRASES not in extra_args and TARGETS not in extra_args and SETS not in extra_args):
         return None
     phrases: list[str] = []
     if PHRASES in extra_args:
@@ -123,6 +126,9 @@ def parse_request(extra_args: Mapping | None, resolve: bool = False) -> GuardReq
             raise ValueError(f"{PHRASES} must be a list of strings")
         phrases.extend(ps)
     targets = parse_targets(extra_args[TARGETS]) if TARGETS in extra_args else ()
+    sets = json_list(extra_args[SETS], SETS) if SETS in extra_args else []
+    if not all(isinstance(x, str) for x in sets):
+        raise ValueError(f"{SETS} must list set-part names")
     try:
         thr = float(extra_args.get(SEM_THRESHOLD, 0.5))
         w = float(extra_args.get(SEM_WEIGHT, 1.0))
@@ -134,4 +140,5 @@ def parse_request(extra_args: Mapping | None, resolve: bool = False) -> GuardReq
         sem_threshold=thr,
         sem_weight=w,
         targets=targets,
+        sets=tuple(dict.fromkeys(sets)),
     )

@@ -92,6 +92,12 @@ def _changed(service, targets=(), deleted: str | None = None) -> None:
         parts.ensure(targets, where="registration", budget_s=PARTS_BUDGET_S)
     except Exception:  # a request naming the target compiles it again, or is refused
         log.exception("guardserve: building a filter part failed")
+    # Always-on targets guard every request of their tenant as set parts: the sets a change
+    # touched (one or two) are compiled now, the others are reused as they are.
+    try:
+        parts.ensure_sets(service.detector.always_groups(), where="registration", budget_s=PARTS_BUDGET_S)
+    except Exception:  # requests carry the targets of a set not built one by one
+        log.exception("guardserve: building a set part failed")
 
 
 @router.post("/targets")

@@ -45,7 +45,7 @@ from collections.abc import AsyncGenerator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from guardserve.contract import PHRASES, TARGETS, tenant_salt
+from guardserve.contract import PHRASES, SETS, TARGETS, tenant_salt
 from guardserve.guard import Decision, GuardError, GuardService
 
 log = logging.getLogger("guardserve.server")
@@ -112,8 +112,10 @@ def _choice_of(sp) -> list[str]:
 def _choices_all_forbidden(choices: list[str], phrases) -> bool:
     """Whether a ``choice`` constraint lists only answers that contain a forbidden phrase (as
     the filter reads text: case and runs of white space do not matter)."""
+    if not choices:
+        return False  # most requests: no pass over (maybe thousands of) phrases
     folded = [_fold(p) for p in phrases if p.strip()]
-    return bool(choices) and bool(folded) and all(any(p in _fold(c) for p in folded) for c in choices)
+    return bool(folded) and all(any(p in _fold(c) for p in folded) for c in choices)
 
 
 class EngineEntryGuard:
@@ -304,7 +306,7 @@ class EngineEntryGuard:
     def _stamp(self, request) -> str:
         sp = request.sampling_params
         blob = json.dumps([list(request.prompt_token_ids), sp.extra_args.get(PHRASES, ""), sp.extra_args.get(TARGETS, ""),
-                           request.cache_salt],
+                           sp.extra_args.get(SETS, ""), request.cache_salt],
                           separators=(",", ":")).encode()
         return hmac.new(self._key, blob, hashlib.sha256).hexdigest()[:32]
 

@@ -91,7 +91,7 @@ class GuardEndpointPlugin:
         if self.service.filter_parts is not None:
             # Every target's filter part, compiled once per version in this thread: the request
             # path and the engine only read them (guardserve/logits_processors/parts.py).
-            self.service.filter_parts.start(self.service.detector.targets)
+            self.service.filter_parts.start(self.service.detector.targets, sets=self.service.detector.always_groups)
         state.guardserve = self
         await self._load_adapters(state)
         n = len(self.service.detector.targets())

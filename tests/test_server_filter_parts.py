@@ -4,12 +4,14 @@ tenant's request compile (or wait for) anything."""
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import make_client
 
+from guardserve.leak import fact_leaked
 from guardserve.textgen import completion_prompt
 
 pytestmark = pytest.mark.slow
@@ -96,3 +98,42 @@ def test_one_tenants_change_does_not_hold_up_another(server, admin):
     finally:
         admin.delete(f"/targets/{base.json()['id']}")
         time.sleep(1.0)
+
+
+def test_always_on_targets_are_enforced_through_their_set_parts(server, admin, world):
+    """A request about nothing registered, under an always-on target whose fact is the answer:
+    the guard carries the target as its set part only (the audit line lists no target, and
+    gives the set), the engine bans the fact through it, and once the target is deleted the
+    answer comes back. Retain questions the model answers are the probe: their facts are
+    what an always-on target here forbids."""
+    a = make_client(server, "key-a")
+    known = []
+    for p in world["retain"][:40]:
+        answer = _complete(a, p["question"])
+        if fact_leaked(answer, p["value"]):
+            known.append(p)
+        if len(known) == 3:
+            break
+    assert len(known) == 3, "the demo model should answer its retain questions"
+    before = _filters(admin)
+    r = admin.post("/targets", json=[{"name": f"Quorvath Setmember {i}", "kind": "topic", "tenant": "tenant-a",
+                                      "mode": "always", "facts": {"place": p["value"]}} for i, p in enumerate(known)])
+    assert r.status_code == 201, r.text
+    ids = [t["id"] for t in r.json()["targets"]]
+    try:
+        built = _filters(admin)
+        assert built["set_compiles"]["registration"] > before["set_compiles"]["registration"], built
+        lines = len(server.audit_log.read_text().splitlines())
+        answers = [_complete(a, p["question"]) for p in known]
+        assert not [x for x, p in zip(answers, known) if fact_leaked(x, p["value"])], answers
+        logged = [json.loads(x) for x in server.audit_log.read_text().splitlines()[lines:]]
+        guarded = [x for x in logged if x["event"] == "guarded" and x["tenant"] == "tenant-a"]
+        assert len(guarded) == 3 and all(x["targets"] == [] and x["always_on"]["targets"] == 3 for x in guarded)
+        sets = [x for x in logged if x["event"] == "always_on_set"]
+        assert sorted(t for t, _ in sets[0]["targets"]) == sorted(ids)
+        assert _filters(admin)["engine_compiles"] == before["engine_compiles"]
+    finally:
+        for tid in ids:
+            admin.delete(f"/targets/{tid}")
+        time.sleep(1.0)
+    assert all(fact_leaked(_complete(a, p["question"]), p["value"]) for p in known)

@@ -106,8 +106,9 @@ class AlwaysOn:
 
     @functools.cached_property
     def phrases(self) -> tuple[str, ...]:
-        """Every member's forbidden phrases, sorted, without repeats."""
-        return tuple(sorted({p for t in self.triggered for p in t.forbidden}))
+        """Every member's forbidden phrases, without repeats (member by member: sorting tens of
+        thousands of phrases would cost the first request after each policy change)."""
+        return tuple(dict.fromkeys(p for t in self.triggered for p in t.forbidden))
 
     @functools.cached_property
     def digest(self) -> str:
@@ -212,6 +213,7 @@ class Detector:
         # phrases are not ranked against it, and a request with thousands of them costs lookups.
         self._phrases: dict[str, tuple[str, ...]] = {}
         self._always_cache: dict[str | None, AlwaysOn | None] = {}  # _always_on
+        self._always_entries: dict[str, tuple[tuple, Triggered]] = {}  # _always_entry
         self._seq = 0
         self._last_sync = 0.0
         self._confirmed = time.monotonic()  # when a store read last found nothing newer than _seq
@@ -352,6 +354,7 @@ class Detector:
                     del self._vocab_count[tok]
         self._fact_vecs.pop(target_id, None)
         self._phrases.pop(target_id, None)
+        self._always_entries.pop(target_id, None)
         self.lexical.remove(target_id)
         if self.vectors is not None:
             self.vectors.remove(target_id)
@@ -435,7 +438,10 @@ class Detector:
                         elif cur is None or cur.version < t.version:
                             self._unindex(tid)
                             self._index_names([t])
-                            if self.vectors is not None:
+                            # An always-on target triggers whatever the embedding says: its texts
+                            # are not embedded (thousands of them would compete with requests for
+                            # minutes after a bulk import). Named, it is still found lexically.
+                            if self.vectors is not None and t.mode != "always":
                                 self._pending[tid] = t
             with self._lock:
                 if threshold_changed:
@@ -566,14 +572,22 @@ class Detector:
         hits = [t for t in (self._targets.get(tid) for tid in signal.ids) if t is not None and self._visible(t, tenant)]
         made = None
         if hits:
-            triggered = sorted((Triggered(t.id, t.name, t.version, 1.0, (ALWAYS_REASON,), self._forbidden(t, None),
-                                          t.mode) for t in hits), key=_triggered_order)
+            triggered = [x for _, x in sorted(self._always_entry(t) for t in hits)]
             owners = sorted({t.tenant for t in hits}, key=lambda o: (o is not None, o or ""))
             groups = tuple(tuple(sorted((t for t in hits if t.tenant == o), key=lambda t: (t.created_at, t.id)))
                            for o in owners)
             made = AlwaysOn(tuple(triggered), frozenset(t.id for t in hits), groups)
         self._always_cache[tenant] = made
         return made
+
+    def _always_entry(self, t: ForgetTarget) -> tuple[tuple, Triggered]:
+        """(order key, entry) of an always-on target's hit, made once per version: rebuilding
+        a tenant's set after a change then costs a sort, not thousands of entries."""
+        hit = self._always_entries.get(t.id)
+        if hit is None or hit[1].version != t.version:
+            x = Triggered(t.id, t.name, t.version, 1.0, (ALWAYS_REASON,), self._forbidden(t, None), t.mode)
+            hit = self._always_entries[t.id] = ((_triggered_order(x), t.id), x)
+        return hit
 
     def always_groups(self) -> list[tuple[ForgetTarget, ...]]:
         """Every owner's always-on targets, in registration order (the groups of every

@@ -223,7 +223,7 @@ class GuardService:
         always = None
         if d is not None and d.always is not None and d.always_only:
             self._audit_always(d.always, tenant)
-            listed = [t for t in listed if t.reasons != _ALWAYS_ONLY]
+            listed = [] if d.always_only == len(listed) else [t for t in listed if t.reasons != _ALWAYS_ONLY]
             always = {"targets": d.always_only, "set": d.always.digest}
         return {
             "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
@@ -272,7 +272,8 @@ class GuardService:
         if decision.always is not None and decision.always_only:
             sets, loose = self.filter_parts.set_plan(decision.always.groups)
             covered = decision.always.ids
-            triggered = [t for t in triggered if t.target_id not in covered]
+            triggered = [] if decision.always_only == len(triggered) else \
+                [t for t in triggered if t.target_id not in covered]
             for target in loose:  # a set still being built: its targets one by one meanwhile
                 if not self.filter_parts.has(target.id, target.version):
                     try:
@@ -349,7 +350,7 @@ class GuardService:
         conversation is about. A target that triggered on its ``always`` mode alone is left to
         the filter: naming every always-on target in every prompt would show them all to the
         model and grow each prompt (and its checks) with the policy."""
-        return [t for t in triggered if tuple(t.reasons) != _ALWAYS_ONLY]
+        return [t for t in triggered if t.reasons != _ALWAYS_ONLY]
 
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:
         """ICUL's conversation, with fewer demonstrations (down to the instruction alone) where

@@ -237,6 +237,31 @@ def test_icul_names_what_the_conversation_is_about_not_every_always_on_target(tm
         store.close()
 
 
+def test_steering_clamps_what_the_conversation_is_about_not_every_always_on_target(tmp_path):
+    """As ICUL: an always-on target that triggered on its mode alone is filtered, not steered
+    (thousands of them would be clamped on every token); one the conversation asks about is."""
+    from guardserve.classifiers import Detector, DetectorConfig
+    from guardserve.contract import GuardPlan
+    from guardserve.guard import CHAT, GuardService
+    from guardserve.guard.configs import CONFIGS
+    from guardserve.policy import open_store
+
+    store = open_store(str(tmp_path / "p.db"))
+    try:
+        made = store.add_many([{"name": f"Orvel Quandt{i}", "mode": "always"} for i in range(3)])
+        svc = GuardService(store, Detector(store, DetectorConfig(use_embeddings=False)), guard=CONFIGS["guard+sae"],
+                           icul=InContextUnlearner(retain=RETAIN))
+        body, decision = svc.prepare(CHAT, {"model": "m", "messages": [{"role": "user", "content": "Hello?"}]},
+                                     "default")
+        assert len(decision.triggered) == 3 and decision.steer == [] and "cache_salt" not in body
+        assert GuardPlan.from_xargs(body["vllm_xargs"]).phrases  # still filtered
+        body, decision = svc.prepare(CHAT, {"model": "m", "messages": [{"role": "user",
+                                                                        "content": "Who is Orvel Quandt2?"}]}, "default")
+        assert decision.steer == [[made[2].id, 1]] and GuardPlan.from_xargs(body["vllm_xargs"]).steer == ((made[2].id, 1),)
+    finally:
+        store.close()
+
+
 def test_demo_tokenizer_output_unchanged():
     """The demo model's template takes a system message: with its tokenizer the guarded
     conversation is what ICUL built before it looked at templates (a system message first),

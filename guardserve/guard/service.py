@@ -180,7 +180,9 @@ class GuardService:
                 raise GuardError(f"no forbidden phrases retrieved for triggered targets {decision.target_ids}")
             decision.phrases = phrases if self.guard.token_filter else []
             if self.steering:
-                decision.steer = sorted([t.target_id, t.version] for t in triggered)
+                # As ICUL: the targets the conversation is about. An always-on target it is not
+                # about is enforced by the filter; clamping thousands of them on every token is not.
+                decision.steer = sorted([t.target_id, t.version] for t in self.icul_subjects(triggered))
         decision.seconds = time.perf_counter() - started
         self._count(decision)
         return decision
@@ -346,10 +348,10 @@ class GuardService:
 
     @staticmethod
     def icul_subjects(triggered: list) -> list:
-        """The triggered targets (``Triggered``) the in-context instruction names: those the
-        conversation is about. A target that triggered on its ``always`` mode alone is left to
-        the filter: naming every always-on target in every prompt would show them all to the
-        model and grow each prompt (and its checks) with the policy."""
+        """The triggered targets (``Triggered``) the in-context instruction names and steering
+        clamps: those the conversation is about. A target that triggered on its ``always``
+        mode alone is left to the filter: naming every always-on target in every prompt would
+        show them all to the model and grow each prompt (and its checks) with the policy."""
         return [t for t in triggered if t.reasons != _ALWAYS_ONLY]
 
     def icul_messages(self, body: dict, targets: list) -> list[dict] | None:

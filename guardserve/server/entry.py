@@ -293,7 +293,10 @@ class EngineEntryGuard:
         manager = getattr(self.service, "adapters", None)  # set once the server's AdapterManager exists
         if manager is None or not manager.loaded:
             return False
-        targets = [t for t in (self.service.detector_target(i) for i in decision.target_ids) if t is not None]
+        # The detector's own index (the versions that triggered), not a store read per target:
+        # a tenant's thousands of always-on targets are on every request.
+        detector = self.service.detector
+        targets = [t for t in (detector.target(i) for i in decision.target_ids) if t is not None]
         name = manager.pick(targets)
         if name is None:
             return False

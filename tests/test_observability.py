@@ -173,7 +173,7 @@ def test_always_on_targets_are_audited_as_one_set(service, audit_lines):
     service.prepare(CHAT, chat("What is the capital of Spain?"), "tenant-a")
     members, first, second = audit_lines()
     assert members["event"] == "always_on_set" and members["tenant"] == "tenant-a"
-    assert sorted(members["targets"]) == sorted([t.id, 1] for t in made)
+    assert sorted(zip(members["ids"], members["versions"])) == sorted((t.id, 1) for t in made)
     for line in (first, second):
         _check_head(line, "guarded", "tenant-a", service.store.last_seq())
         assert line["targets"] == [] and line["always_on"] == {"targets": 5, "set": members["set"]}

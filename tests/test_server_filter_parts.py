@@ -130,7 +130,7 @@ def test_always_on_targets_are_enforced_through_their_set_parts(server, admin, w
         guarded = [x for x in logged if x["event"] == "guarded" and x["tenant"] == "tenant-a"]
         assert len(guarded) == 3 and all(x["targets"] == [] and x["always_on"]["targets"] == 3 for x in guarded)
         sets = [x for x in logged if x["event"] == "always_on_set"]
-        assert sorted(t for t, _ in sets[0]["targets"]) == sorted(ids)
+        assert sorted(sets[0]["ids"]) == sorted(ids) and sets[0]["versions"] == [1, 1, 1]
         assert _filters(admin)["engine_compiles"] == before["engine_compiles"]
     finally:
         for tid in ids:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import json
+import itertools
 import logging
 import re
 import threading
@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -106,15 +107,14 @@ class AlwaysOn:
 
     @functools.cached_property
     def phrases(self) -> tuple[str, ...]:
-        """Every member's forbidden phrases, without repeats (member by member: sorting tens of
-        thousands of phrases would cost the first request after each policy change)."""
-        return tuple(dict.fromkeys(p for t in self.triggered for p in t.forbidden))
+        """Every member's forbidden phrases, member by member (neither sorted nor deduplicated:
+        that would cost the first request after each policy change tens of milliseconds)."""
+        return tuple(itertools.chain.from_iterable(t.forbidden for t in self.triggered))
 
     @functools.cached_property
     def digest(self) -> str:
         """Names the set's members and versions (the audit log's ``always_on_set`` line lists them)."""
-        members = [[t.id, t.version] for g in self.groups for t in g]
-        return hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
+        return hashlib.sha256("\n".join(f"{t.id}@{t.version}" for g in self.groups for t in g).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class Detector:
         # phrases are not ranked against it, and a request with thousands of them costs lookups.
         self._phrases: dict[str, tuple[str, ...]] = {}
         self._always_cache: dict[str | None, AlwaysOn | None] = {}  # _always_on
-        self._always_entries: dict[str, tuple[tuple, Triggered]] = {}  # _always_entry
+        self._always_entries: dict[str, tuple[str, str, Triggered]] = {}  # _always_entry
         self._seq = 0
         self._last_sync = 0.0
         self._confirmed = time.monotonic()  # when a store read last found nothing newer than _seq
@@ -308,6 +308,8 @@ class Detector:
             self._vocab_count.update(vocab)
             for s in self.signals:
                 s.add(t)
+            if t.mode == "always":
+                self._always_entry(t)  # here, not in the first request after the change
 
     def _embed(self, targets: list[ForgetTarget]):
         """The slow half: the targets' texts through the embedder. Needs no lock."""
@@ -572,22 +574,33 @@ class Detector:
         hits = [t for t in (self._targets.get(tid) for tid in signal.ids) if t is not None and self._visible(t, tenant)]
         made = None
         if hits:
-            triggered = [x for _, x in sorted(self._always_entry(t) for t in hits)]
-            owners = sorted({t.tenant for t in hits}, key=lambda o: (o is not None, o or ""))
-            groups = tuple(tuple(sorted((t for t in hits if t.tenant == o), key=lambda t: (t.created_at, t.id)))
-                           for o in owners)
-            made = AlwaysOn(tuple(triggered), frozenset(t.id for t in hits), groups)
+            entries = [self._always_entry(t) for t in hits]
+            groups = self._by_owner(hits, [e[1] for e in entries])
+            entries.sort(key=itemgetter(0))
+            made = AlwaysOn(tuple(e[2] for e in entries), frozenset(t.id for t in hits), groups)
         self._always_cache[tenant] = made
         return made
 
-    def _always_entry(self, t: ForgetTarget) -> tuple[tuple, Triggered]:
-        """(order key, entry) of an always-on target's hit, made once per version: rebuilding
-        a tenant's set after a change then costs a sort, not thousands of entries."""
+    def _always_entry(self, t: ForgetTarget) -> tuple[str, str, Triggered]:
+        """(order key, registration key, entry) of an always-on target's hit, made once per
+        version (at sync, :meth:`_index_names`): rebuilding a tenant's set after a change then
+        costs string sorts, not thousands of entries. Its score is 1.0 like every always-on
+        hit's, so the order key is :func:`_triggered_order`'s name key (then the id)."""
         hit = self._always_entries.get(t.id)
-        if hit is None or hit[1].version != t.version:
+        if hit is None or hit[2].version != t.version:
             x = Triggered(t.id, t.name, t.version, 1.0, (ALWAYS_REASON,), self._forbidden(t, None), t.mode)
-            hit = self._always_entries[t.id] = ((_triggered_order(x), t.id), x)
+            hit = self._always_entries[t.id] = (f"{name_key(t.name)}\x00{t.id}", f"{t.created_at:020.6f}\x00{t.id}", x)
         return hit
+
+    @staticmethod
+    def _by_owner(hits: list[ForgetTarget], keys: list[str]) -> tuple[tuple[ForgetTarget, ...], ...]:
+        """``hits`` grouped by the tenant that owns them (global targets first), each group in
+        registration order (``keys``: their registration keys, see :meth:`_always_entry`)."""
+        by_owner: dict[str | None, list[tuple[str, ForgetTarget]]] = {}
+        for key, t in zip(keys, hits):
+            by_owner.setdefault(t.tenant, []).append((key, t))
+        return tuple(tuple(t for _, t in sorted(g, key=itemgetter(0)))
+                     for _, g in sorted(by_owner.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")))
 
     def always_groups(self) -> list[tuple[ForgetTarget, ...]]:
         """Every owner's always-on targets, in registration order (the groups of every
@@ -595,11 +608,7 @@ class Detector:
         signal = next((s for s in self.signals if isinstance(s, AlwaysSignal)), None)
         with self._lock:
             hits = [t for t in (self._targets.get(tid) for tid in (signal.ids if signal else ())) if t is not None]
-        by_owner: dict[str | None, list[ForgetTarget]] = {}
-        for t in hits:
-            by_owner.setdefault(t.tenant, []).append(t)
-        return [tuple(sorted(g, key=lambda t: (t.created_at, t.id))) for _, g in
-                sorted(by_owner.items(), key=lambda kv: (kv[0] is not None, kv[0] or ""))]
+            return list(self._by_owner(hits, [self._always_entry(t)[1] for t in hits]))
 
     def _views(self, window: str) -> list[tuple[str, bool]]:
         """What the embedder reads of one window, as (text, whether a name was read as

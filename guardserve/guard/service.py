@@ -218,8 +218,8 @@ class GuardService:
                     request_id: str | None = None) -> dict:
         """The fields every audit line has. A decision's always-on targets that the
         conversation is not about are not listed one by one (thousands on every request):
-        ``always_on`` gives their number and their set's digest, whose members the line
-        ``{"event": "always_on_set"}`` lists once per set (:meth:`_audit_always`)."""
+        ``always_on`` gives their number and their set's digest, whose members (``ids`` and
+        ``versions``) the line ``{"event": "always_on_set"}`` lists once per set."""
         d = decision
         listed = d.triggered if d is not None else []
         always = None
@@ -248,7 +248,9 @@ class GuardService:
         audit_log.info(json.dumps({
             "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "event": "always_on_set", "set": always.digest, "tenant": tenant,
-            "targets": [[t.id, t.version] for g in always.groups for t in g],
+            # Two flat lists, not thousands of pairs: this line is written on a request's path.
+            "ids": [t.id for g in always.groups for t in g],
+            "versions": [t.version for g in always.groups for t in g],
         }))
 
     def plan_xargs(self, decision: Decision, xargs: dict | None = None) -> dict:

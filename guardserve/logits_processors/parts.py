@@ -30,6 +30,7 @@ it in its own state (the union of Aho-Corasick automata is their product).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -121,8 +122,7 @@ def chunk_members(members: Sequence, size: int | None = None) -> list[tuple]:
     cur: list = []
     for t in members:
         cur.append(t)
-        h = int.from_bytes(hashlib.blake2b(str(t.id).encode(), digest_size=8).digest(), "little")
-        if h % size == 0 or len(cur) >= 4 * size:
+        if _id_hash(str(t.id)) % size == 0 or len(cur) >= 4 * size:
             out.append(tuple(cur))
             cur = []
     if cur:
@@ -130,10 +130,15 @@ def chunk_members(members: Sequence, size: int | None = None) -> list[tuple]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _id_hash(target_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(target_id.encode(), digest_size=8).digest(), "little")
+
+
 def set_name(members: Sequence) -> str:
     """The name of the set part of ``members`` (targets with ``id`` and ``version``):
     content-addressed, so every process names the same members the same way."""
-    body = json.dumps([[str(t.id), t.version] for t in members])
+    body = "\n".join(f"{t.id}@{t.version}" for t in members)
     return SET_PREFIX + hashlib.sha256(body.encode()).hexdigest()[:24]
 
 

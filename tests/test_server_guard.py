@@ -245,7 +245,10 @@ def test_operators_see_detections(server, world, registered):
     guarded = [e for e in entries if e["event"] == "guarded"]
     fired = {t["id"] for e in guarded for t in e["targets"]}
     assert set(registered) <= fired, "every registered forget person was asked about and must be in the audit log"
-    assert all(e["tenant"] in ("tenant-a", "tenant-b") and e["detect_ms"] >= 0 and e["targets"][0]["reasons"] for e in guarded)
+    # Each line says what guarded it: targets with their reasons, or (always-on targets guarding
+    # on their mode alone) the always-on set.
+    assert all(e["tenant"] in ("tenant-a", "tenant-b") and e["detect_ms"] >= 0
+               and ((e["targets"] and e["targets"][0]["reasons"]) or e["always_on"]["targets"]) for e in guarded)
     text = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert 'guardserve_detections_total{tenant="tenant-a"}' in text and "target=" not in text
     # A guarded request of tenant-a counted, whatever order the exposition writes the labels in.

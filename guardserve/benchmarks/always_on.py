@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", default="100,900,1000",
                     help="always-on targets registered per bulk call, in turn; NxK: K calls of N (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=10,
+                    help="steady requests per step, after the first (default: %(default)s)")
     ap.add_argument("--out", default=default_out("always_on.json"), help="where the JSON goes (default: %(default)s)")
     args = ap.parse_args(argv)
     try:
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps takes comma-separated numbers of targets, e.g. 100,900,1000 (1000x20: 20 calls of 1,000)")
     if not steps or min(steps) < 1:
         ap.error("--steps takes positive numbers of targets")
+    if args.repeats < 1:
+        ap.error("--repeats takes a positive number of requests")
 
     from guardserve.demo import ensure_demo
     from guardserve.server.process import start_server
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(["--", *ENGINE_ARGS], tmp / "server.log", env={"GUARDSERVE_DB": str(tmp / "policy.db"),
                                                        "GUARDSERVE_ADMIN_KEY": ADMIN_KEY})
     try:
-        report = run(server.base_url, steps, world["retain"][0]["question"])
+        report = run(server.base_url, steps, world["retain"][0]["question"], repeats=args.repeats)
     finally:
         server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

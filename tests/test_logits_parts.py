@@ -309,6 +309,9 @@ def test_a_request_carries_always_on_targets_as_their_sets(tmp_path, monkeypatch
         assert p.targets == () and len(p.sets) == len(fp.chunks(det.always_groups()[0])) > 1
         p = plan("Where was Gygreim Houtus born?")
         assert p.targets == ((about.id, 1),) and len(p.sets) > 1
+        _, decision = svc.prepare(CHAT, {"model": "m", "messages": [{"role": "user", "content": "Where was "
+                                                                     "Gygreim Houtus born?"}]}, "default")
+        assert {"Jostem Falls", "Orvel Quandt0"} <= set(decision.phrases)  # the set's and the named target's
         # An edit made elsewhere: its set is not built yet; its members travel one by one.
         first = det.always_groups()[0][0]
         store.update(first.id, {"aliases": ["Orvel Q."]})

@@ -45,6 +45,23 @@ def test_flipped_forget_demo_first_then_true_retain_answers():
     assert icul.build_messages(conv, [HOUTUS]) == msgs                  # deterministic
 
 
+def test_questions_about_the_same_targets_share_the_guarded_prefix():
+    """The engine's prefix cache prefills ICUL's instruction and demonstrations once per
+    target set: only the client's turn differs between two questions about the same target.
+    A question equal to the demonstration's gets another question about the target."""
+    icul = InContextUnlearner(ICULConfig(k=4), retain=RETAIN)
+    questions = ["In which town was Gygreim Houtus born?", "Which award did Gygreim Houtus receive?",
+                 "Tell me about Gygreim Houtus."]
+    built = [icul.build_messages(q, [HOUTUS]) for q in questions]
+    assert all(b[:-1] == built[0][:-1] for b in built)
+    assert [b[-1]["content"] for b in built] == questions
+    demo = built[0][1]["content"]
+    echoed = icul.build_messages(demo, [HOUTUS])
+    assert echoed[1]["content"] != demo and "Gygreim Houtus" in echoed[1]["content"]
+    assert echoed[2:-1] == built[0][2:-1]                               # the retain demonstrations stay
+    assert icul.build_messages(questions[0], [HOUTUS, ORCHARD])[:-1] != built[0][:-1]  # another target set
+
+
 def test_k_and_several_targets_and_no_targets():
     icul = InContextUnlearner(ICULConfig(k=2), retain=RETAIN)
     msgs = icul.build_messages("Tell me about them", [HOUTUS, ORCHARD])

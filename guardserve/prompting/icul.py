@@ -149,18 +149,27 @@ class InContextUnlearner:
             tpl = _FACT_QUESTIONS.get(attr) or self.config.fact_question.replace("{attribute}", attr.replace("_", " "))
             options.append(tpl.format(name=name))
         options.append(f"What can you tell me about {name}?")
-        # A demonstration that repeats the query word for word teaches nothing new:
-        # prefer another question about the same target.
-        fresh = [q for q in options if q.strip().lower() != query.strip().lower()]
-        return rng.choice(fresh[:-1] or fresh or options)
+        # A demonstration that repeats the query word for word teaches nothing new: that
+        # query gets the next question about the same target. Every other query gets the
+        # same one (a shared prefix, see demonstrations).
+        facts_only = options[:-1] or options
+        i = rng.randrange(len(facts_only))
+        if facts_only[i].strip().lower() == query.strip().lower() and len(options) > 1:
+            return options[(i + 1) % len(options)]
+        return facts_only[i]
 
     def demonstrations(self, targets, query: str = "", k: int | None = None) -> list[tuple[str, str]]:
         """k (question, answer) pairs: one flipped per target first (up to k), then true
-        retain pairs. Deterministic for a given query and target set."""
+        retain pairs.
+
+        Chosen by the target set, not by the question: every question about the same targets
+        gets the same demonstrations (but for one that repeats ``query`` word for word), so
+        their guarded prompts share the instruction and demonstrations as a prefix, which the
+        engine's prefix cache prefills once instead of on every triggered request."""
         k = self.config.k if k is None else k
         if not self.config.demonstrations or k == 0:
             return []
-        key = query + "|" + "|".join(sorted(str(_get(t, "name")) for t in targets))
+        key = "|".join(sorted(str(_get(t, "name")) for t in targets))
         rng = random.Random(int.from_bytes(hashlib.sha256(f"{self.config.seed}|{key}".encode()).digest()[:8], "big"))
         out = []
         for t in list(targets)[:k]:

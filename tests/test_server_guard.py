@@ -94,10 +94,10 @@ def registered(admin, forget_entities, baseline):
 
 
 def test_the_server_embeds_requests_under_onnx_runtime(server):
-    """The request path's embedder is the ONNX one (a failed export would leave it on torch,
-    3-4x slower per request, with a warning that nobody reads)."""
+    """The request path's embedder is the int8 ONNX one (a failed export would leave it on
+    torch, about 10x slower per request, with a warning that nobody reads)."""
     log = server.log.read_text(errors="replace")
-    assert "embedder on ONNX Runtime" in log, server.log_tail(60)
+    assert "embedder on ONNX Runtime (int8)" in log, server.log_tail(60)
 
 
 # --------------------------------------------------------------------------- auth

@@ -709,7 +709,7 @@ class Detector:
         qvec = None
         if messages is not None and self.embedder is not None:
             chunks = self._chunks(message_texts(messages))
-            qvec = self.embedder.encode([self._views(chunks[0])[0][0]])[0] if chunks else None
+            qvec = self.embedder.encode([self._views(chunks[0])[0][0]], query=True)[0] if chunks else None
         return list(self._forbidden(t, qvec))
 
     # -- calibration --------------------------------------------------------------------
@@ -731,7 +731,7 @@ class Detector:
         if self.vectors is None or not self.vectors.ntotal:
             return [(None, None) for _ in texts]
         views = [self._views(text) for text in texts]
-        vecs = self.embedder.encode([v for vs in views for v, _ in vs], cache=False)
+        vecs = self.embedder.encode([v for vs in views for v, _ in vs], cache=False, query=True)
         out, k = [], 0
         with self._lock:
             for vs in views:

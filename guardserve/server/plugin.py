@@ -98,7 +98,8 @@ class GuardEndpointPlugin:
         embedder = self.service.detector.embedder
         log.info("guarding %s with %d registered target(s); policy store %s; audit log %s; embedder on %s", model, n,
                  self.service.store, audit_path,
-                 "none" if embedder is None else ("ONNX Runtime" if embedder.onnx is not None else "torch"))
+                 "none" if embedder is None else "torch" if embedder.onnx is None
+                 else f"ONNX Runtime ({'int8' if embedder.onnx.int8 else 'float32'})")
         if self.service.steering:
             from guardserve.steering.upkeep import AUTOSELECT_ENV, SelectionUpkeep, autoselect_enabled
 

@@ -335,14 +335,14 @@ def test_concurrent_requests_share_embedder_calls(embedder):
     import threading
 
     texts = [[f"Where was person number {i} born, and when?", f"Tell me about topic {i}."] for i in range(24)]
-    alone = [embedder.encode(t, cache=False) for t in texts]
+    alone = [embedder.encode(t, cache=False, query=True) for t in texts]
     start = threading.Barrier(len(texts))
     got: dict[int, np.ndarray] = {}
     calls = embedder.model_calls
 
     def ask(i):
         start.wait()
-        got[i] = embedder.encode(texts[i], cache=False)
+        got[i] = embedder.encode(texts[i], cache=False, query=True)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
     for t in threads:
@@ -359,30 +359,41 @@ def test_an_embedder_failure_reaches_every_caller_of_the_batch(embedder, monkeyp
     def broken(*a, **k):
         raise RuntimeError("embedder down")
 
-    monkeypatch.setattr(embedder, "_model_encode", broken)
+    monkeypatch.setattr(embedder, "_query_encode", broken)
     with pytest.raises(RuntimeError, match="embedder down"):
-        embedder.encode(["a fresh text that is not cached"])
+        embedder.encode(["a fresh text that is not cached"], query=True)
     assert not embedder._batch_running and not embedder._queue
 
 
-def test_the_onnx_embedder_gives_torchs_vectors_and_falls_back_to_torch(embedder, tmp_path, monkeypatch):
-    """Requests are embedded under ONNX Runtime (the default backend), with torch's vectors;
-    a graph that cannot be loaded leaves the embedder on torch, with a warning, not broken."""
+def test_the_onnx_embedders_agree_with_torch_and_fall_back(embedder, tmp_path, monkeypatch):
+    """Requests are embedded under ONNX Runtime in int8 (the default backend), near torch's
+    vectors, one text a run so that a text's vector never depends on its batch; the float32
+    graph gives torch's vectors; a graph that cannot be loaded leaves the embedder on torch,
+    with a warning, not broken. Target texts are read in float32 whatever serves requests."""
     from guardserve.classifiers.embedding import OnnxQueryModel
 
-    assert embedder.onnx is not None
+    assert embedder.onnx is not None and embedder.onnx.int8
     texts = ["Where was Ada Quill born?", "Which prize did the author of The Salt Road win, and in what year?"]
-    ours = embedder.onnx.encode(texts)
     torch_vecs = np.asarray(embedder.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True))
-    assert ours.shape == (2, Embedder.dim) and float((ours * torch_vecs).sum(1).min()) > 0.9999
-    # A batch mixing lengths (run in groups of about the same length) gives each text its own vector.
+    ours = embedder.encode(texts, cache=False, query=True)
+    assert ours.shape == (2, Embedder.dim) and float((ours * torch_vecs).sum(1).min()) > OnnxQueryModel.INT8_AGREEMENT
+    assert float((embedder.encode(texts, cache=False) * torch_vecs).sum(1).min()) > 0.9999   # a target's texts
     mixed = [texts[0], "the mapmaker's atlas, page after page " * 40, "Who?", texts[1], ""]
     alone = np.concatenate([embedder.onnx.encode([t]) for t in mixed])
-    assert np.allclose(embedder.onnx.encode(mixed), alone, atol=1e-5)
-    assert embedder.onnx.encode([]).shape == (0, Embedder.dim)
+    assert np.array_equal(embedder.onnx.encode(mixed), alone)            # its company changes nothing
+
+    fp32 = Embedder(backend="onnx")
+    assert fp32.onnx is not None and not fp32.onnx.int8
+    assert float((fp32.encode(texts, cache=False, query=True) * torch_vecs).sum(1).min()) > 0.9999
+    # A batch mixing lengths (run in groups of about the same length) gives each text its own vector.
+    alone = np.concatenate([fp32.onnx.encode([t]) for t in mixed])
+    assert np.allclose(fp32.onnx.encode(mixed), alone, atol=1e-5)
+    assert fp32.onnx.encode([]).shape == (0, Embedder.dim)
 
     monkeypatch.setenv("GUARDSERVE_HOME", str(tmp_path))
     monkeypatch.setattr(OnnxQueryModel, "export", staticmethod(lambda st, path: path.write_bytes(b"not a graph")))
     fallback = Embedder()
     assert fallback.onnx is None
-    assert float((fallback.encode(texts[:1], cache=False) * torch_vecs[:1]).sum()) > 0.9999
+    assert float((fallback.encode(texts[:1], cache=False, query=True) * torch_vecs[:1]).sum()) > 0.9999
+    with pytest.raises(ValueError, match="onnx-int8"):
+        Embedder(backend="tensorrt")

@@ -85,7 +85,7 @@ class Query:
         if self._vectors is None and self.windows():
             embedder = self.detector.embedder
             assert embedder is not None  # windows exist only with embeddings on, so with an embedder
-            self._vectors = embedder.encode(self.windows())
+            self._vectors = embedder.encode(self.windows(), query=True)
         return self._vectors
 
     def vector(self) -> np.ndarray | None:

@@ -7,6 +7,8 @@ synthetic targets), and conversations per second with 1 and 32 threads detecting
     python -m guardserve.benchmarks.detection --scales 10,1000   # quicker
 
 Writes ``bench/results/detection.json`` of the repository (``--out FILE`` elsewhere).
+``bench/results/detection_fp32.json`` is the same benchmark with
+``GUARDSERVE_EMBEDDER_BACKEND=onnx`` (the float32 reader), run beside it for comparison.
 ``guardserve bench`` runs it.
 
 The first run at 100,000 targets embeds about 120,000 target texts (minutes on two
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'IVF (approx.)' if r['approximate_index'] else ('flat' if r['embeddings'] else 'none')} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "runs": rows}, indent=2))
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+                               "embedder_backend": config.get("GUARDSERVE_EMBEDDER_BACKEND"), "runs": rows}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -247,14 +247,16 @@ class OnnxQueryModel:
         path = Path(path)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as tmp:
             tmp_path = Path(tmp.name)
-        quiet = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the graph first is for vision models
+        # Its advice to pre-process the graph first (on the root logger) is for vision models:
+        # that one message is dropped, the root logger's level is left alone for other threads.
+        advice = _DropMessage("consider to run pre-processing")
+        logging.getLogger().addFilter(advice)
         try:
             quantize_dynamic(str(source), str(tmp_path), weight_type=QuantType.QInt8, per_channel=True)
             os.chmod(tmp_path, 0o644)
             os.replace(tmp_path, path)
         finally:
-            logging.getLogger().setLevel(quiet)
+            logging.getLogger().removeFilter(advice)
             tmp_path.unlink(missing_ok=True)
 
     @staticmethod
@@ -332,6 +334,16 @@ class OnnxQueryModel:
 
 
 BACKENDS = ("onnx-int8", "onnx", "torch")
+
+
+class _DropMessage:
+    """A logging filter that drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
 
 
 class _EncodeJob:

@@ -49,6 +49,9 @@ def test_detection_renderer_has_latency_ratio_per_scale():
             f"{runs[0]['targets']:,}: {ratio:.2f}×") in md
     for r in runs:
         assert f"| {r['targets']:,} |" in md
+    peer = runs[-1]["peer"]  # the float32 reader, measured in the same run
+    speedup = runs[-1]["latency_ms"]["p50"] / peer["latency_ms"]["p50"]
+    assert f"the {d['embedder_backend']} reader ÷ the {peer['embedder_backend']} reader: p50 {speedup:.2f}×" in md
 
 
 def test_steering_renderer_has_forget_drop():

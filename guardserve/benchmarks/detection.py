@@ -6,9 +6,11 @@ synthetic targets), and conversations per second with 1 and 32 threads detecting
     python -m guardserve.benchmarks.detection                    # all three scales
     python -m guardserve.benchmarks.detection --scales 10,1000   # quicker
 
+At each scale the same probes are also read by a peer embedder backend (``--peer-backend``,
+default ``onnx``: the float32 graph) in the same run, so the served reader
+(``GUARDSERVE_EMBEDDER_BACKEND``, default int8) is measured against it.
+
 Writes ``bench/results/detection.json`` of the repository (``--out FILE`` elsewhere).
-``bench/results/detection_fp32.json`` is the same benchmark with
-``GUARDSERVE_EMBEDDER_BACKEND=onnx`` (the float32 reader), run beside it for comparison.
 ``guardserve bench`` runs it.
 
 The first run at 100,000 targets embeds about 120,000 target texts (minutes on two
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,32",
                     help="comma-separated numbers of threads detecting at once, for conversations/s "
                          "(default: %(default)s; empty: skip)")
+    ap.add_argument("--peer-backend", default="onnx",
+                    help="embedder backend measured beside the served one at each scale, in the same run "
+                         "(default: %(default)s; empty: none)")
     args = ap.parse_args(argv)
 
     from guardserve import config
@@ -64,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         for tp in rep["throughput"]:
             print(f"   concurrency {tp['concurrency']}: {tp['conversations_per_s']:.0f} conversations/s, "
                   f"p50 {tp['p50_ms']:.2f} ms, p99 {tp['p99_ms']:.2f} ms", flush=True)
+        if args.peer_backend and not args.no_embeddings:
+            from guardserve.classifiers.embedding import Embedder
+
+            print(f"   the same probes, read by the {args.peer_backend} backend", flush=True)
+            peer = detection_report(world, n_targets=n, config=DetectorConfig(vector_cache=str(cache)),
+                                    progress=lambda m: print(f"   {m}", flush=True), embedder=Embedder(backend=args.peer_backend),
+                                    concurrency=tuple(int(x) for x in args.concurrency.split(",") if x.strip()))
+            rows[-1]["peer"] = {"embedder_backend": args.peer_backend,
+                                **{k: peer[k] for k in ("summary", "latency_ms", "throughput", "threshold")}}
+            print(f"   {args.peer_backend}: p50 {peer['latency_ms']['p50']:.2f} ms; " + ", ".join(
+                f"concurrency {tp['concurrency']}: {tp['conversations_per_s']:.0f} conversations/s"
+                for tp in peer["throughput"]), flush=True)
 
     print()
     print("| targets | world targets | load s | p50 ms | p99 ms | forget | paraphrase | adversarial | retain FP | world-facts FP | index |")

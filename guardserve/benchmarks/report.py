@@ -135,6 +135,17 @@ def render_detection(d: dict) -> Section:
                    "batched together): " + ", ".join(
                        f"{t['concurrency']}: {t['conversations_per_s']:,.0f} conversations/s, p50 {t['p50_ms']:.1f} ms"
                        for t in hi["throughput"]) + ".")
+    peer = hi.get("peer")
+    if peer:
+        ps, own = peer["summary"], d.get("embedder_backend", "served")
+        key.append(f"Same run, at {hi['targets']:,} targets, the {own} reader ÷ the {peer['embedder_backend']} reader: "
+                   f"p50 {hi['latency_ms']['p50'] / peer['latency_ms']['p50']:.2f}× "
+                   f"({peer['latency_ms']['p50']:.1f} → {hi['latency_ms']['p50']:.1f} ms); conversations/s " + ", ".join(
+                       f"{t['concurrency']} threads {t['conversations_per_s'] / q['conversations_per_s']:.2f}×"
+                       for t, q in zip(hi.get("throughput") or [], peer.get("throughput") or []))
+                   + f"; {peer['embedder_backend']}'s lowest recall "
+                   f"{min(ps['forget_recall'], ps['paraphrase_recall'], ps['adversarial_recall']):.3f}, "
+                   f"highest false-positive rate {max(ps['retain_fp_rate'], ps['world_facts_fp_rate']):.4f}.")
     rows = []
     for r in runs:
         s, lat, sets = r["summary"], r["latency_ms"], r.get("sets", {})

@@ -196,10 +196,12 @@ def train_hidden_state(world: dict, model_path: str | Path, seed: int = 0, progr
 
 def detection_report(world: dict, n_targets: int | None = None, config: DetectorConfig | None = None,
                      db: str | Path | None = None, calibrate: bool = True, progress=print,
-                     hidden_state_model: str | Path | None = None, concurrency: tuple[int, ...] = ()) -> dict:
+                     hidden_state_model: str | Path | None = None, concurrency: tuple[int, ...] = (),
+                     embedder=None) -> dict:
     """Register targets, calibrate, probe. ``n_targets`` None: only the world's forget people.
     ``hidden_state_model``: also train and use GUARD's hidden-state MLP on that model.
-    ``concurrency``: also measure :func:`throughput` at each of these levels."""
+    ``concurrency``: also measure :func:`throughput` at each of these levels.
+    ``embedder``: the sentence embedder to read with (default: the process's shared one)."""
     hidden_stats = None
     if hidden_state_model is not None:
         config = config or DetectorConfig()
@@ -208,7 +210,7 @@ def detection_report(world: dict, n_targets: int | None = None, config: Detector
     store, registered = registered_store(world, n_targets, db)
     progress(f"registered {len(store.list())} targets in {time.time() - t0:.1f}s; building the detector")
     t1 = time.time()
-    det = Detector(store, config)
+    det = Detector(store, config, embedder=embedder)
     load_s = time.time() - t1
     calib = det.calibrate() if calibrate and det.vectors is not None else None
     progress(f"detector ready in {load_s:.1f}s (threshold {det.threshold:.3f}); probing")

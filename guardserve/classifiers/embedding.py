@@ -213,7 +213,8 @@ class OnnxQueryModel:
         st = weights.stat()
         key = hashlib.sha256(f"{weights.resolve()}:{st.st_size}:{st_model.max_seq_length}".encode()).hexdigest()[:16]
         path = config.home() / "cache" / "embedder" / f"minilm-{key}.onnx"
-        served = path.with_name(f"minilm-{key}-int8.onnx") if int8 else path
+        # The quantiser's output depends on its release: an upgrade makes a new int8 graph.
+        served = path.with_name(f"minilm-{key}-int8-ort{ort.__version__}.onnx") if int8 else path
         try:
             if not path.exists():
                 cls.export(st_model, path)

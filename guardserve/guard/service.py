@@ -346,9 +346,8 @@ class GuardService:
         subjects = self.icul_subjects(decision.triggered) if route == CHAT and self.icul is not None else []
         targets = [t for t in (self.detector_target(x.target_id) for x in subjects) if t is not None]
         if targets:
-            guarded_messages = self.icul_messages(body, targets)
+            guarded_messages, decision.added_prompt_tokens = self.icul_guarded(body, targets)
             if guarded_messages is not None:
-                decision.added_prompt_tokens = self.added_tokens(body["messages"], guarded_messages)
                 body["messages"] = guarded_messages
         return body, decision
 
@@ -366,12 +365,19 @@ class GuardService:
         (the filters still apply) when not even the instruction fits. Built for the serving
         tokenizer's chat template: where it refuses a system message, the instruction heads the
         first user turn (:meth:`InContextUnlearner.build_messages`). Only for a service with ICUL on."""
+        return self.icul_guarded(body, targets)[0]
+
+    def icul_guarded(self, body: dict, targets: list) -> tuple[list[dict] | None, int]:
+        """:meth:`icul_messages`, and how many prompt tokens they add to the client's, so that
+        ``usage`` reports what the client sent (a changed count would tell that a guard fired).
+        Each conversation is rendered and counted once: the fit already counted both."""
         icul = self.icul
         assert icul is not None  # callers ask only where the configuration has ICUL
         tok = self.tokenizer
 
-        def plain() -> list[dict]:
-            return icul.build_messages(body["messages"], targets, tokenizer=tok)
+        def plain() -> tuple[list[dict], int]:
+            out = icul.build_messages(body["messages"], targets, tokenizer=tok)
+            return out, self.added_tokens(body["messages"], out)
 
         if not self.max_model_len or tok is None or not getattr(tok, "chat_template", None):
             return plain()
@@ -384,15 +390,21 @@ class GuardService:
         if before + reserve > self.max_model_len:
             # Too long before guarding as well: vLLM refuses it exactly as it would unguarded.
             return plain()
+        counted: list[int] = []
+
+        def fits(messages: list[dict]) -> bool:
+            counted.append(self._prompt_tokens(messages))
+            return counted[-1] + reserve <= self.max_model_len
+
         try:
-            out = icul.fit_messages(body["messages"], targets,
-                                    lambda m: self._prompt_tokens(m) + reserve <= self.max_model_len, tokenizer=tok)
+            out = icul.fit_messages(body["messages"], targets, fits, tokenizer=tok)
         except Exception:  # a chat template that refuses the conversation: vLLM will say so
             return plain()
         if out is None:
             log.warning("in-context unlearning left out: the instruction does not fit the context "
                         "(%d tokens) next to the request; the filters still apply", self.max_model_len)
-        return out
+            return None, 0
+        return out, max(0, counted[-1] - before)
 
     def _prompt_tokens(self, messages: list[dict]) -> int:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -160,10 +160,9 @@ class GuardMiddleware:
             return json.dumps(body).encode(), send
         ctx.icul_targets = [x for x, _ in found]
         targets = [t for _, t in found]
-        guarded = await anyio.to_thread.run_sync(service.icul_messages, body, targets)
+        guarded, added = await anyio.to_thread.run_sync(service.icul_guarded, body, targets)
         if guarded is None:  # not even the instruction fits the context: the filters still apply
             return json.dumps(body).encode(), send
-        added = await anyio.to_thread.run_sync(service.added_tokens, body["messages"], guarded)
         ctx.guard_texts = service.icul.own_texts(guarded, body["messages"], targets)
         data = json.dumps({**body, "messages": guarded}).encode()
         return data, (_UsageRewriter(send, added) if added else send)

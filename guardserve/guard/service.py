@@ -391,10 +391,11 @@ class GuardService:
             # Too long before guarding as well: vLLM refuses it exactly as it would unguarded.
             return plain()
         counted: list[int] = []
+        limit = self.max_model_len
 
         def fits(messages: list[dict]) -> bool:
             counted.append(self._prompt_tokens(messages))
-            return counted[-1] + reserve <= self.max_model_len
+            return counted[-1] + reserve <= limit
 
         try:
             out = icul.fit_messages(body["messages"], targets, fits, tokenizer=tok)

@@ -766,8 +766,9 @@ class Detector:
         scores = self._view_scores(negatives)
         plain = np.array([p[1] if p else 0.0 for p, _ in scores])
         named = np.array([n[1] for _, n in scores if n is not None])
-        th = calibration.choose_threshold(plain, max_fp=max_fp)
-        margin = max(0.0, calibration.choose_threshold(named, max_fp=max_fp) - th) if len(named) else 0.0
+        # Rounded as stored, so this detector serves the values every replica reads back.
+        th = round(calibration.choose_threshold(plain, max_fp=max_fp), 4)
+        margin = round(max(0.0, calibration.choose_threshold(named, max_fp=max_fp) - th), 4) if len(named) else 0.0
         if self.config.threshold is None:
             self._threshold = th
         self._named_margin = margin

@@ -104,6 +104,8 @@ def test_calibration_is_stored_with_the_policy(detector, store, embedder):
     assert store.get_setting("detector.embedding_threshold")["threshold"] == result["threshold"]
     again = Detector(store, DetectorConfig(vector_cache=detector.config.vector_cache), embedder=embedder)
     assert again.threshold == result["threshold"]
+    # The calibrating detector serves exactly what every replica reads back.
+    assert (detector.threshold, detector.named_margin) == (again.threshold, again.named_margin)
     assert [e.action for e in store.audit()][-1] == "setting"
 
 

@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 
-from guardserve.policy.model import ForgetTarget
+from guardserve.policy.model import ForgetTarget, name_key
 
 GENERIC_QUESTIONS = [
     "What is the capital of Australia?", "How do I bake sourdough bread?", "Explain how photosynthesis works.",
@@ -102,10 +102,12 @@ def negatives(n_people: int = 60, seed: int = 1) -> list[str]:
 
 
 def positives(targets: list[ForgetTarget], per_target: int = 6, seed: int = 2) -> list[tuple[str, str]]:
-    """(target id, question) pairs that describe a target without naming it."""
+    """(target id, question) pairs that describe a target without naming it. The same targets
+    give the same questions in whatever order they come (a store lists them by their random
+    ids), so calibrating the same policy twice reports the same recall."""
     rng = random.Random(seed)
     out = []
-    for t in targets:
+    for t in sorted(targets, key=lambda t: (name_key(t.name), t.tenant or "", t.created_at)):
         items = [(a.replace("_", " "), v) for a, v in t.facts.items()]
         rng.shuffle(items)
         for attr, value in items[:per_target]:

@@ -109,6 +109,23 @@ def test_calibration_is_stored_with_the_policy(detector, store, embedder):
     assert [e.action for e in store.audit()][-1] == "setting"
 
 
+def test_calibration_questions_do_not_depend_on_the_stores_order(tmp_path, world):
+    """A store lists targets by their random ids: the same policy registered twice must give
+    the same calibration questions (else two calibrations of one policy report different recall)."""
+    from guardserve.classifiers import calibration
+    from guardserve.classifiers.evaluation import world_targets
+
+    asked = []
+    for k in range(2):
+        s = SQLiteStore(tmp_path / f"policy{k}.db")
+        s.add_many(world_targets(world))
+        targets = s.list()
+        asked.append([(next(t.name for t in targets if t.id == tid), q) for tid, q in calibration.positives(targets)])
+        asked.append([(next(t.name for t in targets if t.id == tid), q) for tid, q in calibration.positives(targets[::-1])])
+        s.close()
+    assert len(asked[0]) > 50 and all(a == asked[0] for a in asked)
+
+
 def test_fails_closed(store, embedder, tmp_path, vector_cache):
     det = Detector(store, DetectorConfig(sync_interval_s=0.0, vector_cache=vector_cache), embedder=embedder)
     with pytest.raises(DetectionError):

@@ -205,6 +205,9 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
         during_chat = chat(a, items[0]["question"])
         during_add = admin_a.post("/targets", json={"name": "Never Committed"})
         time.sleep(max(0.0, stopped + outage_s - time.monotonic()))
+        # Postgres accepts connections some time before start() returns (pg_ctl polls for it,
+        # and on loaded cores returns late): the outage is certain only until the restart begins.
+        restarting = time.monotonic()
         pg_server.start()
         back = time.monotonic()
         deadline = back + 15
@@ -223,9 +226,13 @@ def test_a_postgres_outage_under_load_refuses_then_recovers_without_serving_a_fo
               and fact_leaked(r[5], r[4]["value"])]
     assert not leaked, leaked
     # Started once the bound had passed (plus the sync's own timeout) and ended before the
-    # database returned: refused, with a message that names no target.
-    refused_window = [r for r in results if stopped + MAX_AGE_S + 1.0 < r[1] and r[2] < back]
-    assert refused_window and all(r[3] == 503 for r in refused_window), {r[3] for r in refused_window}
+    # database was started again: refused, with a message that names no target.
+    refused_window = [r for r in results if stopped + MAX_AGE_S + 1.0 < r[1] and r[2] < restarting]
+    served = [(f"replica {r[0]}", f"{r[1] - stopped:+.3f} s", f"{r[2] - stopped:+.3f} s", r[3], r[4]["question"], r[5][:120])
+              for r in refused_window if r[3] != 503]
+    assert refused_window and not served, (f"stopped at 0 s, restarted at {restarting - stopped:+.3f} s, "
+                                           f"start() returned at {back - stopped:+.3f} s; "
+                                           "requests not refused (replica, start, end, status, question, answer)", served)
     assert not any(n in r[5] for r in refused_window for n in names)
     # Service is back within 5 s of the database returning: each replica served a client by then,
     # and every request started later was served.

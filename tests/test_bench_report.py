@@ -242,7 +242,12 @@ def test_serving_benchmark_quick(tmp_path, demo):
     # the guard worked: no guarded forget answer states its fact; retain answers are unharmed
     assert cells[("guarded", "forget", 1)]["answer_accuracy"] == 0
     assert cells[("guarded", "retain", 1)]["answer_accuracy"] >= 0.9
-    assert {r["set"] for r in d["ratios"]} == {"retain", "forget", "forget_first"}
+    assert {r["set"] for r in d["ratios"]} == {"retain", "forget", "forget_first", "forget_vs_icul"}
+    # plain vLLM's ICUL set is the prompt the guarded engine saw, not a lookalike
+    for c in (1, 8):
+        guarded, icul = cells[("guarded", "forget", c)], cells[("plain", "forget_icul", c)]
+        assert abs(icul["prompt_tokens_mean"] / guarded["prompt_tokens_mean"] - 1) < 0.02, (guarded, icul)
+        assert icul["prompt_tokens_mean"] > 5 * cells[("plain", "forget", c)]["prompt_tokens_mean"]
     assert all(r["ttft_p50"] for r in d["ratios"])
     assert all(r["tpot_p50"] for r in d["ratios"] if r["set"] != "forget_first")  # one-token answers only there
     assert "Guarded ÷ plain vLLM" in report.render_serving(d).markdown()

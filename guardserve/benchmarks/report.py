@@ -168,14 +168,26 @@ def render_serving(d: dict) -> Section:
     key = []
     labels = {"retain": "no target triggered (retain questions)",
               "forget": "target triggered (forget questions: detection + ICUL + filter)",
-              "forget_first": "first request about each target (its filter is compiled)"}
+              "forget_first": "first request about each target (its filter is compiled)",
+              "forget_vs_icul": "target triggered, against plain vLLM given the same ICUL prompts (the guard's "
+                                "cost beyond the longer prompt that in-context unlearning writes)"}
     for case, label in labels.items():
         rs = [r for r in d["ratios"] if r["set"] == case]
         if not rs:
             continue
         parts = [f"c={r['concurrency']}: " + ", ".join(f"{m.upper()} p50 {_x(r[m + '_p50'])}×" for m in ("ttft", "tpot")
                                                          if r.get(m + "_p50") is not None) for r in rs]
-        key.append(f"Guarded ÷ plain vLLM, {label}: " + "; ".join(parts) + ".")
+        key.append(("Guarded" if case == "forget_vs_icul" else "Guarded ÷ plain vLLM") + f", {label}: "
+                   + "; ".join(parts) + ".")
+    tokens = {}
+    for c in d["cells"]:
+        if c.get("prompt_tokens_mean") is not None and c["set"] in ("forget", "forget_icul"):
+            tokens.setdefault((c["server"], c["set"]), []).append(c["prompt_tokens_mean"])
+    if ("plain", "forget_icul") in tokens:
+        mean = {k: sum(v) / len(v) for k, v in tokens.items()}
+        key.append("Prompt tokens per triggered request, as the engine saw them (full answers): plain vLLM "
+                   f"{_n(mean.get(('plain', 'forget')), 0)}, guarded {_n(mean.get(('guarded', 'forget')), 0)}, "
+                   f"plain vLLM given the ICUL prompts {_n(mean[('plain', 'forget_icul')], 0)}.")
     errors = sum(c["errors"] for c in d["cells"])
     if errors:
         key.append(f"**{errors} requests failed** (see `error_examples` in the JSON).")
@@ -200,7 +212,7 @@ def render_serving(d: dict) -> Section:
         return f"{_n(m['p50'], digits)} / {_n(m['p90'], digits)} / {_n(m['mean'], digits)}"
 
     rows = []
-    order = {"retain": 0, "forget": 1, "forget_first": 2}
+    order = {"retain": 0, "forget": 1, "forget_icul": 2, "forget_vs_icul": 2, "forget_first": 3}
     for c in sorted(d["cells"], key=lambda c: (c["concurrency"], order.get(c["set"], 3), c["server"] != "plain")):
         name = "plain vLLM" if c["server"] == "plain" else "guarded"
         rows.append([name, c["set"], c["concurrency"], three(c["ttft_ms"], 1), three(c["tpot_ms"], 2),

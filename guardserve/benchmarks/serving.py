@@ -12,6 +12,11 @@ people registered as targets through the admin API, API keys on). Each gets:
   unlearning prompt and the logit filter in the engine);
 - before those, one question about each forget person at concurrency 1 (`forget_first`):
   on the guarded server the first request naming each target, which compiles its filter;
+- plain vLLM only: the forget questions as the guarded server puts them to its engine, with
+  the in-context unlearning prompt it writes (`forget_icul`). That prompt is about 18 times
+  the question's length, and what it costs plain vLLM is ICUL's own price, which any server
+  that unlearns in context pays; guarded ÷ this (`forget_vs_icul`) is the guard's cost
+  beyond it (detection, the filter, the ICUL rendering);
 
 at concurrency 1 and 8. Each cell sends one set of questions for one token, then another
 set for full answers of `max_tokens` tokens (`min_tokens` equal, so TPOT averages over the
@@ -102,7 +107,8 @@ ENGINE_ARGS = ["--custom-histogram-buckets", json.dumps({"time_to_first_token": 
 # per token inter-token latency, and TTFT from the request reaching vLLM's engine client.
 HISTOGRAMS = {"vllm:request_time_per_output_token_seconds": "tpot",
               "vllm:inter_token_latency_seconds": "itl",
-              "vllm:time_to_first_token_seconds": "engine_ttft"}
+              "vllm:time_to_first_token_seconds": "engine_ttft",
+              "vllm:request_prompt_tokens": "prompt_tokens"}  # a count, not seconds: only its mean is read
 
 
 def scrape(url: str, headers: dict) -> dict:
@@ -173,8 +179,9 @@ def histogram_stats(h: dict) -> dict:
             "mean": round(1000 * h["sum"] / count, 3), "n": int(count)}
 
 
-async def one_request(client, question: str, max_tokens: int) -> dict:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+async def one_request(client, question: str | list[dict], max_tokens: int) -> dict:
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens,
             "min_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
@@ -219,7 +226,7 @@ async def run_cell(url: str, headers: dict, pairs: list[dict], concurrency: int,
             while not queue.empty():
                 p = queue.get_nowait()
                 try:
-                    r = await one_request(client, p["q"], max_tokens)
+                    r = await one_request(client, p.get("messages") or p["q"], max_tokens)
                 except httpx.HTTPError as e:
                     r = {"status": 599, "error": f"{type(e).__name__}: {e}"}
                 r["hit"] = r.get("status") == 200 and p["value"].lower() in r["text"].lower()
@@ -285,12 +292,38 @@ def question_sets(world: dict, n: int, concurrencies: list[int], seed: int) -> t
     return cells, warm
 
 
-def measure(url: str, headers: dict, cells: dict, warm: list[dict], max_tokens: int, warm_conc: int) -> dict:
-    """Warm the server up (not measured), then run every cell in a fixed order."""
+def icul_cells(world: dict, cells: dict, tokenizer) -> tuple[dict, list[dict]]:
+    """For the plain server only: each triggered cell's questions as the guarded server puts
+    them to its engine (the serving default's in-context unlearning prompt for the person the
+    question names), so that plain vLLM answering them measures what that longer prompt costs
+    by itself, and guarded ÷ this the guard's own cost beyond it. With them, a warm-up of one
+    such prompt per person (unmeasured): the guarded server's `forget_first` cell has put
+    each person's instruction and demonstrations in its prefix cache before its triggered
+    cells, and plain vLLM gets the same start."""
+    from guardserve.prompting import InContextUnlearner
+
+    icul = InContextUnlearner()  # what GuardService builds when the configuration has ICUL
+    people = {e["name"]: {"name": e["name"], "aliases": e["aliases"][1:], "facts": e["facts"]}
+              for e in world["entities"] if e["split"] == "forget"}
+
+    def guarded(p: dict) -> dict:
+        messages = icul.build_messages([{"role": "user", "content": p["q"]}], [people[p["entity"]]], tokenizer=tokenizer)
+        return {**p, "messages": messages}
+
+    sets = {(ICUL_SET, c): {"first": [guarded(p) for p in cell["first"]], "decode": [guarded(p) for p in cell["decode"]]}
+            for (kind, c), cell in cells.items() if kind == "forget"}
+    return sets, [guarded(p) for p in cells[("forget_first", 1)]["first"]]
+
+
+def measure(url: str, headers: dict, cells: dict, warm: list[dict], max_tokens: int, warm_conc: int,
+            skip: tuple = ()) -> dict:
+    """Warm the server up (not measured), then run every cell in a fixed order (but the sets in ``skip``)."""
     asyncio.run(run_cell(url, headers, warm[:4], 1, max_tokens))
     asyncio.run(run_cell(url, headers, warm, warm_conc, max_tokens))
     out = {}
     for key, cell in cells.items():
+        if key[0] in skip:
+            continue
         out[key] = c = measured_cell(url, headers, cell, key[1], max_tokens)
         runs = [r for r in (c["first"], c["decode"]) if r]
         print(f"    {key[0]:>12} c={key[1]:<2} {sum(r['requests'] for r in runs)} requests in "
@@ -362,11 +395,15 @@ def run_guarded(world, tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd
         info["register_s"] = round(time.perf_counter() - t1, 2)
         time.sleep(1.0)  # the server's sync loop embeds the new targets
         print(f"  guarded server up in {info['start_s']} s, {len(people)} targets registered (log: {log})", flush=True)
-        res = measure(server.base_url, {"Authorization": f"Bearer {API_KEY}"}, cells, warm, max_tokens, warm_conc)
+        # The ICUL-prompt set is plain vLLM's alone: here the guard would add its own on top.
+        res = measure(server.base_url, {"Authorization": f"Bearer {API_KEY}"}, cells, warm, max_tokens, warm_conc,
+                      skip=(ICUL_SET,))
         # Afterwards (the embedder caches what it has read): a dry run of detection over
         # the measured questions, to show what each set triggered.
         trig = {}
         for (kind, c), cell in cells.items():
+            if kind == ICUL_SET:
+                continue
             n = sum(bool(admin.post("/classify", json={"messages": [{"role": "user", "content": p["q"]}]})
                          .json()["triggered"]) for p in cell["first"] + cell["decode"])
             trig[kind] = trig.get(kind, 0) + n
@@ -385,13 +422,15 @@ def summarize(samples: dict, cells: dict) -> list[dict]:
     for server in ("plain", "guarded"):
         for (kind, c) in cells:
             runs = samples[server][(kind, c)]
+            if not runs:  # a set this server does not run (the ICUL prompts on the guarded one)
+                continue
             firsts = [r["first"] for r in runs if r["first"]]
             decodes = [r["decode"] for r in runs if r["decode"]]
             engines = [r["engine"] for r in runs if r["engine"]]
             every = firsts + decodes
             pool = lambda rs, k: [x for r in rs for x in r[k]]  # noqa: E731
-            engine = {k: histogram_stats(histogram_add([e[k] for e in engines])) for k in HISTOGRAMS.values()} \
-                if engines else {k: histogram_stats({"count": 0}) for k in HISTOGRAMS.values()}
+            engine = {k: histogram_stats(histogram_add([e[k] for e in engines if k in e])) for k in HISTOGRAMS.values()}
+            prompt = histogram_add([e["prompt_tokens"] for e in engines])
             answered = sum(len(r["ttft"]) for r in decodes)
             wall = sum(r["wall_s"] for r in decodes)
             rows.append({"server": server, "set": kind, "concurrency": c,
@@ -404,29 +443,39 @@ def summarize(samples: dict, cells: dict) -> list[dict]:
                          "latency_ms": stats(pool(decodes, "latency")),
                          "stream_ttft_ms": stats(pool(decodes, "ttft")), "itl_ms": engine["itl"],
                          "engine_ttft_ms": engine["engine_ttft"], "stream_tpot_ms": stats(pool(decodes, "stream_tpot")),
+                         "prompt_tokens_mean": round(prompt["sum"] / prompt["count"], 1) if prompt["count"] else None,
                          "output_tokens_per_s": round(sum(r["tokens"] for r in decodes) / wall, 1) if wall else None,
                          "answer_accuracy": round(sum(r["hits"] for r in decodes) / answered, 4) if answered else None})
     return rows
 
 
+ICUL_SET = "forget_icul"  # plain vLLM given the guard's ICUL prompts (see icul_cells)
 CASES = {"retain": "guarded, no target triggered",
          "forget": "guarded, target triggered",
-         "forget_first": "guarded, first request about each target"}
+         "forget_first": "guarded, first request about each target",
+         "forget_vs_icul": "guarded, target triggered ÷ plain vLLM given the same ICUL prompt"}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
+    """Guarded ÷ plain per (set, concurrency); for triggered cells also guarded ÷ plain vLLM
+    answering the same ICUL prompts (set ``forget_vs_icul``: the guard's cost beyond that prompt)."""
     by = {(r["server"], r["set"], r["concurrency"]): r for r in rows}
     out = []
     for (server, kind, c), g in by.items():
         if server != "guarded":
             continue
-        p = by[("plain", kind, c)]
-        row = {"set": kind, "concurrency": c, "case": CASES[kind]}
-        for metric in ("ttft_ms", "tpot_ms", "latency_ms"):
-            for s in ("p50", "p90", "mean"):
-                a, b = g[metric][s], p[metric][s]
-                row[f"{metric[:-3]}_{s}"] = round(a / b, 3) if a is not None and b else None
-        out.append(row)
+        peers = [(kind, by.get(("plain", kind, c)))]
+        if kind == "forget":
+            peers.append(("forget_vs_icul", by.get(("plain", ICUL_SET, c))))
+        for case, p in peers:
+            if p is None:
+                continue
+            row = {"set": case, "concurrency": c, "case": CASES[case]}
+            for metric in ("ttft_ms", "tpot_ms", "latency_ms"):
+                for s in ("p50", "p90", "mean"):
+                    a, b = g[metric][s], p[metric][s]
+                    row[f"{metric[:-3]}_{s}"] = round(a / b, 3) if a is not None and b else None
+            out.append(row)
     return out
 
 
@@ -456,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = ensure_demo()
     world = demo.load_world()
     cells, warm = question_sets(world, n, concurrencies, args.seed)
+    from transformers import AutoTokenizer
+
+    icul_sets, icul_warm = icul_cells(world, cells, AutoTokenizer.from_pretrained(str(demo.model)))
+    cells.update(icul_sets)
     tmp = Path(tempfile.mkdtemp(prefix="guardserve-bench-serving-"))
     samples: dict = {"plain": {k: [] for k in cells}, "guarded": {k: [] for k in cells}}
     servers: dict = {"plain": [], "guarded": []}
@@ -464,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
           f"logs in {tmp}", flush=True)
     for rnd in range(rounds):
         print(f"round {rnd + 1}/{rounds}", flush=True)
-        res, info = run_plain(str(demo.model), tmp, engine_args, cells, warm, max_tokens, warm_conc, rnd)
+        res, info = run_plain(str(demo.model), tmp, engine_args, cells, warm + icul_warm, max_tokens, warm_conc, rnd)
         servers["plain"].append(info)
         for k, v in res.items():
             samples["plain"][k].append(v)
@@ -476,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(samples, cells)
     per_round = []
     for rnd in range(rounds):
-        one = {s: {k: [v[rnd]] for k, v in samples[s].items()} for s in samples}
+        one = {s: {k: v[rnd:rnd + 1] for k, v in samples[s].items()} for s in samples}
         per_round.append(ratios(summarize(one, cells)))
     result = {
         "meta": {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
